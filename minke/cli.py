@@ -1,0 +1,32 @@
+"""`minke <stage> [flags]`: each stage is ``main(argv)`` in its own module, imported only when used."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+STAGES = {
+    "info": ("minke.info", "parameter counts and KV-cache bytes of a preset or checkpoint"),
+    "pretrain": ("minke.train.pretrain", "pretrain a model (tokenizer, MTP loss, aux-loss-free balancing)"),
+    "generate": ("minke.inference.generate", "generate text from a prompt"),
+    "chat": ("minke.serve.chat", "interactive chat with a checkpoint"),
+    "serve": ("minke.serve.server", "OpenAI-compatible HTTP server"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in STAGES:
+        width = max(map(len, STAGES))
+        lines = [f"  {name:<{width}}  {help}" for name, (_, help) in STAGES.items()]
+        print("usage: minke <stage> [flags]   (minke <stage> --help for its flags)\n\nstages:\n" + "\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nminke: unknown stage {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    module = importlib.import_module(STAGES[argv[0]][0])
+    return module.main(argv[1:]) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

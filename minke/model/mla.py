@@ -1,0 +1,110 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, V3 §2.1.1).
+
+Keys and values are compressed into one latent c_kv (kv_lora_rank) per token, plus one decoupled
+rotary key k_pe (qk_rope_head_dim) shared by all heads. Two modes share the same weights:
+
+- MHA mode (training, prefill): kv_b_proj decompresses c_kv into per-head k_nope and v, then
+  ordinary attention over [k_nope, k_pe].
+- Absorbed MQA mode (decode): kv_b_proj's key half is folded into the query and its value half is
+  applied after attention, so attention runs directly over the cached (c_kv, k_pe) — the cache never
+  holds more than kv_lora_rank + qk_rope_head_dim numbers per token and layer.
+
+Shape legend: B batch, T new tokens, S cached+new tokens, H heads, C kv_lora_rank, R rope dims,
+N qk_nope_head_dim, V v_head_dim, D hidden.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm, apply_rope, softmax_scale
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.nope, self.rope, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.kv_rank = cfg.kv_lora_rank
+        D, H, bias = cfg.hidden_size, cfg.num_attention_heads, cfg.attention_bias
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * cfg.qk_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(D, H * cfg.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(D, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=bias)
+        self.scale = softmax_scale(cfg)
+
+    # ---- projections shared by both modes ------------------------------------------------------
+    def query(self, x, cos, sin):
+        """x (B, T, D) → q_nope (B, T, H, N), q_pe (B, T, H, R) with RoPE applied."""
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_b_proj") else self.q_proj(x)
+        q = q.unflatten(-1, (self.n_heads, self.nope + self.rope))
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def latent(self, x, cos, sin):
+        """x (B, T, D) → c_kv (B, T, C) normalized, k_pe (B, T, R) with RoPE applied: what the cache holds."""
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope], dim=-1)
+        return self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
+
+    def _kv_b(self):
+        """kv_b_proj's weight as (H, N+V, C): rows [:N] make keys, rows [N:] make values."""
+        return self.kv_b_proj.weight.view(self.n_heads, self.nope + self.v_dim, self.kv_rank)
+
+    # ---- the two attention modes ---------------------------------------------------------------
+    def attend_mha(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Decompress the latents and attend per head. mask: None (causal, T == S) or bool (B, 1, T, S)."""
+        B, T, H, _ = q_nope.shape
+        S = c_kv.shape[1]
+        kv = self.kv_b_proj(c_kv).unflatten(-1, (H, self.nope + self.v_dim))  # (B, S, H, N+V)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, N+R)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, H, self.rope)], dim=-1).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask,
+                                           is_causal=mask is None, scale=self.scale)
+        return o.transpose(1, 2)  # (B, T, H, V)
+
+    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Attend in latent space: scores = (q_nope·W_uk)·c_kv + q_pe·k_pe; out = (p·c_kv)·W_uv."""
+        w = self._kv_b()
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, N, C), (H, V, C)
+        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # (B, T, H, C)
+        scores = torch.einsum("bthc,bsc->bhts", q_lat, c_kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
+        scores = scores.float() * self.scale
+        if mask is None:
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        p = scores.softmax(dim=-1).to(c_kv.dtype)
+        o_lat = torch.einsum("bhts,bsc->bthc", p, c_kv)  # (B, T, H, C)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, V)
+
+    def forward(self, x, cos, sin, cache=None, layer: int = 0, absorb: bool | None = None):
+        """x (B, T, D) → (B, T, D).
+
+        Without a cache: causal MHA mode over the T tokens. With a cache (any object with
+        ``update(layer, c_kv, k_pe) -> (c_kv_all, k_pe_all, mask)``): the new latents are stored, and
+        attention runs over everything cached, absorbed by default when the new tokens are fewer than
+        those already cached (decode, speculative verification) and in MHA mode otherwise (prefill).
+        """
+        q_nope, q_pe = self.query(x, cos, sin)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        mask = None
+        if cache is not None:
+            T = x.shape[1]
+            c_kv, k_pe, mask = cache.update(layer, c_kv, k_pe)
+            if absorb is None:
+                absorb = T < c_kv.shape[1] - T
+        if absorb:
+            o = self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+        else:
+            o = self.attend_mha(q_nope, q_pe, c_kv, k_pe, mask)
+        return self.o_proj(o.flatten(2))

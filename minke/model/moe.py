@@ -1,0 +1,156 @@
+"""DeepSeekMoE (DeepSeek-V2 §2.2, V3 §2.1.2): fine-grained routed experts plus always-on shared experts.
+
+Routing (``topk_method``):
+- ``noaux_tc`` (V3): sigmoid scores s; selection uses s + b with the per-expert bias b
+  (``e_score_correction_bias``, moved by the auxiliary-loss-free update, never entering the gate
+  value). Groups are scored by the sum of their top-2 biased scores, the best ``topk_group`` groups
+  kept (the rest masked with -inf, as DeepSeek's code does), then top-k experts inside them.
+- ``greedy`` (V2-Lite): top-k of the softmax scores.
+- ``group_limited_greedy`` (V2): groups scored by their best expert, top-k inside the kept groups.
+Gate values are the unbiased scores of the chosen experts, normalized over them when
+``norm_topk_prob``, times ``routed_scaling_factor``.
+
+Shape legend: N tokens (flattened batch×time), D hidden, E routed experts, K experts per token,
+I moe_intermediate_size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.k, self.method, self.scoring = cfg.num_experts_per_tok, cfg.topk_method, cfg.scoring_func
+        self.n_group, self.topk_group = cfg.n_group or 1, cfg.topk_group or 1
+        self.norm, self.route_scale = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if self.method == "noaux_tc":
+            # fp32 always: the bias moves by γ = 1e-3 steps that bf16 would swallow.
+            self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor):
+        """x (N, D) → gate weights (N, K) fp32, expert ids (N, K), scores (N, E) fp32."""
+        logits = F.linear(x.float(), self.weight.float())
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.method != "greedy" and self.n_group > 1:
+            grouped = choice.unflatten(-1, (self.n_group, -1))  # (N, G, E/G)
+            if self.method == "noaux_tc":
+                group_score = grouped.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_score = grouped.amax(dim=-1)
+            keep = group_score.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_score, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).flatten(1)
+        idx = choice.topk(self.k, dim=-1).indices
+        w = scores.gather(1, idx)
+        if self.norm:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.route_scale, idx, scores
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts held as stacked weights, so tokens can be grouped by expert and each expert
+    runs one matmul over its slice (and expert parallelism can shard dim 0)."""
+
+    def __init__(self, n: int, dim: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Parameter(torch.empty(n, inter, dim))
+        self.up_proj = nn.Parameter(torch.empty(n, inter, dim))
+        self.down_proj = nn.Parameter(torch.empty(n, dim, inter))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(x @ self.gate_proj[e].t()) * (x @ self.up_proj[e].t()) @ self.down_proj[e].t()
+
+    def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """x (M, D) sorted by expert, counts[e] rows each → (M, D). One matmul per non-empty expert."""
+        out = torch.empty_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                out[start:start + n] = self.expert(e, x[start:start + n])
+                start += n
+        return out
+
+
+def grouped_moe(experts: Experts, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, n_experts: int):
+    """Routed output: sort the N·K (token, expert) pairs by expert, run each expert once over its
+    contiguous slice, scale by the gate and scatter-add back. Returns (out (N, D), load (E,))."""
+    N, K = idx.shape
+    flat = idx.flatten()
+    order = flat.argsort(stable=True)
+    load = torch.bincount(flat, minlength=n_experts)
+    token = order // K
+    y = experts.grouped(x[token], load.tolist())
+    y = y * w.flatten()[order, None].to(y.dtype)
+    return torch.zeros_like(x).index_add_(0, token, y), load
+
+
+def looped_moe(experts: Experts, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor):
+    """Slow reference: every token, every chosen expert, one at a time."""
+    out = torch.zeros_like(x)
+    for n in range(x.shape[0]):
+        for j in range(idx.shape[1]):
+            out[n] += (w[n, j] * experts.expert(int(idx[n, j]), x[n:n + 1])[0].float()).to(x.dtype)
+    return out
+
+
+def sequence_balance_loss(scores: torch.Tensor, idx: torch.Tensor, batch: int, n_experts: int, k: int):
+    """V3 eq. 17–20: per sequence, Σ_i f_i·P_i with f_i = E/(K·T)·#tokens routed to i and P_i the mean
+    of the normalized scores; averaged over the batch. scores (N, E) with N = batch·T."""
+    T = scores.shape[0] // batch
+    s = scores / scores.sum(-1, keepdim=True)
+    P = s.view(batch, T, n_experts).mean(1)  # (B, E)
+    counts = torch.zeros(batch, n_experts, device=scores.device).scatter_add_(
+        1, idx.view(batch, T * k), torch.ones(batch, T * k, device=scores.device))
+    f = counts * n_experts / (k * T)
+    return (f * P).sum(-1).mean()
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        n_shared = cfg.n_shared_experts or 0
+        self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * n_shared) if n_shared else None
+        self.reference = False  # route through looped_moe (tests)
+        # Set by every forward for the trainer: per-expert token counts and, when training, the
+        # sequence-wise balance term (weight it by α outside).
+        self.load: torch.Tensor | None = None
+        self.balance_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        w, idx, scores = self.gate(flat)
+        if self.reference:
+            routed = looped_moe(self.experts, flat, w, idx)
+            self.load = torch.bincount(idx.flatten(), minlength=self.n_experts)
+        else:
+            routed, self.load = grouped_moe(self.experts, flat, w, idx, self.n_experts)
+        if self.training and x.dim() == 3:
+            self.balance_loss = sequence_balance_loss(scores, idx, shape[0], self.n_experts, self.k)
+        out = routed.view(shape)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, gamma: float) -> None:
+        """Auxiliary-loss-free balancing (V3 §2.1.2): b_i += γ·sign(mean load − load_i)."""
+        b = self.gate.e_score_correction_bias
+        if b is None:
+            raise ValueError("update_bias needs topk_method 'noaux_tc' (the only method with a routing bias)")
+        load = load.float().to(b.device)
+        b += gamma * torch.sign(load.mean() - load)

@@ -1,0 +1,285 @@
+"""Hugging Face checkpoints in and out: the one HF ↔ minke name table, safetensors I/O, FP8 dequant.
+
+Layout (DeepseekV3ForCausalLM / DeepseekV2ForCausalLM): config.json + model.safetensors, or shards
+listed in model.safetensors.index.json. Differences from minke's module names, all handled here:
+- ``model.`` prefix on everything but ``lm_head``;
+- routed experts are one key per expert (``mlp.experts.{j}.gate_proj.weight``), minke stacks them;
+- MTP module k sits at ``model.layers.{num_hidden_layers + k}`` and stores copies of the shared
+  embedding (``embed_tokens``) and head (``shared_head.head``), which minke holds once;
+- FP8 checkpoints add ``<name>.weight_scale_inv`` beside each E4M3 weight.
+An unmapped or missing key is an error naming it, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections import defaultdict
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import ModelConfig
+from ..quant.fp8 import dequantize_weight, quantize_weight
+from .transformer import Transformer
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
+# Old checkpoints carry RoPE tables; minke computes them from the config.
+_IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
+SHARED = "shared"  # an MTP copy of the main embedding/head
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or key is missing, unexpected, malformed or of the wrong shape."""
+
+
+# ---- the name table -----------------------------------------------------------------------------
+def hf_to_minke(key: str, cfg: ModelConfig) -> tuple[str, int | None, str | None]:
+    """HF key → (minke state-dict name, expert index or None, shared-with name or None). Raises on unknown keys."""
+    if key in ("lm_head.weight",):
+        return key, None, None
+    if key in ("model.embed_tokens.weight", "model.norm.weight"):
+        return key[len("model."):], None, None
+    m = _LAYER.match(key)
+    if not m:
+        raise CheckpointError(f"unexpected key {key!r}: not part of a DeepSeek-V2/V3 checkpoint")
+    i, rest = int(m.group(1)), m.group(2)
+    L = cfg.num_hidden_layers
+    if i < L:
+        name = f"layers.{i}.{rest}"
+    elif i - L < cfg.num_nextn_predict_layers:
+        if rest == "embed_tokens.weight":
+            return f"mtp.{i - L}.{rest}", None, "embed_tokens.weight"
+        if rest == "shared_head.head.weight":
+            return f"mtp.{i - L}.{rest}", None, "lm_head.weight"
+        name = f"mtp.{i - L}.{rest}"
+    else:
+        raise CheckpointError(f"unexpected key {key!r}: layer {i} is beyond num_hidden_layers={L} + "
+                              f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}")
+    e = _EXPERT.match(name)
+    if e:
+        return f"{e.group(1)}.{e.group(3)}", int(e.group(2)), None
+    return name, None, None
+
+
+def minke_to_hf(model: Transformer):
+    """Yield (HF key, tensor) for every checkpoint tensor, experts unstacked and MTP copies included."""
+    cfg = model.config
+    L = cfg.num_hidden_layers
+    for name, t in model.state_dict().items():
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        if name.startswith("layers."):
+            hf = "model." + name
+        elif name.startswith("mtp."):
+            k, rest = name[len("mtp."):].split(".", 1)
+            hf = f"model.layers.{L + int(k)}.{rest}"
+        elif name == "lm_head.weight":
+            hf = name
+        else:
+            hf = "model." + name
+        m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$", hf)
+        if m:
+            for j in range(t.shape[0]):
+                yield f"{m.group(1)}.{j}.{m.group(2)}.weight", t[j]
+        else:
+            yield hf, t
+    sd = model.state_dict()
+    for k in range(cfg.num_nextn_predict_layers):
+        yield f"model.layers.{L + k}.embed_tokens.weight", sd["embed_tokens.weight"]
+        yield f"model.layers.{L + k}.shared_head.head.weight", sd["lm_head.weight"]
+
+
+def _fp8_candidate(key: str, t: torch.Tensor) -> bool:
+    """What DeepSeek's FP8 checkpoints quantize: the linear weights of attention and FFNs (not the
+    embedding, head, router, norms or eh_proj)."""
+    if t.dim() != 2 or not key.endswith("_proj.weight") or ".eh_proj." in key:
+        return False
+    return ".self_attn." in key or ".mlp." in key
+
+
+# ---- loading ------------------------------------------------------------------------------------
+def _checkpoint_files(path: str) -> tuple[list[str], dict[str, str] | None]:
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        files = sorted(set(weight_map.values()))
+        for fn in files:
+            if not os.path.exists(os.path.join(path, fn)):
+                raise CheckpointError(f"{index} lists {fn}, which is missing from {path}")
+        return [os.path.join(path, fn) for fn in files], weight_map
+    single = os.path.join(path, "model.safetensors")
+    if os.path.exists(single):
+        return [single], None
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no model.safetensors, index or *.safetensors files")
+    return files, None
+
+
+def _open(fn: str):
+    try:
+        return safe_open(fn, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for bad headers and short files
+        raise CheckpointError(f"{fn}: not a readable safetensors file ({e})") from None
+
+
+def load_state(model: Transformer, path: str) -> None:
+    """Fill ``model`` (already allocated, any dtype/device) from the HF checkpoint at ``path``, one
+    tensor at a time: peak memory is the model plus one tensor."""
+    cfg = model.config
+    files, weight_map = _checkpoint_files(path)
+    targets = model.state_dict(keep_vars=True)
+    filled: set[str] = set()
+    experts_filled: dict[str, set[int]] = defaultdict(set)
+    for fn in files:
+        f = _open(fn)
+        keys = list(f.keys())
+        keyset = set(keys)
+        for key in keys:
+            if key.endswith(".weight_scale_inv") or _IGNORED.search(key):
+                continue
+            name, j, shared = hf_to_minke(key, cfg)
+            try:
+                t = f.get_tensor(key)
+            except Exception as e:
+                raise CheckpointError(f"{fn}: cannot read tensor {key!r} ({e})") from None
+            if t.dtype == torch.float8_e4m3fn:
+                skey = key[: -len("weight")] + "weight_scale_inv"
+                if skey in keyset:
+                    scale = f.get_tensor(skey)
+                elif weight_map and skey in weight_map:
+                    scale = _open(os.path.join(path, weight_map[skey])).get_tensor(skey)
+                else:
+                    raise CheckpointError(f"{fn}: FP8 tensor {key!r} has no {skey!r}")
+                try:
+                    t = dequantize_weight(t, scale)
+                except ValueError as e:
+                    raise CheckpointError(f"{fn}: {key!r}: {e}") from None
+            if shared is not None:
+                ref = targets[shared]
+                if tuple(t.shape) != tuple(ref.shape):
+                    raise CheckpointError(f"{fn}: {key!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+                continue  # a copy of the shared embedding/head; the main one is loaded from its own key
+            if name not in targets:
+                raise CheckpointError(f"{fn}: unexpected key {key!r} (no minke tensor {name!r} for this config)")
+            dst = targets[name] if j is None else targets[name][j]
+            if j is not None and j >= targets[name].shape[0]:
+                raise CheckpointError(f"{fn}: {key!r}: expert {j} but n_routed_experts={targets[name].shape[0]}")
+            if tuple(t.shape) != tuple(dst.shape):
+                raise CheckpointError(f"{fn}: {key!r} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
+            with torch.no_grad():
+                dst.copy_(t)
+            if j is None:
+                filled.add(name)
+            else:
+                experts_filled[name].add(j)
+    for name, got in experts_filled.items():
+        if len(got) == targets[name].shape[0]:
+            filled.add(name)
+    missing = [n for n in targets if n not in filled and not (cfg.tie_word_embeddings and n == "lm_head.weight")]
+    if missing and all(n.startswith("mtp.") for n in missing) and not any(n.startswith("mtp.") for n in filled):
+        # Written by a tool that drops MTP layers (transformers does): run without them, and say so.
+        warnings.warn(f"{path}: no MTP weights (model.layers.{cfg.num_hidden_layers}.*) although config.json has "
+                      f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}; loading without MTP modules")
+        model.mtp = torch.nn.ModuleList()
+        model.config = cfg.replace(num_nextn_predict_layers=0)
+        return
+    if missing:
+        hf = {minke: hf for hf, minke in _hf_names(model)}
+        names = [hf.get(n, n) for n in missing]
+        raise CheckpointError(f"{path}: {len(missing)} tensors missing from the checkpoint, e.g. "
+                              + ", ".join(names[:8]))
+
+
+def _hf_names(model: Transformer):
+    L = model.config.num_hidden_layers
+    for name in model.state_dict():
+        if name.startswith("mtp."):
+            k, rest = name[4:].split(".", 1)
+            yield f"model.layers.{L + int(k)}.{rest}", name
+        elif name == "lm_head.weight":
+            yield name, name
+        else:
+            yield "model." + name, name
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+         config: ModelConfig | None = None) -> Transformer:
+    """Load a Hugging Face DeepSeek-V2/V3 directory (FP8 weights dequantized to ``dtype``)."""
+    path = str(path)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: not a directory")
+    cfg = config or ModelConfig.load(path)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to(dtype).to_empty(device=device)
+    for m in model.moe_layers():
+        if m.gate.e_score_correction_bias is not None:  # fp32, see Gate
+            m.gate.e_score_correction_bias = torch.zeros_like(m.gate.e_score_correction_bias, dtype=torch.float32)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    load_state(model, path)
+    if model.config.quantization_config:  # dequantized at load: what is in memory is no longer FP8
+        model.config = model.config.replace(quantization_config=None)
+    model.eval()
+    return model
+
+
+# ---- saving -------------------------------------------------------------------------------------
+def save(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None, fp8: bool = False,
+         max_shard_bytes: int = 5 * 2**30) -> None:
+    """Write config.json + safetensors (sharded with an index past ``max_shard_bytes``) in the HF
+    layout. Each file is written to a temporary name and renamed, so a crash leaves no torn file.
+    ``fp8=True`` writes DeepSeek's FP8 format (E4M3 + weight_scale_inv per 128×128 block)."""
+    path = str(path)
+    os.makedirs(path, exist_ok=True)
+    cfg = model.config
+    first = next(model.parameters())
+    out_dtype = dtype or first.dtype
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in minke_to_hf(model):
+        t = t.detach()
+        if not key.endswith("e_score_correction_bias"):
+            t = t.to(out_dtype)
+        tensors = {key: t}
+        if fp8 and _fp8_candidate(key, t):
+            q, s = quantize_weight(t)
+            tensors = {key: q, key[: -len("weight")] + "weight_scale_inv": s}
+        for k, v in tensors.items():
+            v = v.to("cpu").contiguous().clone()  # own storage: safetensors refuses shared views
+            nbytes = v.numel() * v.element_size()
+            if size + nbytes > max_shard_bytes and shards[-1]:
+                shards.append({})
+                size = 0
+            shards[-1][k] = v
+            size += nbytes
+    extra = {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [128, 128]}} if fp8 else {"quantization_config": None}
+    out_cfg = cfg.replace(torch_dtype=str(out_dtype).replace("torch.", ""), **extra)
+    weight_map = {}
+    names = ["model.safetensors"] if len(shards) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for fn, shard in zip(names, shards):
+        tmp = os.path.join(path, fn + ".tmp")
+        save_file(shard, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(path, fn))
+        weight_map.update({k: fn for k in shard})
+    index = os.path.join(path, "model.safetensors.index.json")
+    if len(shards) > 1:
+        total = sum(v.numel() * v.element_size() for s in shards for v in s.values())
+        with open(index + ".tmp", "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        os.replace(index + ".tmp", index)
+    elif os.path.exists(index):
+        os.remove(index)
+    out_cfg.save(path)

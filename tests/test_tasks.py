@@ -1,0 +1,72 @@
+import pytest
+
+from minke.tasks import TASKS, check, corpus, extract_boxed, get_task, problems, split_of
+from minke.tasks.countdown import evaluate
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+@pytest.mark.parametrize("difficulty", [1, 2, 4])
+def test_deterministic_and_solution_checks(name, difficulty):
+    task = get_task(name)
+    a, b = task.generate(7, difficulty), task.generate(7, difficulty)
+    assert a == b and a.task == name
+    assert task.generate(8, difficulty).prompt != a.prompt
+    for p in problems(name, "train", 200, difficulty):
+        assert check(p, p.solution) and task.reward(p, "Thus " + p.solution) == 1.0
+        assert extract_boxed(p.solution) is not None
+
+
+def test_extract_boxed():
+    assert extract_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
+    assert extract_boxed(r"\boxed{3} and a truncated \boxed{4") == "3"
+    assert extract_boxed("no box: 42") is None
+
+
+def test_arithmetic_answers_and_rejections():
+    task = get_task("arithmetic")
+    for p in problems(task, "train", 300, 3):
+        assert int(p.answer) == eval(p.meta["expression"])  # trusted generated text; checks precedence
+    p = task.generate(0, 1)
+    n = int(p.answer)
+    assert task.check(p, f"so \\boxed{{ {n} }}") and task.check(p, f"\\boxed{{{n:,}}}")
+    assert not task.check(p, f"\\boxed{{{n + 1}}}") and not task.check(p, f"\\boxed{{{n - 1}}}")
+    assert not task.check(p, f"the answer is {n}")  # no box
+    assert not task.check(p, f"\\boxed{{{n}}} wait, \\boxed{{{n + 1}}}")  # last box counts
+    assert not task.check(p, r"\boxed{x}")
+    assert max(len(q.solution) for q in problems(task, "train", 300, 2)) < 300
+
+
+def test_countdown_checker():
+    task = get_task("countdown")
+    p = task.generate(0, 1)
+    p.meta.update(numbers=[1, 2, 4], target=2)
+    assert task.check(p, r"\boxed{4 / 2 * 1}") and task.check(p, r"\boxed{(4 - 2) * 1 = 2}")
+    assert task.check(p, r"\boxed{4 ÷ 2 × 1}")
+    assert not task.check(p, r"\boxed{(1 / 2) * 4}")  # non-integer intermediate
+    assert not task.check(p, r"\boxed{4 / 2}")  # 1 unused: each number exactly once
+    assert not task.check(p, r"\boxed{4 / 2 * 1 * 1}")  # 1 used twice
+    assert not task.check(p, r"\boxed{4 / 2 * 3 / 3}")  # number not given
+    assert not task.check(p, r"\boxed{4 + 2 * 1}")  # wrong value
+    assert not task.check(p, "4 / 2 * 1")  # no box
+    # injection, division by zero, and forms outside the whitelist that would otherwise reach 2
+    for bad in ["__import__('os')", "4 / (2 - 2) * 1", "-(2 - 4) * 1", "4.0 / 2 * 1", "4 ** 1 / 2"]:
+        assert not task.check(p, f"\\boxed{{{bad}}}"), bad
+    assert evaluate("(75 - 25) * 2") == (100, [75, 25, 2])
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_train_test_disjoint(name):
+    train = {p.prompt for p in problems(name, "train", 2000, 1)}
+    test = problems(name, "test", 200, 1)
+    assert all(split_of(p.prompt) == "test" for p in test)
+    assert not train & {p.prompt for p in test}
+    assert len({p.prompt for p in test}) == 200  # distinct
+
+
+def test_corpus():
+    docs = corpus(50, seed=1)
+    assert docs == corpus(50, seed=1) and docs != corpus(50, seed=2)
+    assert all(d.startswith("Question: ") and "\nAnswer: " in d and "\\boxed{" in d for d in docs)
+    assert {d.split()[1] for d in docs} == {"What", "Using"}  # both tasks present
+    assert not {d.split("\n")[0][10:] for d in corpus(300, 0, "test")} & {
+        d.split("\n")[0][10:] for d in corpus(3000, 0, "train")}
