@@ -46,8 +46,9 @@ def test_roundtrip_and_compression(trained):
 def test_chat_template(trained):
     tok, _ = trained
     text = tok.apply_chat_template(MESSAGES)
-    assert text == ("<｜begin▁of▁sentence｜>Be brief.<｜User｜>What is 12 + 30?<｜Assistant｜>\n\n\\boxed{42}"
-                    "<｜end▁of▁sentence｜><｜User｜>And 7 * 6?<｜Assistant｜><think>\n")
+    assert text == ("<｜begin▁of▁sentence｜>Be brief.<｜User｜>What is 12 + 30?"
+                    "<｜Assistant｜>\n\n\\boxed{42}<｜end▁of▁sentence｜>"  # history loses its <think> part
+                    "<｜User｜>And 7 * 6?<｜Assistant｜><think>\n")
     assert not tok.apply_chat_template(MESSAGES[:2], add_generation_prompt=False).endswith(ASSISTANT)
     ids = tok.encode(text)
     assert ids[0] == tok.bos_id and ids[-2] == tok.think_id and tok.decode(ids) == text
