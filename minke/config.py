@@ -154,6 +154,11 @@ class ModelConfig:
             d.pop("rope_parameters")
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = dict(d["rope_scaling"])
+        if d.get("model_type") == "deepseek_v2":
+            # V2 configs (and transformers' DeepseekV2Config) may omit these; V2 means softmax, greedy, no renorm.
+            for k, v in (("scoring_func", "softmax"), ("topk_method", "greedy"), ("norm_topk_prob", False),
+                         ("routed_scaling_factor", 1.0), ("num_nextn_predict_layers", 0)):
+                d.setdefault(k, v)
         known = {k: v for k, v in d.items() if k in names}
         extra = {k: v for k, v in d.items() if k not in names}
         if "num_key_value_heads" not in known:

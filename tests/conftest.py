@@ -1,0 +1,79 @@
+import os
+
+import pytest
+import torch
+
+# Two CPU cores on CI: more threads only add contention between pytest and torch.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def hf_v3_config(**over):
+    """A V3-style transformers config exercising every MLA/MoE/YaRN branch at toy size."""
+    from transformers import DeepseekV3Config
+
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32,
+              kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+              n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=3, n_group=4, topk_group=2,
+              first_k_dense_replace=1, routed_scaling_factor=2.5, max_position_embeddings=512,
+              rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                               "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+                               "mscale": 1.0, "mscale_all_dim": 0.8},
+              num_mtp_layers=1)
+    kw.update(over)
+    return DeepseekV3Config(**kw)
+
+
+def hf_v2_lite_config(**over):
+    from transformers import DeepseekV2Config
+
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+              num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=None,
+              kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+              n_routed_experts=8, n_shared_experts=2, num_experts_per_tok=3, n_group=1, topk_group=1,
+              topk_method="greedy", norm_topk_prob=False, first_k_dense_replace=1, routed_scaling_factor=1.0,
+              max_position_embeddings=512,
+              rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                               "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+                               "mscale": 0.707, "mscale_all_dim": 0.707})
+    kw.update(over)
+    return DeepseekV2Config(**kw)
+
+
+@torch.no_grad()
+def randomize_hf(model, seed=0):
+    """Random weights everywhere, including norms and a positive routing bias (so the official -inf
+    group mask and transformers' agree; see REFERENCE.md)."""
+    g = torch.Generator().manual_seed(seed)
+    for _, p in model.named_parameters():
+        if p.dim() == 1:
+            p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    for m in model.modules():
+        b = getattr(m, "e_score_correction_bias", None)
+        if isinstance(b, torch.Tensor):
+            b.copy_(torch.rand(b.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def hf_v3_dir(tmp_path_factory):
+    from transformers import DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    model = randomize_hf(DeepseekV3ForCausalLM(hf_v3_config()))
+    d = tmp_path_factory.mktemp("hf_v3")
+    model.save_pretrained(d)
+    return d, model
+
+
+@pytest.fixture(scope="session")
+def hf_v2_dir(tmp_path_factory):
+    from transformers import DeepseekV2ForCausalLM
+
+    torch.manual_seed(0)
+    model = randomize_hf(DeepseekV2ForCausalLM(hf_v2_lite_config()), seed=1)
+    d = tmp_path_factory.mktemp("hf_v2")
+    model.save_pretrained(d)
+    return d, model
