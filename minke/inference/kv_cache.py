@@ -7,6 +7,9 @@ engine) stays the cache's business:
   attend to, ``(c_kv (B, S, C), k_pe (B, S, R), mask (B, 1, T, S) bool)``;
 - ``advance(T)`` after the forward, making the T tokens part of the history.
 
+``LatentCache`` below is the contiguous reference (tests, simple loops); the engine uses the paged
+layout in paged.py (``PagedLatentCache``: blocks, block tables, a free pool, rollback).
+
 Shape legend: L layers (MTP layers included), B rows, S max length, C kv_lora_rank, R rope dims.
 """
 

@@ -1,0 +1,417 @@
+"""The inference engine: the one generation path (RL rollouts, evaluation, chat and the server all call
+it). It knows token ids, not text.
+
+- Prefill runs in MLA's MHA mode, decode in the absorbed MQA mode over a paged latent cache
+  (paged.py: c_kv + k_pe only, fixed-size blocks, a block table per sequence, one free pool).
+- Continuous batching: requests join (``add_request``) and leave (finish, ``abort``) between steps.
+  ``step()`` (a) admits waiting requests first-come first-served while a batch row, enough free
+  blocks (prompt + lookahead) and the prefill token budget remain, and prefills them in one forward
+  (right-padded to the longest), then (b) runs one batched decode forward for every running sequence
+  (the just-prefilled ones included). A running sequence that needs a block when the pool is empty
+  preempts the newest running request back to the head of the queue (its blocks freed; it is
+  recomputed from prompt + generated tokens when re-admitted, with its random stream intact, so
+  preemption does not change its output).
+- The engine holds no copy or derivative of the weights (the absorbed MLA matrices are views taken
+  at every forward), so a trainer updating the model in place is seen by the next step.
+- Sampling per request (sampling.py), with per-request generators: a request's tokens do not depend
+  on its batch mates. Stop token ids (default: the model's eos) end a request with the stop token as
+  its last id; stop strings need ``decode_fn`` and end it on the token that completes the string
+  (the text layer trims the text; ``stop_reason`` says which string).
+- With ``speculative=True`` decode steps draft with the MTP module and verify (speculative.py).
+- Thread safety: one re-entrant lock guards every public method, so a server can drive ``step()`` from
+  one background thread while request threads call ``add_request`` / ``abort``.
+
+Shape legend: B rows, T new tokens per row, V vocab, D hidden.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from . import sampling, speculative as spec
+from .paged import PagedLatentCache, bytes_per_token
+from .sampling import SamplingParams
+
+DEFAULT_CACHE_BYTES = 1 << 30  # when neither num_blocks nor cache_bytes is given (capped by need)
+
+
+@dataclass
+class Event:
+    """One streamed token (``token_id`` None on a final event that carries no token: abort, or a
+    sequence that outgrew the cache)."""
+    request_id: object
+    token_id: int | None
+    logprob: float | None = None
+    top_logprobs: list | None = None  # [(token_id, logprob)] most likely first
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+
+@dataclass
+class Completion:
+    request_id: object
+    prompt_ids: list
+    token_ids: list  # a stop token, when one ended it, is the last id
+    finish_reason: str
+    stop_reason: int | str | None = None
+    logprobs: list | None = None  # one float per token
+    top_logprobs: list | None = None  # per token: [(token_id, logprob)]
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefills: int = 0
+    prefill_tokens: int = 0
+    generated_tokens: int = 0
+    decode_forwards: int = 0
+    preemptions: int = 0
+    draft_proposed: int = 0
+    draft_accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.draft_accepted / self.draft_proposed if self.draft_proposed else None
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "acceptance_rate": self.acceptance_rate}
+
+
+class _Request:
+    def __init__(self, rid, prompt, params: SamplingParams, stop_ids, max_new, generator, arrival):
+        self.id, self.prompt, self.params = rid, prompt, params
+        self.stop_ids, self.max_new, self.gen, self.arrival = stop_ids, max_new, generator, arrival
+        self.out: list[int] = []
+        self.logprobs = [] if params.logprobs else None
+        self.top = [] if params.top_logprobs else None
+        self.finish_reason = self.stop_reason = None
+        self.stop_window = 4 * max(map(len, params.stop)) + 4 if params.stop else 0  # ≤ 4 tokens per char
+        self.drafts: list[int] = []  # speculative: draft tokens after out[-1]
+        self.draft_q: list = []  # their draft distributions (V,) when sampling
+        self.draft_logits = None  # the first draft's MTP logits (V,), kept for tests
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.out
+
+    def completion(self) -> Completion:
+        return Completion(self.id, list(self.prompt), list(self.out), self.finish_reason, self.stop_reason,
+                          self.logprobs, self.top)
+
+
+class Engine:
+    def __init__(self, model, max_batch: int = 8, block_size: int = 16, num_blocks: int | None = None,
+                 cache_bytes: int | None = None, device=None, dtype: torch.dtype | None = None,
+                 decode_fn: Callable[[list[int]], str] | None = None, speculative: bool = False,
+                 num_draft: int = 1, max_prefill_tokens: int = 8192):
+        """``device``/``dtype`` are the cache's (default: the model's; the model is not moved).
+        Cache size: ``num_blocks``, else ``cache_bytes``, else enough for ``max_batch`` full-context
+        sequences up to 1 GiB. ``speculative``: MTP drafting of ``num_draft`` tokens per step."""
+        cfg = model.config
+        p = next(model.parameters())
+        self.model = model
+        self.config = cfg
+        self.device = torch.device(device) if device is not None else p.device
+        self.dtype = dtype or p.dtype
+        self.decode_fn = decode_fn
+        for name, v in (("max_batch", max_batch), ("block_size", block_size), ("num_draft", num_draft),
+                        ("max_prefill_tokens", max_prefill_tokens)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"Engine: {name} must be an integer >= 1, got {v!r}")
+        if speculative and not len(model.mtp):
+            raise ValueError("Engine: speculative=True needs an MTP module (num_nextn_predict_layers >= 1)")
+        self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.speculative, self.num_draft = speculative, num_draft
+        # cache slots a running sequence must hold beyond its length before a decode step
+        self.lookahead = 2 * num_draft if speculative else 1
+        self.context = cfg.max_position_embeddings
+        self.vocab_size = cfg.vocab_size
+        eos = cfg.eos_token_id
+        self.eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+        block_bytes = bytes_per_token(cfg, self.dtype) * block_size
+        if num_blocks is None:
+            if cache_bytes is None:
+                need = -(-(self.context + self.lookahead) // block_size) * max_batch
+                num_blocks = max(1, min(need, DEFAULT_CACHE_BYTES // block_bytes))
+            else:
+                num_blocks = int(cache_bytes) // block_bytes
+                if num_blocks < 1:
+                    raise ValueError(f"Engine: cache_bytes={cache_bytes} is less than one block ({block_bytes} bytes)")
+        self.cache = PagedLatentCache(cfg, num_blocks, block_size, self.dtype, self.device)
+
+        self.lock = threading.RLock()
+        self.waiting: deque[_Request] = deque()
+        self.running: list[_Request] = []
+        self.requests: dict = {}
+        self._pending: list[Event] = []  # final events of aborted requests, returned by the next step()
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self.stats = EngineStats()
+
+    # ---- requests ------------------------------------------------------------------------------
+    def _make_request(self, prompt_ids, params: SamplingParams | None, request_id) -> _Request:
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.validate(self.vocab_size)
+        if params.stop and self.decode_fn is None:
+            raise ValueError("SamplingParams.stop: stop strings need text; build the engine with "
+                             "Engine(..., decode_fn=tokenizer.decode) or use stop_token_ids")
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.flatten().tolist()
+        prompt = list(prompt_ids)
+        if not prompt:
+            raise ValueError("prompt_ids: the prompt is empty (give at least one token, e.g. bos)")
+        if not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in prompt):
+            bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < self.vocab_size))
+            raise ValueError(f"prompt_ids: {bad!r} is not a token id in [0, vocab_size={self.vocab_size})")
+        P = len(prompt)
+        if P >= self.context:
+            raise ValueError(f"prompt_ids: the prompt has {P} tokens but the model's context "
+                             f"(max_position_embeddings) is {self.context} tokens, and one position must "
+                             f"remain to generate")
+        if P + self.lookahead > self.cache.num_slots:
+            raise ValueError(f"prompt_ids: the prompt has {P} tokens (+{self.lookahead} to decode) but the "
+                             f"whole cache holds {self.cache.num_slots} tokens ({self.cache.num_blocks} "
+                             f"blocks of {self.cache.block_size}); raise num_blocks or cache_bytes")
+        stop_ids = set(self.eos_ids if params.stop_token_ids is None else params.stop_token_ids)
+        rid = next(self._ids) if request_id is None else request_id
+        return _Request(rid, prompt, params, stop_ids, min(params.max_tokens, self.context - P),
+                        params.generator(self.device), next(self._arrivals))
+
+    def _enqueue(self, r: _Request) -> None:
+        if r.id in self.requests:
+            raise ValueError(f"request_id {r.id!r} is already in use")
+        self.requests[r.id] = r
+        self.waiting.append(r)
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
+                    request_id=None):
+        """Queue a request; returns its id (an int unless ``request_id`` is given). Thread-safe."""
+        with self.lock:
+            r = self._make_request(prompt_ids, params, request_id)
+            self._enqueue(r)
+            return r.id
+
+    def abort(self, request_id) -> bool:
+        """Drop a request now, freeing its blocks; the next ``step()`` returns its final "abort" event.
+        False when it is unknown or already finished. Thread-safe."""
+        with self.lock:
+            r = self.requests.get(request_id)
+            if r is None:
+                return False
+            self._finish(r, "abort", events=self._pending)
+            return True
+
+    def has_unfinished(self) -> bool:
+        with self.lock:
+            return bool(self.waiting or self.running or self._pending)
+
+    # ---- the step ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[Event]:
+        """Admit and prefill what fits, then one batched decode step. Returns this step's events."""
+        with self.lock:
+            events, self._pending = self._pending, []
+            training = self.model.training  # a trainer may share the model (RL): leave its mode as found
+            if training:
+                self.model.eval()
+            try:
+                self._admit(events)
+                if self.running:
+                    if self.speculative:
+                        spec.decode_step(self, events)
+                    else:
+                        self._decode(events)
+            finally:
+                if training:
+                    self.model.train()
+            self.stats.steps += 1
+            return events
+
+    def _admit(self, events: list[Event]) -> None:
+        """Admit the head of the queue while a batch row, the prefill budget (padded tokens) and free
+        blocks allow; then prefill the admitted requests together."""
+        group: list[_Request] = []
+        T = 0  # the group's longest sequence: every row is padded to it
+        while self.waiting and len(self.running) + len(group) < self.max_batch:
+            r = self.waiting[0]
+            n = len(r.prompt) + len(r.out)
+            if n + self.lookahead > self.cache.num_slots:  # a preempted request that outgrew the cache
+                self._finish(r, "length", events=events)
+                continue
+            T_new = max(T, n)
+            if group and T_new * (len(group) + 1) > self.max_prefill_tokens:
+                break  # prefill budget spent: the rest waits for the next step
+            # first come, first served: nobody overtakes the head of the queue
+            if not self.cache.reserve(r.id, max(n + self.lookahead, T_new)):
+                break
+            if not all(self.cache.reserve(q.id, T_new) for q in group):  # room for the padding
+                self.cache.free(r.id)
+                break
+            self.waiting.popleft()
+            group.append(r)
+            T = T_new
+        if group:
+            self.running.extend(group)
+            self._prefill(group, events)
+
+    def _prefill(self, rows: list[_Request], events: list[Event]) -> None:
+        """One MHA-mode forward over the rows' whole sequences (prompt, plus output when recomputing a
+        preempted one), right-padded to the longest: under the causal mask no real token sees the
+        padding, whose cache entries are then rolled back."""
+        seqs = [r.tokens for r in rows]
+        lens = [len(s) for s in seqs]
+        B, T = len(rows), max(lens)
+        ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=self.device)  # (B, T)
+        self.cache.begin([r.id for r in rows], T)
+        out = self.model(ids, positions=self.cache.positions(T), cache=self.cache, logits=False)
+        last = torch.tensor(lens, device=self.device) - 1
+        h = out.hidden[torch.arange(B, device=self.device), last]  # (B, D)
+        toks, lps, tops = self._choose(rows, self.head(h))  # only the last positions' logits
+        g = spec.prefill_drafts(self, rows, out.hidden, toks, lens) if self.speculative else None
+        self.cache.advance(T)
+        for r, n in zip(rows, lens):
+            self.cache.truncate(r.id, n)
+            self.cache.shrink(r.id, n + self.lookahead)
+        if g is not None:
+            spec.chain(self, rows, g)
+        self.stats.prefills += B
+        self.stats.prefill_tokens += sum(lens)
+        for r, t, lp, top in zip(rows, toks, lps, tops):
+            self._append(r, t, lp, top, events)
+
+    def _decode(self, events: list[Event]) -> None:
+        rows = self._make_room(events)
+        if not rows:
+            return
+        ids = torch.tensor([[r.out[-1]] for r in rows], device=self.device)  # (B, 1)
+        self.cache.begin([r.id for r in rows], 1)
+        logits = self.model(ids, positions=self.cache.positions(1), cache=self.cache).logits[:, -1]  # (B, V)
+        self.cache.advance(1)
+        self.stats.decode_forwards += 1
+        toks, lps, tops = self._choose(rows, logits)
+        for r, t, lp, top in zip(rows, toks, lps, tops):
+            self._append(r, t, lp, top, events)
+
+    def _make_room(self, events: list[Event]) -> list[_Request]:
+        """Reserve ``lookahead`` slots past each running sequence, oldest first; when the pool runs dry
+        preempt the newest running request (recomputed later), or, when a sequence is alone and still
+        short, finish it with "length" (it has outgrown the whole cache)."""
+        for r in sorted(self.running, key=lambda q: q.arrival):
+            if r.finish_reason is not None or r not in self.running:
+                continue
+            while not self.cache.reserve(r.id, self.cache.lengths[r.id] + self.lookahead):
+                if len(self.running) == 1:
+                    self._finish(r, "length", events=events)
+                    break
+                victim = max(self.running, key=lambda q: q.arrival)
+                self._preempt(victim)
+                if victim is r:
+                    break
+        return list(self.running)
+
+    def _preempt(self, r: _Request) -> None:
+        self.cache.free(r.id)
+        self.running.remove(r)
+        r.drafts, r.draft_q = [], []
+        self.waiting.appendleft(r)
+        self.stats.preemptions += 1
+
+    # ---- tokens --------------------------------------------------------------------------------
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + output head: hidden (..., D) → logits (..., V)."""
+        return self.model.lm_head(self.model.norm(h))
+
+    def _choose(self, rows: list[_Request], logits: torch.Tensor):
+        """logits (B, V) → tokens, logprobs and top logprobs per row (None where not asked for)."""
+        toks = sampling.sample(logits, [r.params for r in rows], [r.gen for r in rows])
+        lps, tops = [None] * len(rows), [None] * len(rows)
+        need = [i for i, r in enumerate(rows) if r.params.logprobs]
+        if need:
+            top = max(rows[i].params.top_logprobs for i in need)
+            chosen, best = sampling.logprobs(logits[need], [toks[i] for i in need], top)
+            for j, i in enumerate(need):
+                lps[i] = chosen[j]
+                n = rows[i].params.top_logprobs
+                tops[i] = best[j][:n] if n else None
+        return toks, lps, tops
+
+    def _append(self, r: _Request, tok: int, lp, top, events: list[Event]) -> bool:
+        """Add one generated token, emit its event, finish the request on a stop; True when finished."""
+        r.out.append(tok)
+        if r.logprobs is not None:
+            r.logprobs.append(lp)
+        if r.top is not None:
+            r.top.append(top)
+        self.stats.generated_tokens += 1
+        reason = stop = None
+        if tok in r.stop_ids:
+            reason, stop = "stop", tok
+        elif r.stop_window and (s := self._stop_string(r)) is not None:
+            reason, stop = "stop", s
+        elif len(r.out) >= r.max_new:
+            reason = "length"
+        events.append(Event(r.id, tok, lp, top, reason is not None, reason, stop))
+        if reason is not None:
+            self._finish(r, reason, stop)
+        return reason is not None
+
+    def _stop_string(self, r: _Request) -> str | None:
+        # Only the tail can hold a string the newest token completed (earlier ones were checked before).
+        text = self.decode_fn(r.out[-r.stop_window:])
+        return next((s for s in r.params.stop if s in text), None)
+
+    def _finish(self, r: _Request, reason: str, stop=None, events: list[Event] | None = None) -> None:
+        r.finish_reason, r.stop_reason = reason, stop
+        if r in self.running:
+            self.running.remove(r)
+        elif r in self.waiting:
+            self.waiting.remove(r)
+        self.cache.free(r.id)
+        self.requests.pop(r.id, None)
+        r.drafts, r.draft_q = [], []
+        if events is not None:
+            events.append(Event(r.id, None, finished=True, finish_reason=reason, stop_reason=stop))
+
+    # ---- blocking conveniences -----------------------------------------------------------------
+    def generate(self, prompts: Sequence[Sequence[int]],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Run prompts to completion (one params for all, or one per prompt); completions in order.
+        Drives ``step()`` itself: not for use while another thread drives the engine."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"params: {len(params)} SamplingParams for {len(prompts)} prompts")
+        with self.lock:
+            reqs = [self._make_request(p, sp, None) for p, sp in zip(prompts, params)]  # all valid first
+            for r in reqs:
+                self._enqueue(r)
+        while any(r.finish_reason is None for r in reqs):
+            if not self.step() and not self.running and self.waiting:
+                raise RuntimeError("engine made no progress: the head of the queue cannot be admitted")
+        return [r.completion() for r in reqs]
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Iterator[Event]:
+        """Yield one request's events as they come (drives ``step()``; closing the generator aborts it)."""
+        rid = self.add_request(prompt_ids, params)
+        try:
+            while True:
+                for e in self.step():
+                    if e.request_id == rid:
+                        yield e
+                        if e.finished:
+                            return
+        finally:
+            with self.lock:
+                r = self.requests.get(rid)
+                if r is not None:
+                    self._finish(r, "abort")

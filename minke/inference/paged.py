@@ -1,0 +1,171 @@
+"""Paged latent cache: MLA's c_kv and k_pe in fixed-size blocks shared by every sequence.
+
+PagedAttention's layout (vLLM) holding MLA latents instead of per-head K/V: per layer one pool of
+``num_blocks × block_size`` slots (slot = block · block_size + offset), L = num_hidden_layers +
+num_nextn_predict_layers layers so the MTP modules cache too. A sequence owns a block table (its
+blocks in order) and a length; sequences of any lengths share the pool without copies, and a finished,
+aborted or preempted sequence hands its blocks back to the free pool at once.
+
+The model talks to it through the protocol of kv_cache.py. The engine first picks the batch with
+``begin(seq_ids, T)`` (one row per sequence, T new tokens each); then, per layer, ``update`` writes the
+new latents into each row's slots and returns the rows' histories gathered through the block tables
+(``index_select``: the reference path, any layout) with the mask. A lone sequence whose blocks are
+consecutive gets a zero-copy slice of the pool instead (the fast path for batch-1 decode; the free
+pool hands out the lowest free blocks, so a sequence running alone is usually consecutive).
+``advance`` commits the T tokens; ``truncate`` rolls a sequence back (rejected speculative drafts).
+
+Shape legend: L layers, N slots (num_blocks × block_size), B rows, T new tokens per row, S longest
+row once the new tokens are in, C kv_lora_rank, R rope dims.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ModelConfig
+
+
+def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Cache bytes one token takes over all L layers (MTP layers included)."""
+    L = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    return L * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass
+class _View:
+    seq_ids: list
+    T: int
+    positions: torch.Tensor  # (B, T) rotary positions of the new tokens
+    mask: torch.Tensor | None  # (B, 1, T, S) bool; None = plain causal (all rows start empty)
+    S: int
+    write: torch.Tensor | None = None  # (B·T,) slots the new latents go to
+    gather: torch.Tensor | None = None  # (B·S,) slots of each row's history, padded with slot 0 (masked)
+    start: int | None = None  # fast path: the lone row's history is slots [start, start + S)
+    base: int = 0  # fast path: the lone row's length before the new tokens
+
+
+class PagedLatentCache:
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype=torch.float32,
+                 device="cpu"):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"PagedLatentCache: num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
+        self.num_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.device = torch.device(device)
+        N = num_blocks * block_size
+        self.c_kv = torch.zeros(self.num_layers, N, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.k_pe = torch.zeros(self.num_layers, N, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self._free = list(range(num_blocks))  # a min-heap: the lowest free block first
+        self.tables: dict = {}  # seq id → list of block ids
+        self.lengths: dict = {}  # seq id → tokens cached
+        self._view: _View | None = None
+        self._offsets = torch.arange(block_size, device=device)
+
+    @property
+    def num_slots(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.c_kv.numel() * self.c_kv.element_size() + self.k_pe.numel() * self.k_pe.element_size()
+
+    # ---- blocks --------------------------------------------------------------------------------
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    def reserve(self, seq, n_tokens: int) -> bool:
+        """Make room for ``n_tokens`` tokens in all for ``seq`` (a new seq starts empty). False, and nothing
+        allocated, when the free pool is short."""
+        table = self.tables.get(seq)
+        have = 0 if table is None else len(table)
+        need = self.blocks_for(n_tokens) - have
+        if need > len(self._free):
+            return False
+        if table is None:
+            table = self.tables[seq] = []
+            self.lengths[seq] = 0
+        table.extend(heapq.heappop(self._free) for _ in range(max(need, 0)))
+        return True
+
+    def shrink(self, seq, n_tokens: int) -> None:
+        """Hand back the blocks of ``seq`` beyond those ``n_tokens`` tokens need (never below its length)."""
+        table = self.tables[seq]
+        keep = self.blocks_for(max(n_tokens, self.lengths[seq]))
+        while len(table) > keep:
+            heapq.heappush(self._free, table.pop())
+
+    def free(self, seq) -> None:
+        for b in self.tables.pop(seq, ()):
+            heapq.heappush(self._free, b)
+        self.lengths.pop(seq, None)
+
+    def truncate(self, seq, length: int) -> None:
+        """Forget every token of ``seq`` from ``length`` on (its blocks stay reserved for the next step)."""
+        if not 0 <= length <= self.lengths[seq]:
+            raise ValueError(f"truncate: length {length} outside [0, {self.lengths[seq]}]")
+        self.lengths[seq] = length
+
+    # ---- the model's cache protocol ------------------------------------------------------------
+    def begin(self, seq_ids: list, T: int) -> None:
+        """Rows for the next forward: T new tokens for each sequence (room must be reserved)."""
+        lens = [self.lengths[s] for s in seq_ids]
+        for s, n in zip(seq_ids, lens):
+            if n + T > len(self.tables[s]) * self.block_size:
+                raise RuntimeError(f"sequence {s!r}: {n} + {T} tokens exceed its reserved "
+                                   f"{len(self.tables[s]) * self.block_size} slots (reserve first)")
+        dev, bs = self.device, self.block_size
+        S = max(lens) + T
+        nb = self.blocks_for(S)
+        lens_t = torch.tensor(lens, device=dev)
+        positions = lens_t[:, None] + torch.arange(T, device=dev)  # (B, T)
+        mask = None
+        if any(lens):  # new tokens see their row's history and themselves, causally
+            mask = (torch.arange(S, device=dev)[None, None, :] <= positions[:, :, None])[:, None]
+        view = _View(list(seq_ids), T, positions, mask, S)
+        if len(seq_ids) == 1:
+            t = self.tables[seq_ids[0]][:nb]
+            if t == list(range(t[0], t[0] + nb)):  # consecutive blocks: one slice, no gather
+                view.start, view.base = t[0] * bs, lens[0]
+        if view.start is None:
+            table = torch.tensor([self.tables[s][:nb] + [0] * (nb - min(nb, len(self.tables[s])))
+                                  for s in seq_ids], device=dev)  # (B, nb)
+            slots = (table[:, :, None] * bs + self._offsets).flatten(1)[:, :S]  # (B, S)
+            view.write = slots.gather(1, positions).flatten()
+            view.gather = slots.flatten()
+        self._view = view
+
+    def positions(self, T: int) -> torch.Tensor:
+        if self._view is None or self._view.T != T:
+            raise RuntimeError(f"PagedLatentCache: call begin(seq_ids, {T}) before the forward")
+        return self._view.positions
+
+    def update(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor):
+        """c_kv (B, T, C), k_pe (B, T, R) → histories c_kv (B, S, C), k_pe (B, S, R), mask (B, 1, T, S)."""
+        v = self._view
+        B, T, _ = c_kv.shape
+        pool_c, pool_r = self.c_kv[layer], self.k_pe[layer]  # (N, C), (N, R)
+        if v.start is not None:
+            new = v.start + v.base
+            pool_c[new:new + T] = c_kv[0]
+            pool_r[new:new + T] = k_pe[0]
+            c, r = pool_c[v.start:v.start + v.S][None], pool_r[v.start:v.start + v.S][None]
+            return c.to(c_kv.dtype), r.to(k_pe.dtype), v.mask
+        pool_c.index_copy_(0, v.write, c_kv.reshape(B * T, -1).to(pool_c.dtype))
+        pool_r.index_copy_(0, v.write, k_pe.reshape(B * T, -1).to(pool_r.dtype))
+        c = pool_c.index_select(0, v.gather).view(B, v.S, -1)
+        r = pool_r.index_select(0, v.gather).view(B, v.S, -1)
+        return c.to(c_kv.dtype), r.to(k_pe.dtype), v.mask
+
+    def advance(self, T: int | None = None) -> None:
+        v = self._view
+        T = v.T if T is None else T
+        for s in v.seq_ids:
+            self.lengths[s] += T
+        self._view = None
