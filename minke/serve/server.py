@@ -1,0 +1,465 @@
+"""`minke serve`: an OpenAI-compatible HTTP server over the engine.
+
+    minke serve --model out/ckpt --port 8000 [--api-key KEY]
+    curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
+         -d '{"model": "ckpt", "messages": [{"role": "user", "content": "What is 2 + 3?"}]}'
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (both with ``stream: true`` as server-sent
+events ending in ``data: [DONE]``), GET /v1/models, GET /health, and a web chat page at /. Chat responses carry the
+``<think>`` block as ``reasoning_content`` and the answer as ``content``, as DeepSeek's API does.
+
+Concurrency: one thread drives ``engine.step()`` (continuous batching: requests join and leave
+between steps) and sleeps on a condition while the engine is idle; each HTTP request owns an asyncio
+queue its engine requests' events are posted to (``loop.call_soon_threadsafe``). A client that goes
+away, or a stop string, aborts the engine request, which frees its cache blocks. Every error is an
+OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections import defaultdict
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..data.tokenizer import THINK
+from ..inference.sampling import SamplingParams
+from . import protocol as P
+
+log = logging.getLogger("minke.serve")
+PAGE = Path(__file__).with_name("static") / "index.html"  # the web chat page, served at /
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.body = status, P.ErrorBody(message=message, type=type, param=param, code=code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(P.ErrorResponse(error=self.body).model_dump(), status_code=self.status)
+
+
+# ---- the engine thread -------------------------------------------------------------------------
+class EngineLoop:
+    """Runs ``engine.step()`` in a background thread and posts each request's events to its queue."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.aborts: list[str] = []
+        self.wake = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.stopping = False
+
+    def start(self) -> None:
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="minke-engine", daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopping = True
+            self.wake.notify()
+        if self.thread is not None:
+            self.thread.join(timeout=30)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue,
+               loop: asyncio.AbstractEventLoop) -> str:
+        """Queue one engine request whose events go to ``queue``; ValueError on a bad prompt or params.
+        Blocking (the engine's lock is held during a step): call it from a worker thread."""
+        rid = uuid.uuid4().hex
+        with self.wake:
+            self.queues[rid] = (loop, queue)  # before add_request, so no event can precede it
+        try:
+            self.engine.add_request(prompt_ids, params, request_id=rid)
+        except BaseException:
+            with self.wake:
+                self.queues.pop(rid, None)
+            raise
+        with self.wake:
+            self.wake.notify()
+        return rid
+
+    def abort(self, rid: str) -> None:
+        """Non-blocking: the engine thread aborts it before its next step."""
+        with self.wake:
+            self.aborts.append(rid)
+            self.wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self.wake:
+                while not (self.stopping or self.aborts or self.engine.has_unfinished()):
+                    self.wake.wait()
+                if self.stopping:
+                    return
+                aborts, self.aborts = self.aborts, []
+            try:
+                for rid in aborts:
+                    self.engine.abort(rid)
+                events = self.engine.step()
+            except Exception as e:  # the engine's state is suspect: end everything in flight
+                log.exception("engine step failed")
+                with self.wake:
+                    queues, self.queues = self.queues, {}
+                for rid, (loop, q) in queues.items():
+                    try:
+                        self.engine.abort(rid)
+                    finally:
+                        self._post(loop, q, e)
+                continue
+            by_rid = defaultdict(list)
+            for ev in events:
+                by_rid[ev.request_id].append(ev)
+            with self.wake:
+                targets = [(self.queues.pop(rid) if evs[-1].finished else self.queues.get(rid), evs)
+                           for rid, evs in by_rid.items()]
+            for target, evs in targets:
+                if target is not None:
+                    self._post(*target, evs)
+
+    @staticmethod
+    def _post(loop, queue, item) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the request's event loop is closed
+            pass
+
+
+class _Choice:
+    def __init__(self, index: int, rid: str, text: P.TextStream):
+        self.index, self.rid, self.text = index, rid, text
+        self.tokens, self.finish_reason = 0, None
+        self.logprobs: list = []  # (token_id, logprob, top [(id, logprob)] or None)
+
+
+class Generation:
+    """The engine requests (choices) of one HTTP request, fed by one asyncio queue."""
+
+    def __init__(self, runner: EngineLoop, requests: list[tuple[list[int], SamplingParams, P.TextStream]]):
+        self.runner, self.requests = runner, requests
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.choices: list[_Choice] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            for i, (ids, params, text) in enumerate(self.requests):
+                rid = await run_in_threadpool(self.runner.submit, ids, params, self.queue, loop)
+                self.choices.append(_Choice(i, rid, text))
+        except BaseException:
+            self.close()
+            raise
+
+    async def updates(self):
+        """Yields (choice, reasoning delta, content delta, new logprob entries) as tokens arrive; a
+        choice's last update has its finish_reason set."""
+        by_rid = {c.rid: c for c in self.choices}
+        while any(c.finish_reason is None for c in self.choices):
+            item = await self.queue.get()
+            if isinstance(item, Exception):
+                raise item
+            c = by_rid[item[0].request_id]
+            if c.finish_reason is not None:
+                continue  # events after a stop string ended it
+            ids = [e.token_id for e in item if e.token_id is not None]
+            c.tokens += len(ids)
+            lps = [(e.token_id, e.logprob, e.top_logprobs) for e in item if e.logprob is not None]
+            c.logprobs += lps
+            reasoning, content = c.text.add(ids)
+            if c.text.stopped:
+                c.finish_reason = "stop"
+                self.runner.abort(c.rid)
+            elif item[-1].finished:
+                c.finish_reason = item[-1].finish_reason
+                r2, c2 = c.text.finish()
+                reasoning, content = reasoning + r2, content + c2
+            yield c, reasoning, content, lps
+
+    def close(self) -> None:
+        """Abort what is still running (client gone, error, cancelled)."""
+        for c in self.choices:
+            if c.finish_reason is None:
+                c.finish_reason = "abort"
+                self.runner.abort(c.rid)
+
+    __del__ = close  # a stream whose body never ran (client gone before the first chunk)
+
+    def usage(self) -> P.Usage:
+        prompt = sum({id(ids): len(ids) for ids, _, _ in self.requests}.values())  # n choices share a prompt
+        completion = sum(c.tokens for c in self.choices)
+        return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+# ---- the app -----------------------------------------------------------------------------------
+def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None = None) -> FastAPI:
+    """The FastAPI app over ``engine`` (minke.inference.engine.Engine); its lifespan runs the engine thread."""
+    runner = EngineLoop(engine)
+    context = engine.context
+    stop_ids = sorted({*engine.eos_ids, tokenizer.eos_id} - {None})
+    decode = tokenizer.decode
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        runner.start()
+        try:
+            yield
+        finally:
+            runner.stop()
+
+    app = FastAPI(title="minke", lifespan=lifespan)
+    app.state.engine_loop = runner
+
+    # ---- errors, OpenAI style
+    @app.exception_handler(APIError)
+    async def _api_error(request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        err = e.errors()[0]
+        if err.get("type") == "json_invalid":
+            return APIError(400, f"could not parse the JSON body of the request: {err.get('msg')}").response()
+        # the field's path, without pydantic's union-branch tags ("str", "list[int]", "function-after[…]")
+        loc = [str(x) for x in err.get("loc", ()) if x != "body" and x not in ("str", "int", "float", "bool")]
+        param = ".".join(x for x in loc if "[" not in x) or None
+        msg = str(err.get("msg", "invalid request")).removeprefix("Value error, ")
+        got = f" (got {repr(err['input'])[:80]})" if param and not isinstance(err.get("input", {}), dict) else ""
+        return APIError(400, f"{param}: {msg}{got}" if param else msg, param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        code = "not_found" if e.status_code == 404 else None
+        return APIError(e.status_code, str(e.detail), code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _crash(request, e: Exception):
+        log.exception("request failed")
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not given.lower().startswith("bearer ") or not secrets.compare_digest(given[7:].strip(), api_key):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                           code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+
+    # ---- request → engine requests
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"The model '{name}' does not exist; this server serves '{model_name}'.",
+                           param="model", code="model_not_found")
+
+    def check_prompt(ids: list[int], param: str) -> None:
+        if len(ids) >= context:
+            raise APIError(400, f"This model's maximum context length is {context} tokens, but the {param} "
+                                f"has {len(ids)} tokens (one position must remain to generate).",
+                           param=param, code="context_length_exceeded")
+
+    def sampling(req, max_tokens: int, j: int, logprobs: int | None) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                              top_k=req.top_k, seed=None if req.seed is None else (req.seed + j) % 2**63,
+                              stop_token_ids=stop_ids, logprobs=logprobs is not None,
+                              top_logprobs=logprobs or 0)
+
+    async def start(requests, param: str) -> Generation:
+        gen = Generation(runner, requests)
+        try:
+            await gen.start()
+        except ValueError as e:  # the engine's own checks (prompt ids, cache size, params)
+            msg = str(e)
+            field = msg.split(":")[0].removeprefix("SamplingParams.")
+            raise APIError(400, msg, param=param if field == "prompt_ids" else field) from None
+        return gen
+
+    # ---- endpoints
+    if PAGE.exists():
+        @app.get("/", include_in_schema=False)
+        async def page():
+            return FileResponse(PAGE)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting)}
+
+    @v1.get("/models")
+    async def models():
+        return P.ModelList(data=[P.ModelCard(id=model_name, created=created, max_model_len=context)])
+
+    @v1.post("/chat/completions")
+    async def chat(req: P.ChatCompletionRequest):
+        check_model(req.model)
+        try:
+            text = tokenizer.apply_chat_template(req.template_messages())
+        except Exception as e:  # the template's raise_exception, or a template error
+            raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages") from None
+        ids = tokenizer.encode(text)
+        check_prompt(ids, "messages")
+        think = text.rstrip().endswith(THINK)
+        max_tokens = req.max_completion_tokens or req.max_tokens or context  # the engine caps at the context
+        top = (req.top_logprobs or 0) if req.logprobs else None
+        gen = await start([(ids, sampling(req, max_tokens, j, top), P.TextStream(decode, req.stop, think))
+                           for j in range(req.n)], "messages")
+
+        def logprobs(entries):
+            if not req.logprobs:
+                return None
+            item = lambda i, lp: {"token": decode([i]), "logprob": lp, "bytes": list(decode([i]).encode())}
+            return {"content": [{**item(i, lp), "top_logprobs": [item(*t) for t in best or []]}
+                                for i, lp, best in entries]}
+
+        rid, model = f"chatcmpl-{uuid.uuid4().hex}", model_name
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            def chunk(choices, usage=None):
+                return P.ChatCompletionChunk(id=rid, created=int(time.time()), model=model, choices=choices,
+                                             usage=usage)
+
+            async def events():
+                for c in gen.choices:
+                    yield chunk([P.ChunkChoice(index=c.index, delta=P.Delta(role="assistant", content=""))])
+                async for c, reasoning, content, lps in gen.updates():
+                    if reasoning:
+                        yield chunk([P.ChunkChoice(index=c.index, delta=P.Delta(reasoning_content=reasoning),
+                                                   logprobs=logprobs(lps))])
+                        lps = []
+                    if content or lps:
+                        yield chunk([P.ChunkChoice(index=c.index, delta=P.Delta(content=content),
+                                                   logprobs=logprobs(lps))])
+                    if c.finish_reason:
+                        yield chunk([P.ChunkChoice(index=c.index, delta=P.Delta(), finish_reason=c.finish_reason)])
+                if include_usage:
+                    yield chunk([], gen.usage())
+
+            return sse(gen, events())
+        await drain(gen)
+        messages = [P.AssistantMessage(content=c.text.content, reasoning_content=c.text.reasoning or
+                                       ("" if think else None)) for c in gen.choices]
+        choices = [P.ChatChoice(index=c.index, message=m, finish_reason=c.finish_reason, logprobs=logprobs(c.logprobs))
+                   for c, m in zip(gen.choices, messages)]
+        return P.ChatCompletion(id=rid, created=int(time.time()), model=model, choices=choices, usage=gen.usage())
+
+    @v1.post("/completions")
+    async def completions(req: P.CompletionRequest):
+        check_model(req.model)
+        p = req.prompt
+        prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
+        prompts = [q if isinstance(q, list) else tokenizer.encode(q, add_bos=tokenizer.bos_id is not None)
+                   for q in prompts]
+        for q in prompts:
+            check_prompt(q, "prompt")
+        gen = await start([(q, sampling(req, req.max_tokens, j, req.logprobs),
+                            P.TextStream(decode, req.stop, split=False))
+                           for q in prompts for j in range(req.n)], "prompt")
+
+        def logprobs(entries):
+            if req.logprobs is None:
+                return None
+            toks = [decode([i]) for i, _, _ in entries]
+            return {"tokens": toks, "token_logprobs": [lp for _, lp, _ in entries],
+                    "top_logprobs": [{decode([i]): v for i, v in top or []} for _, _, top in entries],
+                    "text_offset": [sum(map(len, toks[:k])) for k in range(len(toks))]}
+
+        rid, model = f"cmpl-{uuid.uuid4().hex}", model_name
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+            async def events():
+                async for c, _, content, lps in gen.updates():
+                    if content or lps or c.finish_reason:
+                        yield P.Completion(id=rid, created=int(time.time()), model=model, choices=[
+                            P.CompletionChoice(index=c.index, text=content, finish_reason=c.finish_reason,
+                                               logprobs=logprobs(lps))])
+                if include_usage:
+                    yield P.Completion(id=rid, created=int(time.time()), model=model, choices=[], usage=gen.usage())
+
+            return sse(gen, events())
+        await drain(gen)
+        return P.Completion(id=rid, created=int(time.time()), model=model, usage=gen.usage(), choices=[
+            P.CompletionChoice(index=c.index, text=c.text.content, finish_reason=c.finish_reason,
+                               logprobs=logprobs(c.logprobs)) for c in gen.choices])
+
+    app.include_router(v1)
+    return app
+
+
+async def drain(gen: Generation) -> None:
+    try:
+        async for _ in gen.updates():
+            pass
+    except Exception as e:
+        raise APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error") from None
+    finally:
+        gen.close()
+
+
+def sse(gen: Generation, chunks) -> StreamingResponse:
+    """Server-sent events; the generation is aborted if the client goes away (the stream is cancelled)."""
+    async def body():
+        try:
+            async for c in chunks:
+                yield f"data: {c.model_dump_json()}\n\n"
+        except Exception as e:
+            log.exception("stream failed")
+            err = P.ErrorResponse(error=P.ErrorBody(message=f"generation failed: {e}", type="server_error"))
+            yield f"data: {err.model_dump_json()}\n\n"
+        finally:
+            gen.close()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+# ---- `minke serve` -----------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    from .chat import add_model_args
+
+    p = argparse.ArgumentParser(prog="minke serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    # ---- server
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--name", default=None, help="the model name clients send (default: the directory's name)")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together at most")
+    p.add_argument("--log-level", default="info", help="uvicorn log level")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import uvicorn
+
+    from .chat import open_model
+
+    a = _parser().parse_args(argv)
+    engine, tokenizer, name = open_model(a, max_batch=a.max_batch)
+    app = create_app(engine, tokenizer, model_name=a.name or name, api_key=a.api_key)
+    print(f"minke serve: model '{a.name or name}' on http://{a.host}:{a.port}/v1 "
+          f"(context {engine.context}, max batch {a.max_batch}, {engine.device}, {engine.dtype})", flush=True)
+    uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())
