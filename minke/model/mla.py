@@ -68,9 +68,14 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # (B, H, T, N+R)
         k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, H, self.rope)], dim=-1).transpose(1, 2)
+        # CPU's fused (flash) SDPA kernel needs v's head dim equal to q's; otherwise SDPA falls back to
+        # materialising the (T, S) scores, masked half included. Zero columns of v give zero output
+        # columns, dropped below (2.6x faster forward + backward at T = 1024, 1.25x at 256).
+        pad = max(0, q.shape[-1] - self.v_dim) if q.device.type == "cpu" else 0
+        v = F.pad(v, (0, pad)) if pad else v
         o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask,
                                            is_causal=mask is None, scale=self.scale)
-        return o.transpose(1, 2)  # (B, T, H, V)
+        return o[..., : self.v_dim].transpose(1, 2)  # (B, T, H, V)
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attend in latent space: scores = (q_nope·W_uk)·c_kv + q_pe·k_pe; out = (p·c_kv)·W_uv."""

@@ -72,14 +72,39 @@ class Experts(nn.Module):
         return F.silu(x @ self.gate_proj[e].t()) * (x @ self.up_proj[e].t()) @ self.down_proj[e].t()
 
     def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x (M, D) sorted by expert, counts[e] rows each → (M, D). One matmul per non-empty expert."""
-        out = torch.empty_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                out[start:start + n] = self.expert(e, x[start:start + n])
-                start += n
-        return out
+        """x (M, D) sorted by expert, counts[e] rows each → (M, D).
+
+        One grouped GEMM per projection where torch has one for these shapes (``grouped_mm_ok``), else
+        one matmul per non-empty expert; the two agree (tests/test_fast_paths.py)."""
+        if grouped_mm_ok(x, self.gate_proj, self.up_proj, self.down_proj):
+            offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)  # end row of each expert
+
+            def mm(a, w):  # a (M, in) @ w[e].T (E, out, in) for each expert's rows → (M, out)
+                return F.grouped_mm(a, w.transpose(1, 2), offs=offs)
+
+            return mm(F.silu(mm(x, self.gate_proj)) * mm(x, self.up_proj), self.down_proj)
+        # split/cat rather than writing slices of one output: their backward is cat/split, not E
+        # zero-filled (M, D) gradients.
+        ys = [self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)]
+        return torch.cat(ys) if ys else torch.empty_like(x)
+
+
+def grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """torch's grouped GEMM (``F.grouped_mm``, torch ≥ 2.10) takes these operands: fp32/bf16/fp16 on CPU
+    (bf16 only under torch.compile), bf16 on CUDA sm80+; rows contiguous, row strides and pointers
+    16-byte aligned."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    compiling = torch.compiler.is_compiling()
+    if x.device.type == "cpu":
+        dtypes = (torch.bfloat16,) if compiling else (torch.float32, torch.bfloat16, torch.float16)
+    elif x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 0):
+        dtypes = (torch.bfloat16,)
+    else:
+        return False
+    return all(t.dtype == x.dtype and t.dtype in dtypes and t.stride(-1) == 1
+               and t.stride(-2) * t.element_size() % 16 == 0 and (compiling or t.data_ptr() % 16 == 0)
+               for t in (x, *weights))
 
 
 def grouped_moe(experts: Experts, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, n_experts: int):
