@@ -22,7 +22,7 @@ run: .venv/.base
 	bash runs/speedrun.sh
 
 test: .venv/.test
-	$(PY) -m pytest tests
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest tests
 
 clean:
 	rm -rf .venv out

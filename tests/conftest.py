@@ -1,7 +1,11 @@
 import os
 
-import pytest
-import torch
+# Sleep rather than spin while waiting for work: with spinning OpenMP threads, torch runs ~10x slower as
+# soon as anything else (a torchrun worker, a server thread) shares CI's 2 cores. Must precede torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Two CPU cores on CI: more threads only add contention between pytest and torch.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -1,0 +1,211 @@
+"""`minke pretrain`: learning, exact resume, crash safety, balancing, MTP loss, bad inputs.
+Runs of a few steps of the tiny preset at seq-len 64 on a pre-trained tokenizer."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import minke
+from minke.data import loader
+from minke.data.tokenizer import Tokenizer, train_tokenizer
+from minke.tasks import corpus
+from minke.train import checkpoint, pretrain
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    train_tokenizer(corpus(300, seed=0), vocab_size=320, out_dir=d)
+    return d
+
+
+def flags(out, tok_dir, *extra, steps=8):
+    return ["--out", str(out), "--tokenizer", str(tok_dir), "--docs", "300", "--eval-docs", "30", "--seq-len", "64",
+            "--batch-size", "4", "--steps", str(steps), "--warmup", "2", "--lr", "1e-2", "--eval-every", "4",
+            "--save-every", "4", "--eval-batches", "2", "--eval-problems", "0", "--log-every", "100", *extra]
+
+
+def history(out):
+    """Every train and eval record but the timing: losses, lr, grad norm, expert loads, held-out loss."""
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "tok_s"} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tok_dir):
+    out = tmp_path_factory.mktemp("run") / "a"
+    assert pretrain.main(flags(out, tok_dir)) == 0
+    return out
+
+
+def same_weights(a, b):
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_short_run_learns_and_leaves_a_loadable_checkpoint(tmp_path, tok_dir):
+    out = tmp_path / "run"
+    assert pretrain.main(flags(out, tok_dir, "--eval-every", "10", "--save-every", "10", "--eval-problems", "2",
+                               steps=30)) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_ce"] for r in records if r["kind"] == "eval"]
+    assert len(evals) == 4 and evals[-1] < evals[0] - 1.0, evals  # held-out loss falls
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 31))
+    assert len(train[-1]["maxvio"]) == 3 and all(v >= 0 for v in train[-1]["maxvio"])  # 2 MoE layers + MTP
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000020", "step-000030"]  # --keep 2
+    model = minke.load(out / "final", dtype=torch.float32)
+    tok = Tokenizer.load(out / "final")
+    assert model.config.vocab_size % 64 == 0 and model.config.vocab_size >= tok.vocab_size
+    assert {p.name for p in (out / "plots").iterdir()} == {"loss.png", "maxvio.png", "expert_load.png"}
+    assert "exact-answer accuracy" in (out / "report.md").read_text()
+
+
+def test_resume_after_interruption_is_bitwise_identical(tmp_path, tok_dir, uninterrupted, monkeypatch):
+    out = tmp_path / "b"
+    calls = {"n": 0}
+    next_batch = loader.PackedLoader.next_batch
+
+    def dies_in_step_6(self):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt  # killed mid-step, after the step-4 checkpoint
+        return next_batch(self)
+
+    monkeypatch.setattr(loader.PackedLoader, "next_batch", dies_in_step_6)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain.main(flags(out, tok_dir))
+    monkeypatch.undo()
+    assert [m["step"] for m in history(out) if m["kind"] == "train"] == [1, 2, 3, 4, 5]
+    assert checkpoint.latest(out).name == "step-000004"
+    assert pretrain.main(flags(out, tok_dir, "--resume", str(out))) == 0
+    assert history(out) == history(uninterrupted)  # bitwise: floats compared exactly
+    assert same_weights(out / "final", uninterrupted / "final")
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, tok_dir, uninterrupted, monkeypatch):
+    out = tmp_path / "c"
+    saves = {"n": 0}
+    save = Tokenizer.save
+
+    def crashes_on_second_checkpoint(self, d):
+        if str(d).split(os.sep)[-1].startswith("ckpt.tmp"):
+            saves["n"] += 1
+            if saves["n"] == 2:
+                raise OSError("disk gone")  # the model file of step 8 is already written
+        return save(self, d)
+
+    monkeypatch.setattr(Tokenizer, "save", crashes_on_second_checkpoint)
+    with pytest.raises(OSError):
+        pretrain.main(flags(out, tok_dir))
+    monkeypatch.undo()
+    tmp = list(out.glob("ckpt.tmp-*"))
+    assert len(tmp) == 1 and (tmp[0] / "model.safetensors").exists()
+    assert checkpoint.latest(out).name == "step-000004"
+    minke.load(out / "step-000004")
+    assert pretrain.main(flags(out, tok_dir, "--resume", str(out))) == 0
+    assert not list(out.glob("ckpt.tmp-*"))
+    assert history(out) == history(uninterrupted) and same_weights(out / "final", uninterrupted / "final")
+
+
+def test_sigkill_at_any_moment_resumes(tmp_path, tok_dir, uninterrupted):
+    """A real SIGKILL of a running process (at a moment that depends on timing: often mid-step,
+    sometimes mid-save), then resume: same losses as the uninterrupted run."""
+    out = tmp_path / "k"
+    args = flags(out, tok_dir, "--save-every", "1", "--keep", "3")
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # bitwise needs equal thread counts
+    p = subprocess.Popen([sys.executable, "-m", "minke.cli", "pretrain", *args], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 60
+    while not (out / "step-000002").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert checkpoint.latest(out) is not None
+    assert pretrain.main(flags(out, tok_dir, "--resume", str(out))) == 0
+    assert history(out) == history(uninterrupted) and same_weights(out / "final", uninterrupted / "final")
+
+
+def test_bias_update_balances_a_skewed_router():
+    model = minke.build(minke.preset("tiny"), seed=0)
+    moe = model.layers[1].mlp
+    x = torch.randn(512, 64, generator=torch.Generator().manual_seed(0))
+    moe.gate.e_score_correction_bias[0] = 0.5  # expert 0 wins every token's routing
+
+    def vio():
+        _, idx, _ = moe.gate(x)
+        return torch.bincount(idx.flatten(), minlength=moe.n_experts)
+
+    start = pretrain.max_vio(vio())
+    assert start > 2.5  # 512 of the 1024 (token, expert) slots on expert 0: 4× the mean
+    pretrain.balance_step([("l", moe)], [vio()], gamma=0)
+    assert pretrain.max_vio(vio()) == start  # γ = 0: the bias stays
+    for _ in range(200):
+        pretrain.balance_step([("l", moe)], [vio()], gamma=0.01)
+    assert pretrain.max_vio(vio()) < 0.5 < start
+
+
+def test_mtp_loss_is_part_of_the_loss_and_trains_the_mtp_module():
+    model = minke.build(minke.preset("tiny", vocab_size=256), seed=0).train()
+    batch = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
+    moes = pretrain.moe_layers(model, mtp=True)
+    loss, parts = pretrain.lm_loss(model, batch, moes, mtp_lambda=0.3, balance_alpha=1e-4)
+    assert parts["mtp"] is not None and parts["balance"] is not None
+    assert torch.allclose(loss, parts["ce"] + 0.3 * parts["mtp"] + 1e-4 * parts["balance"])
+    # the MTP target, spelled out: module 1's logits at input position i predict token i + 2
+    with torch.no_grad():
+        logits = model(batch[:, :-1], mtp=True).mtp_logits[0]  # (B, T-1, V)
+        nll = [-logits[:, i].log_softmax(-1)[torch.arange(2), batch[:, i + 2]] for i in range(logits.shape[1])]
+    assert torch.allclose(parts["mtp"], torch.stack(nll).mean(), atol=1e-5)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mtp.parameters())
+
+    model.zero_grad(set_to_none=True)
+    loss, parts = pretrain.lm_loss(model, batch, pretrain.moe_layers(model, mtp=False), 0.0, 1e-4)
+    loss.backward()
+    assert parts["mtp"] is None and all(p.grad is None for p in model.mtp.parameters())
+    assert torch.allclose(loss, parts["ce"] + 1e-4 * parts["balance"])
+
+
+# ---- bad input: a clear error, nothing lost ---------------------------------------------------------
+def test_bad_data_files(tmp_path, tok_dir, capsys):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "latin1.txt").write_bytes(b"caf\xe9")
+    for name, why in [("empty.txt", "empty data file"), ("missing.txt", "cannot read"), ("latin1.txt", "not UTF-8")]:
+        assert pretrain.main(flags(tmp_path / "out", tok_dir, "--data", str(tmp_path / name))) == 1
+        err = capsys.readouterr().err
+        assert name in err and why in err, err
+
+
+def test_seq_len_beyond_max_position_embeddings(tmp_path, tok_dir, capsys):
+    assert pretrain.main(flags(tmp_path / "out", tok_dir, "--seq-len", "2048")) == 1
+    err = capsys.readouterr().err
+    assert "--seq-len 2048" in err and "max_position_embeddings 1024" in err
+
+
+def test_resume_with_a_different_config_names_the_fields(tmp_path, tok_dir, uninterrupted, capsys):
+    before = sorted(p.name for p in uninterrupted.iterdir())
+    args = flags(tmp_path / "new", tok_dir, "--resume", str(uninterrupted), "--lr", "2e-2", "--seq-len", "32")
+    assert pretrain.main(args) == 1
+    err = capsys.readouterr().err
+    assert "lr: 0.01 in the checkpoint, 0.02 now" in err and "seq_len: 64 in the checkpoint, 32 now" in err
+    assert sorted(p.name for p in uninterrupted.iterdir()) == before
+    # a fresh run into a directory holding checkpoints is refused too
+    assert pretrain.main(flags(uninterrupted, tok_dir)) == 1
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, tok_dir, capsys):
+    out = tmp_path / "nan"
+    assert pretrain.main(flags(out, tok_dir, "--inject-nan", "6")) == 1
+    err = capsys.readouterr().err
+    assert "step 6: loss nan is not finite" in err and "step-000004" in err, err
+    assert [p.name for p in checkpoint.step_dirs(out)] == ["step-000004"] and not (out / "final").exists()
+    minke.load(out / "step-000004")
