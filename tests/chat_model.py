@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 
-import pytest
 import torch
 
 import minke
@@ -29,13 +28,6 @@ SCRIPT = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matmuls: a second OpenMP thread only adds synchronisation (and stalls on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @functools.lru_cache

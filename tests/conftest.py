@@ -11,6 +11,15 @@ import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny matmuls: a second OpenMP thread only adds synchronisation (and stalls on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def hf_v3_config(**over):
     """A V3-style transformers config exercising every MLA/MoE/YaRN branch at toy size."""
     from transformers import DeepseekV3Config

@@ -4,9 +4,13 @@ apart from the answer."""
 import io
 import sys
 
+import pytest
+
 import minke
-from chat_model import HI, SUM, make, one_thread  # noqa: F401 (autouse fixture)
+from chat_model import HI, SUM, make
 from minke.serve import chat
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_chat_two_turns_reset_exit(tmp_path, monkeypatch, capsys):

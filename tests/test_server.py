@@ -12,10 +12,12 @@ import openai
 import pytest
 import uvicorn
 
-from chat_model import HI, SUM, SYSTEM, make, one_thread, reply  # noqa: F401 (one_thread: autouse)
+from chat_model import HI, SUM, SYSTEM, make, reply
 from minke.inference.engine import Engine
 from minke.inference.sampling import SamplingParams
 from minke.serve import server
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 from minke.serve.protocol import TextStream, split_reasoning
 
 KEY, NAME = "sk-test", "tiny-chat"

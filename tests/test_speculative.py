@@ -13,12 +13,7 @@ from minke.inference.speculative import accept_sampled
 GREEDY = dict(temperature=0.0, stop_token_ids=[], logprobs=True)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
