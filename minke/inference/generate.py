@@ -17,14 +17,37 @@ from pathlib import Path
 import torch
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minke generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_args(p: argparse.ArgumentParser) -> None:
     # ---- model
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer.json)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights and cache dtype (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--speculative", action="store_true", help="draft with the MTP module and verify")
+
+
+def open_model(a: argparse.Namespace, max_batch: int):
+    """(Engine, Tokenizer, model name) for a checkpoint directory holding its tokenizer files."""
+    import minke
+    from minke.data.tokenizer import Tokenizer
+    from .engine import Engine
+
+    path = Path(a.model)
+    if not (path / "tokenizer.json").exists():
+        raise SystemExit(f"minke: {path}/tokenizer.json not found (the checkpoint directory needs its tokenizer)")
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = Tokenizer.load(path)
+    model = minke.load(path, dtype=dtype, device=device)
+    engine = Engine(model, max_batch=max_batch, decode_fn=tokenizer.decode, speculative=a.speculative,
+                    num_draft=getattr(a, "num_draft", 1))
+    return engine, tokenizer, path.resolve().name
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minke generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
     # ---- prompt
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true",
@@ -37,54 +60,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     # ---- engine
-    p.add_argument("--speculative", action="store_true", help="draft with the MTP module and verify")
     p.add_argument("--num-draft", type=int, default=1, help="draft tokens per step with --speculative")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    import minke
-    from minke.data.tokenizer import Tokenizer
+    from minke.serve.protocol import TextStream
 
-    from .engine import Engine
     from .sampling import SamplingParams
 
-    model_dir = Path(a.model)
-    if not (model_dir / "tokenizer.json").exists():
-        print(f"minke generate: {model_dir}/tokenizer.json not found (the checkpoint directory needs its "
-              f"tokenizer)", file=sys.stderr)
-        return 2
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tok = Tokenizer.load(model_dir)
-    model = minke.load(model_dir, dtype=dtype, device=device)
+    engine, tok, _ = open_model(a, max_batch=1)
     params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
                             seed=a.seed, stop=a.stop,
                             stop_token_ids=None if tok.eos_id is None else [tok.eos_id])
-    engine = Engine(model, max_batch=1, decode_fn=tok.decode, speculative=a.speculative, num_draft=a.num_draft)
     if a.chat:
         ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": a.prompt}]))
     else:
         ids = tok.encode(a.prompt, add_bos=tok.bos_id is not None)
 
-    out: list[int] = []
-    shown = ""
+    text = TextStream(tok.decode, stop=a.stop or (), split=False)  # incremental: O(new tokens) per step
     t0 = time.perf_counter()
     last = None
     for ev in engine.stream(ids, params):
         last = ev
-        if ev.token_id is not None and ev.token_id not in params.stop_token_ids:
-            out.append(ev.token_id)
-        text = tok.decode(out, skip_special_tokens=True)
-        if isinstance(ev.stop_reason, str):
-            text = text[: text.find(ev.stop_reason)] if ev.stop_reason in text else text
-        if not ev.finished and text.endswith("\ufffd"):
-            continue  # an unfinished UTF-8 sequence: wait for its other bytes
-        if text.startswith(shown):
-            sys.stdout.write(text[len(shown):])
-            sys.stdout.flush()
-        shown = text
+        new = [ev.token_id] if ev.token_id is not None and ev.token_id not in params.stop_token_ids else []
+        _, content = text.add(new, final=ev.finished)
+        sys.stdout.write(content)
+        sys.stdout.flush()
     dt = time.perf_counter() - t0
     sys.stdout.write("\n")
     n = engine.stats.generated_tokens

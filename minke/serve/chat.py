@@ -15,40 +15,12 @@ import argparse
 import sys
 import time
 from contextlib import closing
-from pathlib import Path
-
-import torch
 
 from ..data.tokenizer import THINK
+from ..inference.generate import add_model_args, open_model
 from .protocol import TextStream
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    # ---- model
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, weights, tokenizer.json)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights and cache dtype (default: bfloat16 on cuda, float32 on cpu)")
-    p.add_argument("--speculative", action="store_true", help="draft with the MTP module and verify")
-
-
-def open_model(a: argparse.Namespace, max_batch: int):
-    """(Engine, Tokenizer, model name) for a checkpoint directory holding its tokenizer files."""
-    import minke
-    from minke.data.tokenizer import Tokenizer
-    from minke.inference.engine import Engine
-
-    path = Path(a.model)
-    if not (path / "tokenizer.json").exists():
-        raise SystemExit(f"minke: {path}/tokenizer.json not found (the checkpoint directory needs its tokenizer)")
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, a.dtype) if a.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    tokenizer = Tokenizer.load(path)
-    model = minke.load(path, dtype=dtype, device=device)
-    engine = Engine(model, max_batch=max_batch, decode_fn=tokenizer.decode, speculative=a.speculative)
-    return engine, tokenizer, path.resolve().name
 
 
 def _parser() -> argparse.ArgumentParser:

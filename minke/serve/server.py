@@ -430,7 +430,7 @@ def sse(gen: Generation, chunks) -> StreamingResponse:
 
 # ---- `minke serve` -----------------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
-    from .chat import add_model_args
+    from ..inference.generate import add_model_args
 
     p = argparse.ArgumentParser(prog="minke serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -448,7 +448,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
-    from .chat import open_model
+    from ..inference.generate import open_model
 
     a = _parser().parse_args(argv)
     engine, tokenizer, name = open_model(a, max_batch=a.max_batch)

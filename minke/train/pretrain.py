@@ -50,7 +50,6 @@ from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
 from ..model.moe import MoE
 from ..model.transformer import build
-from ..model.weights import load_state
 from ..tasks import check, corpus, problems
 from . import checkpoint, parallel, report
 from .optim import build_optimizer, build_scheduler
