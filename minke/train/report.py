@@ -15,6 +15,18 @@ import sys
 from pathlib import Path
 
 
+def _save(fig, path, line_ax=None):
+    """Write a figure as PNG and close it; a line plot's axes get a grid and a legend."""
+    import matplotlib.pyplot as plt
+
+    if line_ax is not None:
+        line_ax.grid(alpha=0.3)
+        line_ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
 def read_metrics(path: str | Path) -> list[dict]:
     """The records of a metrics file; a torn last line (the writer was killed mid-write) is dropped."""
     path = Path(path)
@@ -70,24 +82,14 @@ def plot(metrics: list[dict], out_dir: str | Path, layer_names: list[str], last:
                     [m["eval_mtp"] for m in evals if m.get("eval_mtp") is not None], "s--", color="tab:red",
                     label="held-out MTP CE")
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "loss.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "loss.png", ax))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, name in enumerate(layer_names):
         ax.plot(steps, _smooth([m["maxvio"][i] for m in train], w), label=name)
     ax.set(xlabel="step", ylabel="MaxVio = max load / mean load − 1", title="Expert load imbalance per MoE layer")
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    paths.append(out_dir / "maxvio.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "maxvio.png", ax))
 
     recent = train[-last:]
     n_layers, n_exp = len(layer_names), len(recent[0]["load"][0])
@@ -103,10 +105,7 @@ def plot(metrics: list[dict], out_dir: str | Path, layer_names: list[str], last:
     ax.set(xlabel="expert", yticks=range(n_layers), yticklabels=layer_names, xticks=range(n_exp),
            title=f"Expert load / mean load, steps {recent[0]['step']}–{recent[-1]['step']} (1 = balanced)")
     fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    paths.append(out_dir / "expert_load.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir / "expert_load.png"))
     return paths
 
 
