@@ -266,9 +266,10 @@ class ModelConfig:
         return {"total": total, "active": active, "mtp": mtp, "mtp_unique": mtp_unique,
                 "total_with_mtp": total + mtp}
 
-    def kv_cache_bytes_per_token(self, bytes_per_element: int = 2) -> dict:
-        """Cache bytes per token over the main layers: MLA's latent cache vs the decompressed K/V cache."""
-        L = self.num_hidden_layers
+    def kv_cache_bytes_per_token(self, bytes_per_element: int = 2, mtp: bool = False) -> dict:
+        """Cache bytes per token over the main layers (and the MTP modules' with ``mtp``): MLA's latent
+        cache vs the decompressed K/V cache."""
+        L = self.num_hidden_layers + (self.num_nextn_predict_layers if mtp else 0)
         latent = (self.kv_lora_rank + self.qk_rope_head_dim) * L * bytes_per_element
         full = self.num_attention_heads * (self.qk_head_dim + self.v_head_dim) * L * bytes_per_element
         return {"latent": latent, "decompressed": full, "ratio": full / latent}

@@ -30,8 +30,7 @@ from ..config import ModelConfig
 
 def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
     """Cache bytes one token takes over all L layers (MTP layers included)."""
-    L = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
-    return L * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * torch.empty((), dtype=dtype).element_size()
+    return cfg.kv_cache_bytes_per_token(torch.empty((), dtype=dtype).element_size(), mtp=True)["latent"]
 
 
 @dataclass
