@@ -35,17 +35,6 @@ import torch
 from . import sampling
 
 
-def mtp_hidden(model, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache, k: int = 0):
-    """MTP module k over hidden (B, T, D) and the tokens one step ahead (B, T) → its hidden (B, T, D).
-    (``Transformer.mtp_step`` without the output head, which is only needed at one position per row.)"""
-    cos, sin = model.rotary(positions)
-    return model.mtp[k](hidden, model.embed_tokens(next_ids), cos, sin, cache)
-
-
-def mtp_logits(model, h: torch.Tensor, k: int = 0) -> torch.Tensor:
-    return model.lm_head(model.mtp[k].shared_head.norm(h))
-
-
 def propose(rows, logits: torch.Tensor) -> None:
     """Draft one token per row from the MTP logits (B, V): argmax for greedy rows, otherwise drawn
     from the processed draft distribution q with the row's generator (q kept for the acceptance test)."""
@@ -67,9 +56,9 @@ def prefill_drafts(engine, rows, hidden: torch.Tensor, toks: list[int], lens: li
     B, T = hidden.shape[:2]
     nxt = [r.tokens[1:] + [t] for r, t in zip(rows, toks)]
     next_ids = torch.tensor([x + [0] * (T - len(x)) for x in nxt], device=hidden.device)  # (B, T)
-    g = mtp_hidden(engine.model, hidden, next_ids, engine.cache.positions(T), engine.cache)
+    _, g = engine.model.mtp_step(0, hidden, next_ids, engine.cache.positions(T), engine.cache, logits=False)
     g = g[torch.arange(B, device=g.device), torch.tensor(lens, device=g.device) - 1][:, None]  # (B, 1, D)
-    logits = mtp_logits(engine.model, g[:, 0])  # (B, V)
+    logits = engine.model.mtp_head(0, g[:, 0])  # (B, V)
     for b, r in enumerate(rows):
         r.drafts, r.draft_q = [], []
         r.draft_logits = logits[b]
@@ -87,9 +76,9 @@ def chain(engine, rows, g: torch.Tensor) -> None:
     for _ in range(n - 1):
         cache.begin(ids, 1)
         prev = torch.tensor([[r.drafts[-1]] for r in rows], device=g.device)
-        g = mtp_hidden(engine.model, g, prev, cache.positions(1), cache)
+        _, g = engine.model.mtp_step(0, g, prev, cache.positions(1), cache, logits=False)
         cache.advance(1)
-        propose(rows, mtp_logits(engine.model, g[:, 0]))
+        propose(rows, engine.model.mtp_head(0, g[:, 0]))
     for s in ids:
         cache.truncate(s, cache.lengths[s] - (n - 1))
 
@@ -143,13 +132,13 @@ def decode_step(engine, events) -> None:
 
     # MTP over the verified positions, same cache step; then roll every row back to M + a + 1
     next_ids = torch.tensor([t + t[-1:] * (T - len(t)) for t in emitted], device=engine.device)  # (B, T)
-    g = mtp_hidden(model, out.hidden, next_ids, pos, cache)  # (B, T, D)
+    _, g = model.mtp_step(0, out.hidden, next_ids, pos, cache, logits=False)  # (B, T, D)
     g = g[torch.arange(B, device=g.device), torch.tensor(accepted, device=g.device)][:, None]  # (B, 1, D)
     lengths = [cache.lengths[r.id] + a + 1 for r, a in zip(rows, accepted)]
     cache.advance(T)
     for r, n_len in zip(rows, lengths):
         cache.truncate(r.id, n_len)
-    d_logits = mtp_logits(model, g[:, 0])  # (B, V)
+    d_logits = model.mtp_head(0, g[:, 0])  # (B, V)
     for b, r in enumerate(rows):
         r.drafts, r.draft_q = [], []
         r.draft_logits = d_logits[b]

@@ -120,18 +120,22 @@ class Transformer(nn.Module):
                     break
                 # Position i combines h_i (which saw t_0..t_i) with the embedding of t_{i+k}.
                 prev = module(prev[:, :-1], emb[:, k:], cos[:, :T - k], sin[:, :T - k])
-                out.mtp_logits.append(self.lm_head(module.shared_head.norm(prev)))
+                out.mtp_logits.append(self.mtp_head(k - 1, prev))
         return out
 
     def mtp_step(self, k: int, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
-                 cache=None, absorb: bool | None = None):
+                 cache=None, absorb: bool | None = None, logits: bool = True):
         """One MTP module at inference (speculative drafting): hidden (B, T, D) from the previous depth at
-        ``positions``, next_ids (B, T) the tokens one step ahead → (logits (B, T, V), hidden (B, T, D))."""
+        ``positions``, next_ids (B, T) the tokens one step ahead → (logits (B, T, V) or None, hidden (B, T, D)).
+        ``logits=False`` skips the head when only some positions need it (``mtp_head``)."""
         module = self.mtp[k]
         cos, sin = self.rotary(positions)
         h = module(hidden, self.embed_tokens(next_ids), cos, sin, cache, absorb)
-        return self.lm_head(module.shared_head.norm(h)), h
+        return (self.mtp_head(k, h) if logits else None), h
 
+    def mtp_head(self, k: int, h: torch.Tensor) -> torch.Tensor:
+        """MTP module k's norm + the shared output head: (..., D) → (..., V)."""
+        return self.lm_head(self.mtp[k].shared_head.norm(h))
 
 def build(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
           seed: int | None = 0) -> Transformer:
