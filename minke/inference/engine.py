@@ -276,7 +276,7 @@ class Engine:
         out = self.model(ids, positions=self.cache.positions(T), cache=self.cache, logits=False)
         last = torch.tensor(lens, device=self.device) - 1
         h = out.hidden[torch.arange(B, device=self.device), last]  # (B, D)
-        toks, lps, tops = self._choose(rows, self.head(h))  # only the last positions' logits
+        toks, lps, tops = self._choose(rows, self.model.head(h))  # only the last positions' logits
         g = spec.prefill_drafts(self, rows, out.hidden, toks, lens) if self.speculative else None
         self.cache.advance(T)
         for r, n in zip(rows, lens):
@@ -327,10 +327,6 @@ class Engine:
         self.stats.preemptions += 1
 
     # ---- tokens --------------------------------------------------------------------------------
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm + output head: hidden (..., D) → logits (..., V)."""
-        return self.model.lm_head(self.model.norm(h))
-
     def _choose(self, rows: list[_Request], logits: torch.Tensor):
         """logits (B, V) → tokens, logprobs and top logprobs per row (None where not asked for)."""
         toks = sampling.sample(logits, [r.params for r in rows], [r.gen for r in rows])

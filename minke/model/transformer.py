@@ -112,7 +112,7 @@ class Transformer(nn.Module):
         h = emb
         for block in self.layers:
             h = block(h, cos, sin, cache, absorb)
-        out = Output(logits=self.lm_head(self.norm(h)) if logits else None, hidden=h)
+        out = Output(logits=self.head(h) if logits else None, hidden=h)
         if mtp:
             prev = h
             for k, module in enumerate(self.mtp, start=1):
@@ -122,6 +122,10 @@ class Transformer(nn.Module):
                 prev = module(prev[:, :-1], emb[:, k:], cos[:, :T - k], sin[:, :T - k])
                 out.mtp_logits.append(self.mtp_head(k - 1, prev))
         return out
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + output head: hidden (..., D) → logits (..., V) (the engine runs it on last positions only)."""
+        return self.lm_head(self.norm(h))
 
     def mtp_step(self, k: int, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
                  cache=None, absorb: bool | None = None, logits: bool = True):
