@@ -33,11 +33,29 @@ def test_grouped_mm_and_per_expert_paths_agree(monkeypatch, inter):
         assert (fast[0] - moe.looped_moe(m.experts, x, w, idx)).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("grouped_mm", [True, False])
+def test_experts_compute_in_the_autocast_dtype(monkeypatch, grouped_mm):
+    """Under bf16 autocast the experts run in bf16 (torch's autocast list lacks grouped_mm) and agree
+    with the fp32 looped reference to bf16 precision."""
+    cfg = minke.preset("tiny", moe_intermediate_size=32)
+    m = minke.build(cfg, seed=7).layers[1].mlp
+    x = torch.randn(53, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    if not grouped_mm:
+        monkeypatch.setattr(moe, "grouped_mm_ok", lambda *a: False)
+    with torch.no_grad():
+        w, idx, _ = m.gate(x)
+        ref = moe.looped_moe(m.experts, x, w, idx)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, _ = moe.grouped_moe(m.experts, x, w, idx, cfg.n_routed_experts)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+
+
 def test_experts_with_no_tokens(monkeypatch):
     cfg = minke.preset("tiny")
     experts = minke.build(cfg).layers[1].mlp.experts
     x = torch.randn(0, cfg.hidden_size)
-    counts = [0] * cfg.n_routed_experts
+    counts = torch.zeros(cfg.n_routed_experts, dtype=torch.long)
     assert experts.grouped(x, counts).shape == (0, cfg.hidden_size)
     monkeypatch.setattr(moe, "grouped_mm_ok", lambda *a: False)
     assert experts.grouped(x, counts).shape == (0, cfg.hidden_size)

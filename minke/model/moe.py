@@ -71,22 +71,30 @@ class Experts(nn.Module):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         return F.silu(x @ self.gate_proj[e].t()) * (x @ self.up_proj[e].t()) @ self.down_proj[e].t()
 
-    def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x (M, D) sorted by expert, counts[e] rows each → (M, D).
+    def grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (M, D) sorted by expert, counts (E,) int64 rows each → (M, D).
 
-        One grouped GEMM per projection where torch has one for these shapes (``grouped_mm_ok``), else
-        one matmul per non-empty expert; the two agree (tests/test_fast_paths.py)."""
-        if grouped_mm_ok(x, self.gate_proj, self.up_proj, self.down_proj):
-            offs = torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)  # end row of each expert
+        One grouped GEMM per projection where torch has one for these shapes (``grouped_mm_ok``): no
+        host sync, so torch.compile keeps the MoE in one graph. Else one matmul per non-empty expert;
+        the two agree (tests/test_fast_paths.py). Under autocast the experts compute in its dtype, as
+        nn.Linear would (torch's autocast does not cover grouped_mm)."""
+        weights = self.gate_proj, self.up_proj, self.down_proj
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weights = x.to(dtype), [w.to(dtype) for w in weights]
+        gate_proj, up_proj, down_proj = weights
+        if grouped_mm_ok(x, *weights):
+            offs = counts.cumsum(0).to(torch.int32)  # end row of each expert
 
             def mm(a, w):  # a (M, in) @ w[e].T (E, out, in) for each expert's rows → (M, out)
                 return F.grouped_mm(a, w.transpose(1, 2), offs=offs)
 
-            return mm(F.silu(mm(x, self.gate_proj)) * mm(x, self.up_proj), self.down_proj)
+            return mm(F.silu(mm(x, gate_proj)) * mm(x, up_proj), down_proj)
         # split/cat rather than writing slices of one output: their backward is cat/split, not E
         # zero-filled (M, D) gradients.
-        ys = [self.expert(e, xe) for e, xe in enumerate(x.split(counts)) if len(xe)]
-        return torch.cat(ys) if ys else torch.empty_like(x)
+        ys = [F.silu(xe @ gate_proj[e].t()) * (xe @ up_proj[e].t()) @ down_proj[e].t()
+              for e, xe in enumerate(x.split(counts.tolist())) if len(xe)]
+        return torch.cat(ys) if ys else x.new_empty(x.shape)
 
 
 def grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -113,11 +121,11 @@ def grouped_moe(experts: Experts, x: torch.Tensor, w: torch.Tensor, idx: torch.T
     N, K = idx.shape
     flat = idx.flatten()
     order = flat.argsort(stable=True)
-    load = torch.bincount(flat, minlength=n_experts)
+    load = torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
     token = order // K
-    y = experts.grouped(x[token], load.tolist())
+    y = experts.grouped(x[token], load)
     y = y * w.flatten()[order, None].to(y.dtype)
-    return torch.zeros_like(x).index_add_(0, token, y), load
+    return x.new_zeros(x.shape, dtype=y.dtype).index_add_(0, token, y), load
 
 
 def looped_moe(experts: Experts, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor):

@@ -203,12 +203,12 @@ class EPExperts(nn.Module):
     def expert(self, e: int, x: torch.Tensor):
         raise NotImplementedError("the looped reference (MoE.reference) runs on an unparallelized model")
 
-    def grouped(self, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """x (M, D) sorted by global expert id, counts[e] rows each → (M, D), rows in the same order."""
+    def grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x (M, D) sorted by global expert id, counts (E,) rows each → (M, D), rows in the same order."""
         W, El = self.world, self.n_local
         recv_counts = torch.empty(W * El, dtype=torch.long, device=x.device)
-        dist.all_to_all_single(recv_counts, torch.tensor(counts, device=x.device), group=self.group)
-        rc = recv_counts.tolist()  # [s·El + j]: rows from rank s for local expert j (the one host sync)
+        dist.all_to_all_single(recv_counts, counts, group=self.group)
+        counts, rc = counts.tolist(), recv_counts.tolist()  # [s·El + j]: rows from rank s for local expert j (the one host sync)
         send = [sum(counts[r * El:(r + 1) * El]) for r in range(W)]
         recv = [sum(rc[s * El:(s + 1) * El]) for s in range(W)]
         rows = _AllToAll.apply(x, send, recv, self.group)  # (R, D) by source rank, then local expert
@@ -217,7 +217,7 @@ class EPExperts(nn.Module):
         order = local_id.argsort(stable=True)
         weights = [_ScaleGrad.apply(p.to_local(), 1.0 / W).to(x.dtype)
                    for p in (self.gate_proj, self.up_proj, self.down_proj)]
-        y = _LocalExperts(*weights).grouped(rows[order], [sum(rc[j::El]) for j in range(El)])
+        y = _LocalExperts(*weights).grouped(rows[order], recv_counts.view(W, El).sum(0))
         if not y.shape[0]:
             # Nothing arrived: keep the weights in the graph so their (zero) gradient exists on every
             # rank; a None grad here would make this rank skip the collectives of the gradient norm.
