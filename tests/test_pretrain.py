@@ -209,3 +209,13 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     assert "step 6: loss nan is not finite" in err and "step-000004" in err, err
     assert [p.name for p in checkpoint.step_dirs(out)] == ["step-000004"] and not (out / "final").exists()
     minke.load(out / "step-000004")
+
+
+def test_compiled_training_matches_eager(tmp_path, tok_dir, uninterrupted):
+    """--compile (torch.compile of forward + backward, the MoE in one graph) follows the eager run's losses."""
+    out = tmp_path / "compiled"
+    assert pretrain.main(flags(out, tok_dir, "--compile")) == 0
+    eager = [r["loss"] for r in history(uninterrupted) if r["kind"] == "train"]
+    compiled = [r["loss"] for r in history(out) if r["kind"] == "train"]
+    assert len(compiled) == len(eager) == 8
+    assert compiled == pytest.approx(eager, rel=1e-3), (compiled, eager)
