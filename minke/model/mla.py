@@ -78,19 +78,26 @@ class MLA(nn.Module):
         return o[..., : self.v_dim].transpose(1, 2)  # (B, T, H, V)
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Attend in latent space: scores = (q_nope·W_uk)·c_kv + q_pe·k_pe; out = (p·c_kv)·W_uv."""
+        """Attend in latent space: scores = (q_nope·W_uk)·c_kv + q_pe·k_pe; out = (p·c_kv)·W_uv.
+        Plain bmm over the head axis (weights) or the batch axis (cache) instead of einsum: decode runs
+        these on tiny tensors, where einsum's planning costs more than the arithmetic; no operand is
+        broadcast, so neither the cache nor the weights are ever copied."""
+        B, T, H, _ = q_nope.shape
+        S = c_kv.shape[1]
         w = self._kv_b()
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, N, C), (H, V, C)
-        q_lat = torch.einsum("bthn,hnc->bthc", q_nope, w_uk)  # (B, T, H, C)
-        scores = torch.einsum("bthc,bsc->bhts", q_lat, c_kv) + torch.einsum("bthr,bsr->bhts", q_pe, k_pe)
+        q_lat = q_nope.permute(2, 0, 1, 3).reshape(H, B * T, self.nope) @ w_uk  # (H, B·T, C)
+        q_lat = q_lat.view(H, B, T, -1).transpose(0, 1).reshape(B, H * T, self.kv_rank)
+        q_pe = q_pe.transpose(1, 2).reshape(B, H * T, self.rope)
+        scores = (q_lat @ c_kv.transpose(1, 2) + q_pe @ k_pe.transpose(1, 2)).view(B, H, T, S)
         scores = scores.float() * self.scale
         if mask is None:
-            T, S = scores.shape[-2:]
             mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
         scores = scores.masked_fill(~mask, float("-inf"))
         p = scores.softmax(dim=-1).to(c_kv.dtype)
-        o_lat = torch.einsum("bhts,bsc->bthc", p, c_kv)  # (B, T, H, C)
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)  # (B, T, H, V)
+        o_lat = (p.view(B, H * T, S) @ c_kv).view(B, H, T, -1)  # (B, H, T, C)
+        o = o_lat.transpose(0, 1).reshape(H, B * T, self.kv_rank) @ w_uv.transpose(1, 2)  # (H, B·T, V)
+        return o.view(H, B, T, -1).permute(1, 2, 0, 3)  # (B, T, H, V)
 
     def forward(self, x, cos, sin, cache=None, layer: int = 0, absorb: bool | None = None):
         """x (B, T, D) → (B, T, D).
