@@ -239,11 +239,15 @@ def speculative(args, cfg, dtype) -> dict:
     if args.model and os.path.exists(os.path.join(args.model, "tokenizer.json")):
         from minke.data.tokenizer import Tokenizer
         tok = Tokenizer.load(args.model)
-        text = args.prompt or "Please reason step by step, and put your final answer within \\boxed{}. What is 12 * 7 + 5?"
-        prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+        if args.chat:
+            text = args.prompt or "Please reason step by step, and put your final answer within \\boxed{}. What is 12 * 7 + 5?"
+            prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+        else:  # the format `minke pretrain` trains on (tasks/__init__.py), what a base model continues
+            prompt = [tok.bos_id] + tok.encode(f"Question: {args.prompt or 'What is 12 * 7 + 5?'}\nAnswer:")
     if prompt is None:
         prompt = torch.randint(3, cfg.vocab_size, (64,), generator=torch.Generator().manual_seed(0)).tolist()
     out = {"model": args.model or "random init (default config)", "prompt_tokens": len(prompt),
+           "prompt_format": "chat" if args.chat else "pretrain", "threads": torch.get_num_threads(),
            "new_tokens": args.new_tokens, "num_draft": args.num_draft}
     outputs = {}
     for name, kw in (("plain", {}), ("speculative", {"speculative": True, "num_draft": args.num_draft})):
@@ -281,6 +285,9 @@ def main(argv=None):
     p.add_argument("--speculative", action="store_true", help="plain vs MTP speculative decode at batch 1")
     p.add_argument("--num-draft", type=int, default=1, help="draft tokens per step for --speculative")
     p.add_argument("--prompt", help="prompt text for --speculative with a checkpoint's tokenizer")
+    p.add_argument("--chat", action="store_true",
+                   help="--speculative: wrap the prompt in the chat template (default: the pretraining format "
+                        "'Question: …\\nAnswer:', the input a base checkpoint such as `make run`'s was trained on)")
     # ---- run ----
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default="out/bench_decode.json", help="also write the JSON here")

@@ -24,6 +24,7 @@ the median over rounds of tokens / second, tokens = batch × seq per step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -70,7 +71,8 @@ def minke_step(model, fwd, opt, batch, mtp: bool):
 
 
 def hf_step(model, opt, batch):
-    """The same step for transformers: next-token CE exactly as lm_loss computes it, clip, AdamW."""
+    """The same step for transformers: next-token CE exactly as lm_loss computes it, clip, AdamW.
+    ``model`` may be the torch.compile wrapper (its parameters are the model's)."""
     x, y = batch[:, :-1], batch[:, 1:]
     loss = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1).float(), y.flatten())
     loss.backward()
@@ -78,6 +80,11 @@ def hf_step(model, opt, batch):
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss
+
+
+def _under(ctx, fn):
+    with ctx:
+        return fn()
 
 
 def sync(device: str):
@@ -100,7 +107,12 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     # ---- what to run ----
     p.add_argument("--no-transformers", action="store_true", help="time minke only")
-    p.add_argument("--compile", action="store_true", help="torch.compile minke's model (off by default)")
+    p.add_argument("--amp", default="none", choices=["none", "bfloat16"],
+                   help="autocast both models to this dtype (master weights stay --dtype), as `minke pretrain "
+                        "--dtype bfloat16` and transformers' Trainer(bf16=True) do")
+    p.add_argument("--compile", action="store_true", help="torch.compile minke's model (`minke pretrain --compile`)")
+    p.add_argument("--compile-transformers", action="store_true",
+                   help="torch.compile transformers' model too (its Trainer does not by default)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
 
@@ -131,14 +143,19 @@ def main(argv=None):
                                                            experts_implementation="grouped_mm").to(device).train()
 
     fwd = torch.compile(model) if args.compile else model
+    hf_fwd = torch.compile(hf) if hf is not None and args.compile_transformers else hf
+    amp = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.amp == "bfloat16"
+           else contextlib.nullcontext())
     runners = {}  # name -> one training step
     opt = build_optimizer(model, lr=1e-4)  # minke's: AdamW β (0.9, 0.95), decay 0.1 on matrices
     runners["minke"] = lambda: minke_step(model, fwd, opt, batch, mtp=False)
     runners["minke_mtp"] = lambda: minke_step(model, fwd, opt, batch, mtp=True)
     if hf is not None:
         hf_opt = build_optimizer(hf, lr=1e-4)  # the same AdamW, same groups
-        runners["transformers"] = lambda: hf_step(hf, hf_opt, batch)
+        runners["transformers"] = lambda: hf_step(hf_fwd, hf_opt, batch)
 
+    for name, run in list(runners.items()):
+        runners[name] = (lambda r: lambda: _under(amp, r))(run)
     for run in runners.values():
         for _ in range(args.warmup):
             run()
@@ -162,7 +179,7 @@ def main(argv=None):
         "config": "preset:" + args.preset if args.preset else dict(DEFAULT),
         "params": {k: cfg.param_counts()[k] for k in ("total", "active", "mtp_unique")},
         "batch": {"batch": B, "seq": T, "tokens_per_step": B * T},
-        "dtype": args.dtype, "device": device, "threads": torch.get_num_threads(),
+        "dtype": args.dtype, "amp": args.amp, "device": device, "threads": torch.get_num_threads(),
         "timing": {"warmup": args.warmup, "steps": args.steps, "repeats": args.repeats, "stat": "median"},
         "minke_tok_s": round(med["minke"], 1),
         "transformers_tok_s": round(med["transformers"], 1) if hf is not None else None,
@@ -170,7 +187,7 @@ def main(argv=None):
         "minke_mtp_tok_s": round(med["minke_mtp"], 1),
         # Less sensitive than wall time to other jobs on a shared machine (exact with --threads 1).
         "cpu_tok_s": {name: round(statistics.median(v), 1) for name, v in cpu_rates.items()},
-        "minke_compile": args.compile,
+        "minke_compile": args.compile, "transformers_compile": args.compile_transformers,
         "transformers_impl": ({"attn_implementation": hf.config._attn_implementation,
                                "experts_implementation": hf.config._experts_implementation}
                               if hf is not None else None),
