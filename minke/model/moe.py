@@ -58,6 +58,11 @@ class Gate(nn.Module):
         return w * self.route_scale, idx, scores
 
 
+def swiglu(x, gate, up, down):
+    """One expert: down(silu(gate·x) · up·x) with weights (I, D), (I, D), (D, I)."""
+    return F.silu(x @ gate.t()) * (x @ up.t()) @ down.t()
+
+
 class Experts(nn.Module):
     """E SwiGLU experts held as stacked weights, so tokens can be grouped by expert and each expert
     runs one matmul over its slice (and expert parallelism can shard dim 0)."""
@@ -69,7 +74,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n, dim, inter))
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return F.silu(x @ self.gate_proj[e].t()) * (x @ self.up_proj[e].t()) @ self.down_proj[e].t()
+        return swiglu(x, self.gate_proj[e], self.up_proj[e], self.down_proj[e])
 
     def grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, D) sorted by expert, counts (E,) int64 rows each → (M, D).
@@ -92,7 +97,7 @@ class Experts(nn.Module):
             return mm(F.silu(mm(x, gate_proj)) * mm(x, up_proj), down_proj)
         # split/cat rather than writing slices of one output: their backward is cat/split, not E
         # zero-filled (M, D) gradients.
-        ys = [F.silu(xe @ gate_proj[e].t()) * (xe @ up_proj[e].t()) @ down_proj[e].t()
+        ys = [swiglu(xe, gate_proj[e], up_proj[e], down_proj[e])
               for e, xe in enumerate(x.split(counts.tolist())) if len(xe)]
         return torch.cat(ys) if ys else x.new_empty(x.shape)
 
