@@ -179,16 +179,16 @@ def balance_step(moes, loads: list[torch.Tensor], gamma: float) -> list[torch.Te
     return loads
 
 
-def train_step(model, moes, loader, opt, sched, a, amp, step: int, d: parallel.Dist, fwd=None) -> dict:
+def train_step(model, fwd, moes, loader, opt, sched, a, amp, step: int, d: parallel.Dist) -> dict:
     """One optimizer step (step is 0-based); raises PretrainError before applying a non-finite one.
-    ``fwd``: what runs the forward (the model's torch.compile wrapper under --compile)."""
+    ``fwd`` runs the forward: the model, or its torch.compile wrapper under --compile."""
     opt.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = {}
     loads = [torch.zeros(m.n_experts, dtype=torch.long, device=d.device) for _, m in moes]
     for _ in range(a.grad_accum):
         batch = parallel.shard_batch(loader.next_batch(), d).to(d.device)  # this rank's rows of the global batch
         with amp:
-            loss, parts = lm_loss(model if fwd is None else fwd, batch, moes, a.mtp_lambda, a.balance_alpha)
+            loss, parts = lm_loss(fwd, batch, moes, a.mtp_lambda, a.balance_alpha)
         if a.inject_nan == step + 1:
             loss = loss * float("nan")
             parts["loss"] = loss.detach()
@@ -409,7 +409,7 @@ def run(a: argparse.Namespace) -> Path:
         while step < a.steps:
             t0 = time.perf_counter()
             try:
-                r = train_step(model, moes, loader, opt, sched, a, amp, step, d, fwd)
+                r = train_step(model, fwd, moes, loader, opt, sched, a, amp, step, d)
             except PretrainError as e:
                 kept = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
                 raise PretrainError(f"{e}; {kept}") from None
