@@ -82,11 +82,6 @@ def hf_step(model, opt, batch):
     return loss
 
 
-def _under(ctx, fn):
-    with ctx:
-        return fn()
-
-
 def sync(device: str):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -154,25 +149,24 @@ def main(argv=None):
         hf_opt = build_optimizer(hf, lr=1e-4)  # the same AdamW, same groups
         runners["transformers"] = lambda: hf_step(hf_fwd, hf_opt, batch)
 
-    for name, run in list(runners.items()):
-        runners[name] = (lambda r: lambda: _under(amp, r))(run)
-    for run in runners.values():
-        for _ in range(args.warmup):
-            run()
-    sync(device)
-    rates = {name: [] for name in runners}
-    cpu_rates = {name: [] for name in runners}  # tokens per CPU-second of this process (all its threads)
-    for r in range(args.repeats):
-        for name, run in runners.items():
-            sync(device)
-            t0, c0 = time.perf_counter(), time.process_time()
-            for _ in range(args.steps):
+    with amp:  # the same precision for every model
+        for run in runners.values():
+            for _ in range(args.warmup):
                 run()
-            sync(device)
-            rates[name].append(B * T * args.steps / (time.perf_counter() - t0))
-            cpu_rates[name].append(B * T * args.steps / (time.process_time() - c0))
-        print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{n} {v[-1]:,.0f} tok/s" for n, v in rates.items()),
-              file=sys.stderr)
+        sync(device)
+        rates = {name: [] for name in runners}
+        cpu_rates = {name: [] for name in runners}  # tokens per CPU-second of this process (all its threads)
+        for r in range(args.repeats):
+            for name, run in runners.items():
+                sync(device)
+                t0, c0 = time.perf_counter(), time.process_time()
+                for _ in range(args.steps):
+                    run()
+                sync(device)
+                rates[name].append(B * T * args.steps / (time.perf_counter() - t0))
+                cpu_rates[name].append(B * T * args.steps / (time.process_time() - c0))
+            print(f"round {r + 1}/{args.repeats}: " + ", ".join(f"{n} {v[-1]:,.0f} tok/s" for n, v in rates.items()),
+                  file=sys.stderr)
 
     med = {name: statistics.median(v) for name, v in rates.items()}
     report = {
