@@ -120,11 +120,15 @@ class ChatChoice(BaseModel):
     logprobs: dict | None = None
 
 
-class ChatCompletion(BaseModel):
+class _Response(BaseModel):
+    """What every OpenAI response object carries besides its ``object`` kind, choices and usage."""
     id: str
-    object: str = "chat.completion"
     created: int
     model: str
+
+
+class ChatCompletion(_Response):
+    object: str = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
 
@@ -142,11 +146,8 @@ class ChunkChoice(BaseModel):
     logprobs: dict | None = None
 
 
-class ChatCompletionChunk(BaseModel):
-    id: str
+class ChatCompletionChunk(_Response):
     object: str = "chat.completion.chunk"
-    created: int
-    model: str
     choices: list[ChunkChoice]
     usage: Usage | None = None
 
@@ -158,11 +159,8 @@ class CompletionChoice(BaseModel):
     logprobs: dict | None = None
 
 
-class Completion(BaseModel):
-    id: str
+class Completion(_Response):
     object: str = "text_completion"
-    created: int
-    model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
 
