@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import minke
 from minke.train.optim import build_optimizer
-from minke.train.pretrain import balance_step, lm_loss, moe_layers
+from minke.train.pretrain import balance_step, loss_function, moe_layers
 
 # A V3-shaped model small enough for two CPU cores, big enough that the matmuls (not Python) dominate:
 # q LoRA, noaux_tc routing over 4 groups, YaRN, 1 dense + 3 MoE layers of 16 routed experts (top-4)
@@ -57,11 +57,10 @@ BIAS_GAMMA = 1e-3  # γ of the routing-bias update
 CLIP = 1.0
 
 
-def minke_step(model, fwd, opt, batch, mtp: bool):
+def minke_step(model, loss_fn, moes, opt, batch):
     """pretrain.py's step: lm_loss (CE + λ·MTP + α·balance), backward, clip, AdamW, bias update.
-    ``fwd`` is ``model`` or its torch.compile wrapper."""
-    moes = moe_layers(model, mtp)
-    loss, _ = lm_loss(fwd, batch, moes, MTP_LAMBDA if mtp else 0.0, BALANCE_ALPHA)
+    ``loss_fn`` is pretrain.py's ``loss_function`` (compiled or not)."""
+    loss, _ = loss_fn(batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
     opt.step()
@@ -70,11 +69,15 @@ def minke_step(model, fwd, opt, batch, mtp: bool):
     return loss
 
 
-def hf_step(model, opt, batch):
-    """The same step for transformers: next-token CE exactly as lm_loss computes it, clip, AdamW.
-    ``model`` may be the torch.compile wrapper (its parameters are the model's)."""
+def hf_loss(model, batch):
+    """next-token CE exactly as lm_loss computes it."""
     x, y = batch[:, :-1], batch[:, 1:]
-    loss = F.cross_entropy(model(input_ids=x).logits.flatten(0, 1).float(), y.flatten())
+    return F.cross_entropy(model(input_ids=x).logits.flatten(0, 1).float(), y.flatten())
+
+
+def hf_step(model, loss_fn, opt, batch):
+    """The same step for transformers: ``loss_fn`` (``hf_loss``, compiled or not), clip, AdamW."""
+    loss = loss_fn(batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
     opt.step()
@@ -105,9 +108,10 @@ def main(argv=None):
     p.add_argument("--amp", default="none", choices=["none", "bfloat16"],
                    help="autocast both models to this dtype (master weights stay --dtype), as `minke pretrain "
                         "--dtype bfloat16` and transformers' Trainer(bf16=True) do")
-    p.add_argument("--compile", action="store_true", help="torch.compile minke's model (`minke pretrain --compile`)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile minke's forward + loss (`minke pretrain --compile`)")
     p.add_argument("--compile-transformers", action="store_true",
-                   help="torch.compile transformers' model too (its Trainer does not by default)")
+                   help="torch.compile transformers' forward + loss too (its Trainer does not by default)")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
 
@@ -137,17 +141,19 @@ def main(argv=None):
                 hf = DeepseekV3ForCausalLM.from_pretrained(d, dtype=dtype, attn_implementation="sdpa",
                                                            experts_implementation="grouped_mm").to(device).train()
 
-    fwd = torch.compile(model) if args.compile else model
-    hf_fwd = torch.compile(hf) if hf is not None and args.compile_transformers else hf
     amp = (torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if args.amp == "bfloat16"
            else contextlib.nullcontext())
     runners = {}  # name -> one training step
     opt = build_optimizer(model, lr=1e-4)  # minke's: AdamW β (0.9, 0.95), decay 0.1 on matrices
-    runners["minke"] = lambda: minke_step(model, fwd, opt, batch, mtp=False)
-    runners["minke_mtp"] = lambda: minke_step(model, fwd, opt, batch, mtp=True)
+    for name, mtp in (("minke", False), ("minke_mtp", True)):
+        moes = moe_layers(model, mtp)
+        loss_fn = loss_function(model, moes, MTP_LAMBDA if mtp else 0.0, BALANCE_ALPHA, args.compile)
+        runners[name] = lambda loss_fn=loss_fn, moes=moes: minke_step(model, loss_fn, moes, opt, batch)
     if hf is not None:
         hf_opt = build_optimizer(hf, lr=1e-4)  # the same AdamW, same groups
-        runners["transformers"] = lambda: hf_step(hf_fwd, hf_opt, batch)
+        hf_fn = lambda b: hf_loss(hf, b)  # noqa: E731
+        hf_fn = torch.compile(hf_fn) if args.compile_transformers else hf_fn
+        runners["transformers"] = lambda: hf_step(hf, hf_fn, hf_opt, batch)
 
     with amp:  # the same precision for every model
         for run in runners.values():

@@ -163,6 +163,16 @@ def lm_loss(model, batch: torch.Tensor, moes, mtp_lambda: float, balance_alpha: 
     return loss, parts
 
 
+def loss_function(model, moes, mtp_lambda: float, balance_alpha: float, compile: bool = False):
+    """batch -> lm_loss(model, batch, ...). ``compile``: torch.compile forward and loss together, so the
+    head's (N, V) logits go through cross-entropy in fused kernels instead of being converted, written
+    and read back by separate ops (their fp32 copies and gradients are the largest tensors of a small
+    model's step). Evaluation and generation stay eager."""
+    def loss_fn(batch):
+        return lm_loss(model, batch, moes, mtp_lambda, balance_alpha)
+    return torch.compile(loss_fn) if compile else loss_fn
+
+
 def max_vio(load: torch.Tensor) -> float:
     """MaxVio = max_i load_i / mean load − 1 (0 = perfectly balanced)."""
     load = load.float()
@@ -179,16 +189,16 @@ def balance_step(moes, loads: list[torch.Tensor], gamma: float) -> list[torch.Te
     return loads
 
 
-def train_step(model, fwd, moes, loader, opt, sched, a, amp, step: int, d: parallel.Dist) -> dict:
+def train_step(model, loss_fn, moes, loader, opt, sched, a, amp, step: int, d: parallel.Dist) -> dict:
     """One optimizer step (step is 0-based); raises PretrainError before applying a non-finite one.
-    ``fwd`` runs the forward: the model, or its torch.compile wrapper under --compile."""
+    ``loss_fn(batch) -> (loss, parts)`` is ``lm_loss`` on the model (``loss_function``)."""
     opt.zero_grad(set_to_none=True)
     sums: dict[str, torch.Tensor] = {}
     loads = [torch.zeros(m.n_experts, dtype=torch.long, device=d.device) for _, m in moes]
     for _ in range(a.grad_accum):
         batch = parallel.shard_batch(loader.next_batch(), d).to(d.device)  # this rank's rows of the global batch
         with amp:
-            loss, parts = lm_loss(fwd, batch, moes, a.mtp_lambda, a.balance_alpha)
+            loss, parts = loss_fn(batch)
         if a.inject_nan == step + 1:
             loss = loss * float("nan")
             parts["loss"] = loss.detach()
@@ -371,7 +381,7 @@ def run(a: argparse.Namespace) -> Path:
     held = windows(held_tokens, a.seq_len, "held-out data")[: a.eval_batches * a.batch_size]
     moes = moe_layers(model, a.mtp_lambda > 0)
     names = [n for n, _ in moes]
-    fwd = torch.compile(model) if a.compile else model  # evaluation and generation stay eager
+    loss_fn = loss_function(model, moes, a.mtp_lambda, a.balance_alpha, a.compile)
 
     step, metrics = restore(resume, run_cfg, model, opt, sched, loader) if resume else (0, [])
     metrics_path = out / "metrics.jsonl"
@@ -409,7 +419,7 @@ def run(a: argparse.Namespace) -> Path:
         while step < a.steps:
             t0 = time.perf_counter()
             try:
-                r = train_step(model, fwd, moes, loader, opt, sched, a, amp, step, d)
+                r = train_step(model, loss_fn, moes, loader, opt, sched, a, amp, step, d)
             except PretrainError as e:
                 kept = f"last good checkpoint: {last}" if last else "no checkpoint was written yet"
                 raise PretrainError(f"{e}; {kept}") from None
