@@ -35,8 +35,9 @@ def test_grouped_mm_and_per_expert_paths_agree(monkeypatch, inter):
 
 @pytest.mark.parametrize("grouped_mm", [True, False])
 def test_experts_compute_in_the_autocast_dtype(monkeypatch, grouped_mm):
-    """Under bf16 autocast the experts run in bf16 (torch's autocast list lacks grouped_mm) and agree
-    with the fp32 looped reference to bf16 precision."""
+    """Under bf16 autocast the experts run in bf16 (torch's autocast list lacks grouped_mm; gate and up
+    share one GEMM there) and agree with fp32 to bf16 precision: the output with the looped
+    reference, the gradients of the input and of every expert weight with the fp32 path."""
     cfg = minke.preset("tiny", moe_intermediate_size=32)
     m = minke.build(cfg, seed=7).layers[1].mlp
     x = torch.randn(53, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -45,10 +46,14 @@ def test_experts_compute_in_the_autocast_dtype(monkeypatch, grouped_mm):
     with torch.no_grad():
         w, idx, _ = m.gate(x)
         ref = moe.looped_moe(m.experts, x, w, idx)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out, _ = moe.grouped_moe(m.experts, x, w, idx, cfg.n_routed_experts)
-    assert out.dtype == torch.bfloat16
-    assert (out.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+    fp32 = _moe_outputs(m.experts, x, w, idx, cfg.n_routed_experts)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = _moe_outputs(m.experts, x, w, idx, cfg.n_routed_experts)
+    assert bf16[0].dtype == torch.bfloat16
+    assert (bf16[0].float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+    for a, b in zip([bf16[1], *bf16[2]], [fp32[1], *fp32[2]]):
+        assert a.dtype == b.dtype == torch.float32  # gradients reach the fp32 weights and input
+        assert (a - b).abs().max().item() <= 2e-2 * b.abs().max().item()
 
 
 def test_experts_with_no_tokens(monkeypatch):

@@ -82,19 +82,23 @@ class Experts(nn.Module):
         One grouped GEMM per projection where torch has one for these shapes (``grouped_mm_ok``): no
         host sync, so torch.compile keeps the MoE in one graph. Else one matmul per non-empty expert;
         the two agree (tests/test_fast_paths.py). Under autocast the experts compute in its dtype, as
-        nn.Linear would (torch's autocast does not cover grouped_mm)."""
-        weights = self.gate_proj, self.up_proj, self.down_proj
+        nn.Linear would (torch's autocast does not cover grouped_mm), with gate and up in one GEMM."""
+        gate_proj, up_proj, down_proj = self.gate_proj, self.up_proj, self.down_proj
+        gate_up = None  # (E, 2I, D): gate and up stacked, for one GEMM instead of two
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
-            x, weights = x.to(dtype), [w.to(dtype) for w in weights]
-        gate_proj, up_proj, down_proj = weights
-        if grouped_mm_ok(x, *weights):
+            # the cast copies the weights anyway; copying gate and up into one tensor costs nothing more
+            gate_up = torch.cat([gate_proj, up_proj], 1).to(dtype)
+            x, down_proj = x.to(dtype), down_proj.to(dtype)
+            gate_proj, up_proj = gate_up.chunk(2, 1)
+        if grouped_mm_ok(x, gate_proj, up_proj, down_proj):
             offs = counts.cumsum(0).to(torch.int32)  # end row of each expert
 
             def mm(a, w):  # a (M, in) @ w[e].T (E, out, in) for each expert's rows → (M, out)
                 return F.grouped_mm(a, w.transpose(1, 2), offs=offs)
 
-            return mm(F.silu(mm(x, gate_proj)) * mm(x, up_proj), down_proj)
+            g, u = mm(x, gate_up).chunk(2, -1) if gate_up is not None else (mm(x, gate_proj), mm(x, up_proj))
+            return mm(F.silu(g) * u, down_proj)
         # split/cat rather than writing slices of one output: their backward is cat/split, not E
         # zero-filled (M, D) gradients.
         ys = [swiglu(xe, gate_proj[e], up_proj[e], down_proj[e])
