@@ -56,6 +56,26 @@ def test_experts_compute_in_the_autocast_dtype(monkeypatch, grouped_mm):
         assert (a - b).abs().max().item() <= 2e-2 * b.abs().max().item()
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_math_attention_matches_fused(masked):
+    """The explicit attention (CPU under torch.compile, short sequences) against torch's fused SDPA with
+    the zero-padded v: output and the gradients of q, k, v; causal, and a bool mask with T < S."""
+    from minke.model import mla
+    g = torch.Generator().manual_seed(0)
+    B, H, T, S, N, V = 2, 3, 5 if masked else 7, 7, 12, 8
+    q, k, v = (torch.randn(B, H, t, d, generator=g, requires_grad=True) for t, d in ((T, N), (S, N), (S, V)))
+    mask = torch.rand(B, 1, T, S, generator=g) < 0.7 if masked else None
+    if masked:
+        mask[..., 0] = True  # every query sees a key
+    go = torch.randn(B, H, T, V, generator=g)
+    results = []
+    for fn in (mla.attention, mla.math_attention):  # eager: attention() takes the fused kernel
+        o = fn(q, k, v, mask, 0.3)
+        results.append([o.detach(), *torch.autograd.grad(o, (q, k, v), go)])
+    for a, b in zip(*results):
+        assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5
+
+
 def test_experts_with_no_tokens(monkeypatch):
     cfg = minke.preset("tiny")
     experts = minke.build(cfg).layers[1].mlp.experts
