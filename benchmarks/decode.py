@@ -18,7 +18,9 @@ streamer; decode tokens/s = batch / median step time, robust to other processes 
 
 ``--speculative`` (with ``--model DIR`` for a trained checkpoint; otherwise the default random model,
 whose MTP head agrees with nothing) compares plain and MTP-speculative greedy decode at batch 1:
-tokens/s, acceptance rate, tokens per verify forward, and that both outputs are identical.
+tokens/s (medians over ``--repeats`` rounds, each decoding with both engines in turn; ``speedup`` is the
+median of the rounds' paired ratios, ``speedup_cpu_time`` the same per CPU-second), acceptance rate,
+tokens per verify forward, and that both outputs are identical.
 
     .venv/bin/python benchmarks/decode.py                         # default config, CPU, ~3-5 min on 2 cores
     .venv/bin/python benchmarks/decode.py --contexts 512 --no-transformers
@@ -249,21 +251,36 @@ def speculative(args, cfg, dtype) -> dict:
     out = {"model": args.model or "random init (default config)", "prompt_tokens": len(prompt),
            "prompt_format": "chat" if args.chat else "pretrain", "threads": torch.get_num_threads(),
            "new_tokens": args.new_tokens, "num_draft": args.num_draft}
+    engines = {"plain": Engine(model, max_batch=1, block_size=args.block_size),
+               "speculative": Engine(model, max_batch=1, block_size=args.block_size, speculative=True,
+                                     num_draft=args.num_draft)}
+    rates = {name: [] for name in engines}  # decode tokens per wall second, one per round
+    cpu = {name: [] for name in engines}  # per CPU-second of this process: steadier on a shared machine
     outputs = {}
-    for name, kw in (("plain", {}), ("speculative", {"speculative": True, "num_draft": args.num_draft})):
-        e = Engine(model, max_batch=1, block_size=args.block_size, **kw)
-        minke_run(e, [prompt[:16]], 4)  # warm-up
-        e.stats = type(e.stats)()
-        r = minke_run(e, [prompt], args.new_tokens)
-        # tokens/s over the decode steps (a speculative step emits a variable number of tokens)
-        tok_s = sum(r["tokens"][1:]) / sum(r["steps"][1:])
-        out[f"{name}_tok_s"] = round(tok_s, 2)
-        if kw:
-            out["acceptance_rate"] = round(e.stats.acceptance_rate, 3)
-            out["tokens_per_verify_forward"] = round(
-                (e.stats.generated_tokens - e.stats.prefills) / e.stats.decode_forwards, 3)
-        outputs[name] = r["outputs"][0]
-    out["speedup"] = round(out["speculative_tok_s"] / out["plain_tok_s"], 3)
+    for e in engines.values():
+        minke_run(e, [prompt[:16]], 16)  # warm-up: prefill and several decode steps
+    # rounds alternate the two, so drift of a shared machine hits both alike; ratios are paired per round
+    for _ in range(args.repeats):
+        for name, e in engines.items():
+            e.stats = type(e.stats)()
+            c0 = time.process_time()
+            r = minke_run(e, [prompt], args.new_tokens)
+            c = time.process_time() - c0
+            # tokens/s over the decode steps (a speculative step emits a variable number of tokens)
+            rates[name].append(sum(r["tokens"][1:]) / sum(r["steps"][1:]))
+            cpu[name].append(sum(r["tokens"]) / c)  # prefill included: the same for both
+            outputs.setdefault(name, r["outputs"][0])
+    stats = engines["speculative"].stats  # of the last round (greedy: every round is the same)
+    ratios = [s / p for s, p in zip(rates["speculative"], rates["plain"])]
+    out.update({"repeats": args.repeats,
+                "plain_tok_s": round(statistics.median(rates["plain"]), 2),
+                "speculative_tok_s": round(statistics.median(rates["speculative"]), 2),
+                "acceptance_rate": round(stats.acceptance_rate, 3),
+                "tokens_per_verify_forward": round((stats.generated_tokens - stats.prefills) / stats.decode_forwards, 3),
+                "speedup": round(statistics.median(ratios), 3),  # median over rounds of spec / plain
+                "speedup_per_round": [round(x, 3) for x in ratios],
+                "speedup_cpu_time": round(statistics.median(
+                    [s / p for s, p in zip(cpu["speculative"], cpu["plain"])]), 3)})
     out["identical_outputs"] = outputs["plain"] == outputs["speculative"]
     return out
 
@@ -284,6 +301,7 @@ def main(argv=None):
     p.add_argument("--no-transformers", action="store_true", help="time minke only")
     p.add_argument("--speculative", action="store_true", help="plain vs MTP speculative decode at batch 1")
     p.add_argument("--num-draft", type=int, default=1, help="draft tokens per step for --speculative")
+    p.add_argument("--repeats", type=int, default=11, help="--speculative: rounds of plain then speculative; medians")
     p.add_argument("--prompt", help="prompt text for --speculative with a checkpoint's tokenizer")
     p.add_argument("--chat", action="store_true",
                    help="--speculative: wrap the prompt in the chat template (default: the pretraining format "
