@@ -190,6 +190,20 @@ def test_seq_len_beyond_max_position_embeddings(tmp_path, tok_dir, capsys):
     assert "--seq-len 2048" in err and "max_position_embeddings 1024" in err
 
 
+def test_set_overrides_preset_fields(tmp_path, tok_dir, capsys):
+    """--set KEY=VALUE changes the preset's config (JSON values); a field that does not exist or a pair
+    without '=' is an error naming it, before anything is written."""
+    out = tmp_path / "deeper"
+    assert pretrain.main(flags(out, tok_dir, "--set", "num_hidden_layers=4", "rms_norm_eps=1e-5", steps=2)) == 0
+    cfg = minke.load(out / "final").config
+    assert cfg.num_hidden_layers == 4 and cfg.rms_norm_eps == 1e-5
+    for bad, why in (("num_hiden_layers=4", "'num_hiden_layers' is not a model config field"),
+                     ("num_hidden_layers", "expected KEY=VALUE")):
+        assert pretrain.main(flags(tmp_path / "bad", tok_dir, "--set", bad)) == 1
+        assert why in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
+
+
 def test_resume_with_a_different_config_names_the_fields(tmp_path, tok_dir, uninterrupted, capsys):
     before = sorted(p.name for p in uninterrupted.iterdir())
     args = flags(tmp_path / "new", tok_dir, "--resume", str(uninterrupted), "--lr", "2e-2", "--seq-len", "32")

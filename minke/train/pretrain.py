@@ -29,6 +29,7 @@ Testing hook: `--inject-nan STEP` multiplies the loss of STEP by NaN, to exercis
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..config import ConfigError, preset
+from ..config import ConfigError, ModelConfig, preset
 from ..data.loader import DataError, PackedLoader, fingerprint, read_documents, tokenize, windows
 from ..data.tokenizer import Tokenizer, train_tokenizer
 from ..inference.engine import Engine
@@ -84,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # ---- model
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="tiny", help="model preset (minke.config.PRESETS)")
+    g.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="config.json fields over the preset, values in JSON (e.g. num_hidden_layers=6)")
     g.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
     # ---- optimisation (V3 §4.2)
     g = p.add_argument_group("optimisation")
@@ -328,6 +331,23 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
+def overrides(pairs: list[str]) -> dict:
+    """--set KEY=VALUE ... → {KEY: VALUE}, each value parsed as JSON (a bare word stays a string)."""
+    known = {f.name for f in dataclasses.fields(ModelConfig) if not f.name.startswith("_")} - {"extra"}
+    out = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key:
+            raise PretrainError(f"--set {pair!r}: expected KEY=VALUE, e.g. num_hidden_layers=6")
+        if key not in known:
+            raise PretrainError(f"--set {pair!r}: {key!r} is not a model config field")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def fmt_time(s: float) -> str:
     s = int(s)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -356,7 +376,7 @@ def run(a: argparse.Namespace) -> Path:
         raise PretrainError(f"{out} already holds checkpoints ({checkpoint.latest(out).name}): pass --resume {out} "
                             f"to continue that run, or choose another --out")
     try:
-        cfg = preset(a.preset)
+        cfg = preset(a.preset, **overrides(a.set))
     except ConfigError as e:
         raise PretrainError(str(e)) from None
     if a.seq_len > cfg.max_position_embeddings:
