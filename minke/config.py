@@ -136,9 +136,14 @@ class ModelConfig:
 
     # ---- config.json ---------------------------------------------------------------------------
     @classmethod
+    def field_names(cls) -> set[str]:
+        """The config.json keys held as fields (any other key goes to ``extra``)."""
+        return {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_") and f.name != "extra"}
+
+    @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         d = dict(d)
-        names = {f.name for f in dataclasses.fields(cls) if not f.name.startswith("_") and f.name != "extra"}
+        names = cls.field_names()
         style = "rope_scaling"
         if "rope_parameters" in d and d.get("rope_parameters") is not None:
             # transformers 5: {"rope_type": "yarn", "rope_theta": ..., "factor": ...}
@@ -313,6 +318,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    for key in overrides.keys() - ModelConfig.field_names():
+        raise ConfigError(f"{key!r} is not a model config field (preset {name!r})")
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 
