@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import statistics
 import sys
@@ -151,7 +152,7 @@ def main(argv=None):
         runners[name] = lambda loss_fn=loss_fn, moes=moes: minke_step(model, loss_fn, moes, opt, batch)
     if hf is not None:
         hf_opt = build_optimizer(hf, lr=1e-4)  # the same AdamW, same groups
-        hf_fn = lambda b: hf_loss(hf, b)  # noqa: E731
+        hf_fn = functools.partial(hf_loss, hf)
         hf_fn = torch.compile(hf_fn) if args.compile_transformers else hf_fn
         runners["transformers"] = lambda: hf_step(hf, hf_fn, hf_opt, batch)
 
