@@ -7,9 +7,9 @@ import minke
 import minke.model.moe as moe
 
 
-def _moe_outputs(experts, x, w, idx, E):
+def _moe_outputs(experts, x, w, idx, E, grouped_moe=moe.grouped_moe):
     x = x.clone().requires_grad_()
-    out, _ = moe.grouped_moe(experts, x, w, idx, E)
+    out, _ = grouped_moe(experts, x, w, idx, E)
     experts.zero_grad()
     out.backward(torch.linspace(-1, 1, out.numel()).view_as(out))
     return out.detach(), x.grad, [p.grad.clone() for p in experts.parameters()]
@@ -56,10 +56,54 @@ def test_experts_compute_in_the_autocast_dtype(monkeypatch, grouped_mm):
         assert (a - b).abs().max().item() <= 2e-2 * b.abs().max().item()
 
 
+def test_padded_rows_layout():
+    counts = torch.tensor([3, 0, 17, 16, 1])
+    rows, ends, total = moe.padded_rows(counts, 16, int(counts.sum()))
+    assert ends.tolist() == [16, 16, 48, 64, 80] and total == 80
+    starts = (ends - (counts + 15) // 16 * 16).tolist()
+    expect = [starts[e] + j for e, c in enumerate(counts.tolist()) for j in range(c)]
+    assert rows.tolist() == expect
+
+
+def test_gather_rows_gradient():
+    """gather_rows' own backward (index_copy, then a sum over fan) against indexing's scatter-add."""
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(5, 3, generator=g, requires_grad=True)
+    for index, fan in ((torch.randperm(10, generator=g), 2), (torch.tensor([4, 0, 2]), 1)):
+        go = torch.randn(len(index), 3, generator=g)
+        ours = torch.autograd.grad(moe.gather_rows(src, index, fan), src, go)[0]
+        ref = torch.autograd.grad(src[index // fan], src, go)[0]
+        assert torch.equal(moe.gather_rows(src, index, fan), src[index // fan])
+        assert (ours - ref).abs().max().item() <= 1e-6
+
+
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"), reason="needs F.grouped_mm (torch >= 2.10)")
+def test_padded_experts_compiled_and_eager_agree(monkeypatch):
+    """bf16 experts on CPU pad each expert's rows to ROW_MULTIPLE (eager: exactly; compiled: a static bound,
+    rows past the last expert unused). Against unpadded bf16 and each other: output and gradients."""
+    cfg = minke.preset("tiny", moe_intermediate_size=32)
+    m = minke.build(cfg, seed=7).layers[1].mlp
+    x = torch.randn(53, cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        w, idx, _ = m.gate(x)
+
+    def run(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _moe_outputs(m.experts, x, w, idx, cfg.n_routed_experts, fn)
+    padded = run(moe.grouped_moe)
+    compiled = run(torch.compile(moe.grouped_moe, fullgraph=True))
+    monkeypatch.setattr(moe, "ROW_MULTIPLE", 1)
+    unpadded = run(moe.grouped_moe)
+    for other in (compiled, unpadded):
+        for a, b in zip([padded[0], padded[1], *padded[2]], [other[0], other[1], *other[2]]):
+            assert (a.float() - b.float()).abs().max().item() <= 1e-2 * b.float().abs().max().item()
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_math_attention_matches_fused(masked):
-    """The explicit attention (CPU under torch.compile, short sequences) against torch's fused SDPA with
-    the zero-padded v: output and the gradients of q, k, v; causal, and a bool mask with T < S."""
+    """The explicit attention (CPU under torch.compile, short sequences), whole and in causal query
+    blocks of 3 (the last one short), against torch's fused SDPA with the zero-padded v: output and the
+    gradients of q, k, v; causal, and a bool mask with T < S."""
     from minke.model import mla
     g = torch.Generator().manual_seed(0)
     B, H, T, S, N, V = 2, 3, 5 if masked else 7, 7, 12, 8
@@ -69,11 +113,12 @@ def test_math_attention_matches_fused(masked):
         mask[..., 0] = True  # every query sees a key
     go = torch.randn(B, H, T, V, generator=g)
     results = []
-    for fn in (mla.attention, mla.math_attention):  # eager: attention() takes the fused kernel
-        o = fn(q, k, v, mask, 0.3)
+    for block in (None, None, 3):  # first: attention() eager, the fused kernel
+        o = mla.math_attention(q, k, v, mask, 0.3, block) if results else mla.attention(q, k, v, mask, 0.3)
         results.append([o.detach(), *torch.autograd.grad(o, (q, k, v), go)])
-    for a, b in zip(*results):
-        assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5
 
 
 def test_experts_with_no_tokens(monkeypatch):

@@ -82,7 +82,8 @@ class Experts(nn.Module):
         One grouped GEMM per projection where torch has one for these shapes (``grouped_mm_ok``): no
         host sync, so torch.compile keeps the MoE in one graph. Else one matmul per non-empty expert;
         the two agree (tests/test_fast_paths.py). Under autocast the experts compute in its dtype, as
-        nn.Linear would (torch's autocast does not cover grouped_mm), with gate and up in one GEMM."""
+        nn.Linear would (torch's autocast does not cover grouped_mm), with gate and up in one GEMM.
+        Half precision on CPU pads each expert's rows (``padded_rows``)."""
         gate_proj, up_proj, down_proj = self.gate_proj, self.up_proj, self.down_proj
         gate_up = None  # (E, 2I, D): gate and up stacked, for one GEMM instead of two
         if torch.is_autocast_enabled(x.device.type):
@@ -92,18 +93,45 @@ class Experts(nn.Module):
             x, down_proj = x.to(dtype), down_proj.to(dtype)
             gate_proj, up_proj = gate_up.chunk(2, 1)
         if grouped_mm_ok(x, gate_proj, up_proj, down_proj):
-            offs = counts.cumsum(0).to(torch.int32)  # end row of each expert
+            rows = None  # where each row of x sits in the padded layout, if padded
+            if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16):
+                rows, offs, total = padded_rows(counts, ROW_MULTIPLE, x.shape[0])
+                x = x.new_zeros(total, x.shape[1]).index_copy(0, rows, x)
+            else:
+                offs = counts.cumsum(0).to(torch.int32)  # end row of each expert
 
             def mm(a, w):  # a (M, in) @ w[e].T (E, out, in) for each expert's rows → (M, out)
                 return F.grouped_mm(a, w.transpose(1, 2), offs=offs)
 
             g, u = mm(x, gate_up).chunk(2, -1) if gate_up is not None else (mm(x, gate_proj), mm(x, up_proj))
-            return mm(F.silu(g) * u, down_proj)
+            y = mm(F.silu(g) * u, down_proj)
+            return y if rows is None else gather_rows(y, rows)
         # split/cat rather than writing slices of one output: their backward is cat/split, not E
         # zero-filled (M, D) gradients.
         ys = [swiglu(xe, gate_proj[e], up_proj[e], down_proj[e])
               for e, xe in enumerate(x.split(counts.tolist())) if len(xe)]
         return torch.cat(ys) if ys else x.new_empty(x.shape)
+
+
+# On CPU, bf16/fp16 GEMMs go to oneDNN, which generates a kernel for every new matrix shape (about
+# 0.7 ms each, measured). Expert row counts change every step, so nearly every per-expert GEMM would pay
+# for one; padding each expert's rows to a multiple of 16 keeps the shapes few and their kernels cached.
+ROW_MULTIPLE = 16
+
+
+def padded_rows(counts: torch.Tensor, multiple: int, m: int):
+    """Layout of m rows grouped by expert (``counts`` each) with every group padded to a multiple of
+    ``multiple`` rows: (row (m,) of each input row in it, end row of each group (E,) int32, total rows).
+    Eager sizes the layout exactly; under torch.compile it takes the static bound m + E·(multiple − 1),
+    and the rows past the last group are never read."""
+    padded = (counts + multiple - 1) // multiple * multiple
+    ends = padded.cumsum(0)
+    src_ends = counts.cumsum(0)
+    expert = torch.searchsorted(src_ends, torch.arange(m, device=counts.device), right=True)
+    shift = (ends - padded) - (src_ends - counts)  # padded start − unpadded start, per expert
+    rows = torch.arange(m, device=counts.device) + shift[expert]
+    total = m + len(counts) * (multiple - 1) if torch.compiler.is_compiling() else int(ends[-1])
+    return rows, ends.to(torch.int32), total
 
 
 def grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
@@ -126,15 +154,46 @@ def grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 def grouped_moe(experts: Experts, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, n_experts: int):
     """Routed output: sort the N·K (token, expert) pairs by expert, run each expert once over its
-    contiguous slice, scale by the gate and scatter-add back. Returns (out (N, D), load (E,))."""
+    contiguous slice, put the rows back in token order and sum each token's K outputs, weighted by
+    the gate. Gathers and sums only: no scatter-add. Returns (out (N, D), load (E,))."""
     N, K = idx.shape
     flat = idx.flatten()
     order = flat.argsort(stable=True)
     load = torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
-    token = order // K
-    y = experts.grouped(x[token], load)
-    y = y * w.flatten()[order, None].to(y.dtype)
-    return x.new_zeros(x.shape, dtype=y.dtype).index_add_(0, token, y), load
+    y = experts.grouped(gather_rows(x, order, K), load)  # row i: token order[i] // K
+    slot = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
+    y = gather_rows(y, slot).view(N, K, -1)  # back in (token, k) order
+    return (y * w[..., None].to(y.dtype)).sum(1), load
+
+
+class _GatherRows(torch.autograd.Function):
+    """out[i] = src[index[i] // fan] for distinct ``index`` values: the backward writes each gradient
+    row to its one place (then sums each source row's ``fan`` places) instead of scatter-adding, which
+    inductor compiles to atomic adds (on CPU, a compare-and-swap loop per element)."""
+
+    @staticmethod
+    def forward(src, index, fan):
+        return src[index // fan] if fan > 1 else src[index]
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        src, index, fan = inputs
+        ctx.save_for_backward(index)
+        ctx.rows, ctx.fan = src.shape[0], fan
+
+    @staticmethod
+    def backward(ctx, grad):
+        (index,) = ctx.saved_tensors
+        g = grad.new_zeros(ctx.rows * ctx.fan, *grad.shape[1:]).index_copy_(0, index, grad)
+        return g.view(ctx.rows, ctx.fan, *grad.shape[1:]).sum(1) if ctx.fan > 1 else g, None, None
+
+
+def gather_rows(src: torch.Tensor, index: torch.Tensor, fan: int = 1) -> torch.Tensor:
+    """src[index // fan] for an ``index`` without repeats (a permutation or part of one), with a
+    gradient that needs no scatter-add (``_GatherRows``)."""
+    if not (src.requires_grad and torch.is_grad_enabled()):  # inference: plain indexing, no Function
+        return _GatherRows.forward(src, index, fan)
+    return _GatherRows.apply(src, index, fan)
 
 
 def looped_moe(experts: Experts, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor):
