@@ -113,8 +113,8 @@ def test_math_attention_matches_fused(masked):
         mask[..., 0] = True  # every query sees a key
     go = torch.randn(B, H, T, V, generator=g)
     results = []
-    for block in (None, None, 3):  # first: attention() eager, the fused kernel
-        o = mla.math_attention(q, k, v, mask, 0.3, block) if results else mla.attention(q, k, v, mask, 0.3)
+    for block in (None, None, 3):  # first: the fused kernel
+        o = mla.math_attention(q, k, v, mask, 0.3, block) if results else mla.fused_attention(q, k, v, mask, 0.3)
         results.append([o.detach(), *torch.autograd.grad(o, (q, k, v), go)])
     for other in results[1:]:
         for a, b in zip(results[0], other):
