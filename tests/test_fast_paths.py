@@ -94,9 +94,9 @@ def test_padded_experts_compiled_and_eager_agree(monkeypatch):
     compiled = run(torch.compile(moe.grouped_moe, fullgraph=True))
     monkeypatch.setattr(moe, "ROW_MULTIPLE", 1)
     unpadded = run(moe.grouped_moe)
-    for other in (compiled, unpadded):
+    for other in (compiled, unpadded):  # compiled: bf16 rounding in other places, up to ~0.9% measured
         for a, b in zip([padded[0], padded[1], *padded[2]], [other[0], other[1], *other[2]]):
-            assert (a.float() - b.float()).abs().max().item() <= 1e-2 * b.float().abs().max().item()
+            assert (a.float() - b.float()).abs().max().item() <= 2e-2 * b.float().abs().max().item()
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -121,14 +121,36 @@ def test_math_attention_matches_fused(masked):
             assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5
 
 
+def test_causal_blocks_with_fewer_queries_than_keys():
+    """Causal with T < S (the queries are the last T keys, as in a chunked prefill): blocks of 2 and 3
+    against the whole (T, S) scores; SDPA's is_causal aligns the other way, so it is no reference here."""
+    from minke.model import mla
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 5, 8, generator=g, requires_grad=True)
+    k = torch.randn(2, 3, 9, 8, generator=g, requires_grad=True)
+    v = torch.randn(2, 3, 9, 6, generator=g, requires_grad=True)
+    go = torch.randn(2, 3, 5, 6, generator=g)
+    results = []
+    for block in (None, 2, 3):
+        o = mla.math_attention(q, k, v, None, 0.3, block)
+        results.append([o.detach(), *torch.autograd.grad(o, (q, k, v), go)])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert (a - b).abs().max().item() <= 1e-6
+
+
 def test_experts_with_no_tokens(monkeypatch):
     cfg = minke.preset("tiny")
-    experts = minke.build(cfg).layers[1].mlp.experts
+    m = minke.build(cfg).layers[1].mlp
     x = torch.randn(0, cfg.hidden_size)
     counts = torch.zeros(cfg.n_routed_experts, dtype=torch.long)
-    assert experts.grouped(x, counts).shape == (0, cfg.hidden_size)
+    w, idx = torch.zeros(0, cfg.num_experts_per_tok), torch.zeros(0, cfg.num_experts_per_tok, dtype=torch.long)
+    for amp in (False, True):  # bf16 takes the padded layout
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            assert m.experts.grouped(x, counts).shape == (0, cfg.hidden_size)
+            assert moe.grouped_moe(m.experts, x, w, idx, cfg.n_routed_experts)[0].shape == (0, cfg.hidden_size)
     monkeypatch.setattr(moe, "grouped_mm_ok", lambda *a: False)
-    assert experts.grouped(x, counts).shape == (0, cfg.hidden_size)
+    assert m.experts.grouped(x, counts).shape == (0, cfg.hidden_size)
 
 
 def test_training_step_gradients_match_transformers(hf_v3_dir):

@@ -56,7 +56,8 @@ def fused_attention(q, k, v, mask, scale):
 def math_attention(q, k, v, mask, scale, block: int | None = None):
     """Attention with the (T, S) scores written out, softmax in fp32 (same arguments as ``attention``).
     ``block``: when causal, queries go in blocks of this many, each over the keys up to its last query
-    only (the same result, without the scores above the diagonal blocks)."""
+    only (the same result, without the scores above the diagonal blocks). Under torch.compile the
+    block loop fixes T, so each new sequence length compiles anew (pretraining uses one)."""
     T, S = q.shape[2], k.shape[2]
     if mask is None and block and block < T:
         return torch.cat([math_attention(q[:, :, i:i + block], k[:, :, :S - T + i + block],
