@@ -318,8 +318,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 def preset(name: str, **overrides) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    for key in overrides.keys() - ModelConfig.field_names():
-        raise ConfigError(f"{key!r} is not a model config field (preset {name!r})")
+    unknown = sorted(overrides.keys() - ModelConfig.field_names())
+    if unknown:
+        raise ConfigError(f"{unknown[0]!r} is not a model config field (preset {name!r})")
     return ModelConfig(**{**PRESETS[name], **overrides})
 
 

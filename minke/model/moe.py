@@ -161,9 +161,13 @@ def grouped_moe(experts: Experts, x: torch.Tensor, w: torch.Tensor, idx: torch.T
     order = flat.argsort(stable=True)
     load = torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
     y = experts.grouped(gather_rows(x, order, K), load)  # row i: token order[i] // K
-    slot = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
-    y = gather_rows(y, slot).unflatten(0, (N, K))  # back in (token, k) order
+    y = gather_rows(y, inverse_permutation(order)).unflatten(0, (N, K))  # back in (token, k) order
     return (y * w[..., None].to(y.dtype)).sum(1), load
+
+
+def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    """inv with inv[order[i]] = i: where each row went (one scatter, no second sort)."""
+    return torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))
 
 
 class _GatherRows(torch.autograd.Function):

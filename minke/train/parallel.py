@@ -47,7 +47,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from ..model.moe import Experts
+from ..model.moe import Experts, gather_rows, inverse_permutation
 from ..model.transformer import Transformer
 from ..model.weights import load_state
 
@@ -217,12 +217,12 @@ class EPExperts(nn.Module):
         order = local_id.argsort(stable=True)
         weights = [_ScaleGrad.apply(p.to_local(), 1.0 / W).to(x.dtype)
                    for p in (self.gate_proj, self.up_proj, self.down_proj)]
-        y = _LocalExperts(*weights).grouped(rows[order], recv_counts.view(W, El).sum(0))
+        y = _LocalExperts(*weights).grouped(gather_rows(rows, order), recv_counts.view(W, El).sum(0))
         if not y.shape[0]:
             # Nothing arrived: keep the weights in the graph so their (zero) gradient exists on every
             # rank; a None grad here would make this rank skip the collectives of the gradient norm.
             y = y + sum(w.flatten()[0] for w in weights) * 0
-        return _AllToAll.apply(y[order.argsort()], recv, send, self.group)
+        return _AllToAll.apply(gather_rows(y, inverse_permutation(order)), recv, send, self.group)
 
 
 # ---- applying it --------------------------------------------------------------------------------
