@@ -139,17 +139,17 @@ class MLA(nn.Module):
         o = o_lat.transpose(0, 1).reshape(H, B * T, self.kv_rank) @ w_uv.transpose(1, 2)  # (H, B·T, V)
         return o.view(H, B, T, -1).permute(1, 2, 0, 3)  # (B, T, H, V)
 
-    def forward(self, x, cos, sin, cache=None, layer: int = 0, absorb: bool | None = None):
+    def forward(self, x, cos, sin, cache=None, layer: int = 0, absorb: bool | None = None, mask=None):
         """x (B, T, D) → (B, T, D).
 
         Without a cache: causal MHA mode over the T tokens. With a cache (any object with
         ``update(layer, c_kv, k_pe) -> (c_kv_all, k_pe_all, mask)``): the new latents are stored, and
         attention runs over everything cached, absorbed by default when the new tokens are fewer than
         those already cached (decode, speculative verification) and in MHA mode otherwise (prefill).
+        ``mask`` (B, 1, T, T) bool replaces the causal mask when there is no cache (packed examples).
         """
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
-        mask = None
         if cache is not None:
             T = x.shape[1]
             c_kv, k_pe, mask = cache.update(layer, c_kv, k_pe)

@@ -30,8 +30,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if cfg.is_moe_layer(i) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache=None, absorb=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer, absorb)
+    def forward(self, x, cos, sin, cache=None, absorb=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, self.layer, absorb, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -49,9 +49,9 @@ class MTPModule(Block):
         self.shared_head = nn.Module()
         self.shared_head.norm = RMSNorm(D, cfg.rms_norm_eps)
 
-    def forward(self, h, emb, cos, sin, cache=None, absorb=None):
+    def forward(self, h, emb, cos, sin, cache=None, absorb=None, mask=None):
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return super().forward(x, cos, sin, cache, absorb)
+        return super().forward(x, cos, sin, cache, absorb, mask)
 
 
 @dataclass
@@ -95,11 +95,14 @@ class Transformer(nn.Module):
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
-                absorb: bool | None = None, mtp: bool = False, logits: bool = True) -> Output:
+                absorb: bool | None = None, mtp: bool = False, logits: bool = True,
+                mask: torch.Tensor | None = None) -> Output:
         """input_ids (B, T) → Output with logits (B, T, V).
 
         ``positions`` (B, T) default to 0..T-1, or come from the cache (``cache.positions(T)``).
         ``mtp=True`` also runs the MTP modules over the same sequence (training; the cache is not used).
+        ``mask`` (B, 1, T, T) bool, without a cache: who attends to whom (packed examples: causal within
+        each example only); None = causal.
         """
         B, T = input_ids.shape
         if positions is None:
@@ -111,7 +114,7 @@ class Transformer(nn.Module):
         emb = self.embed_tokens(input_ids)
         h = emb
         for block in self.layers:
-            h = block(h, cos, sin, cache, absorb)
+            h = block(h, cos, sin, cache, absorb, mask)
         out = Output(logits=self.head(h) if logits else None, hidden=h)
         if mtp:
             prev = h
@@ -119,7 +122,8 @@ class Transformer(nn.Module):
                 if T - k <= 0:
                     break
                 # Position i combines h_i (which saw t_0..t_i) with the embedding of t_{i+k}.
-                prev = module(prev[:, :-1], emb[:, k:], cos[:, :T - k], sin[:, :T - k])
+                sub = None if mask is None else mask[:, :, :T - k, :T - k]
+                prev = module(prev[:, :-1], emb[:, k:], cos[:, :T - k], sin[:, :T - k], mask=sub)
                 out.mtp_logits.append(self.mtp_head(k - 1, prev))
         return out
 
