@@ -88,6 +88,15 @@ def test_format_think_opened(response, ok):
     assert format_ok(response, think_opened=True) is ok
 
 
+def test_cold_start_targets_are_well_formed():
+    from minke.data.prompts import r1_response
+    from minke.tasks import TASKS
+
+    for name in TASKS:
+        for p in problems(name, "train", 3, difficulty=2):
+            assert format_ok(r1_response(p)) and accuracy(p, r1_response(p)) == 1.0
+
+
 @pytest.mark.parametrize("response, ok", [
     (f"<think>r</think>{B}{{3}}", True),
     (f"\n  <think>\nr\n</think>\n\n{B}{{3}}", True),            # leading whitespace is fine
