@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from minke.tasks import TASKS, Problem, check, extract_boxed
+from ..tasks import TASKS, Problem, check, extract_boxed
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 _REFLECTION = re.compile(r"\b(?:wait|check|verify)\b", re.IGNORECASE)
@@ -30,7 +30,7 @@ def accuracy(problem: Problem, response: str) -> float:
     math-verify (minke.tasks.mathcheck.math_equal); a gold answer it cannot parse scores 0."""
     if problem.task in TASKS:
         return float(check(problem, response))
-    from minke.tasks.mathcheck import math_equal  # math-verify is only needed for free-form answers
+    from ..tasks.mathcheck import math_equal  # math-verify is only needed for free-form answers
 
     return 1.0 if math_equal(problem.answer, response) is True else 0.0
 
