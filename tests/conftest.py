@@ -1,3 +1,4 @@
+import math
 import os
 
 # Sleep rather than spin while waiting for work: with spinning OpenMP threads, torch runs ~10x slower as
@@ -9,6 +10,21 @@ import torch  # noqa: E402
 
 # Two CPU cores on CI: more threads only add contention between pytest and torch.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def assert_frequencies(counts, p, fail_prob: float = 1e-7):
+    """Empirical frequencies of n i.i.d. draws against the exact distribution p (V,), one bound for
+    all V bins: by Hoeffding, P(|count_i/n − p_i| ≥ ε) ≤ 2·exp(−2nε²) per bin, so with
+    ε = sqrt(ln(2V/fail_prob) / (2n)) a correct sampler fails with probability below ``fail_prob``
+    (union bound over the bins). Seeded callers are deterministic; the bound says how unlucky a seed
+    would have to be. Returns ε."""
+    counts, p = torch.as_tensor(counts, dtype=torch.float64), torch.as_tensor(p, dtype=torch.float64)
+    n = float(counts.sum())
+    eps = math.sqrt(math.log(2 * len(p) / fail_prob) / (2 * n))
+    gap = (counts / n - p).abs()
+    assert float(gap.max()) < eps, (f"frequencies {(counts / n).tolist()} vs exact {p.tolist()}: bin "
+                                    f"{int(gap.argmax())} off by {float(gap.max()):.4f} ≥ ε = {eps:.4f} (n = {n:.0f})")
+    return eps
 
 
 @pytest.fixture(scope="module")

@@ -226,3 +226,53 @@ def test_bf16_forward_close_to_fp32():
     with torch.no_grad():
         a, b = m32(x).logits, m16(x).logits.float()
     assert (a - b).abs().max() < 0.05 * a.abs().max()
+
+
+def test_yarn_rotary_matches_transformers_beyond_the_original_context(hf_v3_dir):
+    """cos/sin at every position up to max_position_embeddings (512), 8x past
+    original_max_position_embeddings (64), against transformers' YaRN rotary embedding."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RotaryEmbedding
+
+    from minke.model.layers import Rotary
+    d, hf = hf_v3_dir
+    cfg = minke.ModelConfig.load(d)
+    assert cfg.yarn["original_max_position_embeddings"] == 64 and cfg.max_position_embeddings == 512
+    pos = torch.arange(512)[None]
+    hcos, hsin = DeepseekV3RotaryEmbedding(hf.config)(torch.zeros(1, dtype=torch.float32), pos)
+    cos, sin = Rotary(cfg)(pos)
+    R2 = cfg.qk_rope_head_dim // 2  # transformers repeats the R/2 frequencies: (cos, cos)
+    torch.testing.assert_close(cos, hcos[..., :R2], atol=1e-5, rtol=0)
+    torch.testing.assert_close(sin, hsin[..., :R2], atol=1e-5, rtol=0)
+
+
+def test_v3_logits_match_transformers_beyond_the_original_context(hf_v3_dir):
+    """Logits of a 512-token sequence against transformers: RoPE is relative, so only query-key
+    distances past original_max_position_embeddings (64) exercise YaRN's interpolated frequencies."""
+    d, hf = hf_v3_dir
+    model = load_quiet(d, dtype=torch.float32)
+    x = ids(256, B=1, T=512, seed=5)
+    with torch.no_grad():
+        assert (model(x).logits - hf(x).logits).abs().max().item() <= TOL
+
+
+def test_rmsnorm_computes_in_fp32_for_bf16_inputs():
+    """bf16 in, bf16 out, the statistics and the scaling in fp32: bitwise transformers' DeepseekV3RMSNorm,
+    and within one bf16 rounding of the float64 result. Catches: the norm computed in bf16 (the model's
+    bf16-vs-fp32 logits test allows 5% and cannot see it)."""
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3RMSNorm
+
+    from minke.model.layers import RMSNorm
+    g = torch.Generator().manual_seed(0)
+    D = 2048
+    x = (torch.randn(8, D, generator=g) * torch.rand(8, 1, generator=g) * 50).to(torch.bfloat16)
+    w = (torch.rand(D, generator=g) + 0.5).to(torch.bfloat16)
+    norm, ref = RMSNorm(D, eps=1e-6).to(torch.bfloat16), DeepseekV3RMSNorm(D, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+        ref.weight.copy_(w)
+        y = norm(x)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, ref(x))
+    x64 = x.double()
+    exact = (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16).double() * w.double()
+    # y = w · bf16(x̂): one rounding of x̂ (exact up to fp32 noise) and one of the product, ≤ 2^-8 relative
+    assert ((y.double() - exact).abs() <= exact.abs() * 2 ** -8).all()

@@ -153,6 +153,33 @@ def test_rejection_sampling_preserves_the_target_distribution():
     assert abs(accepted / N - float(torch.minimum(p, q).sum())) < 0.025
 
 
+def test_every_emitted_position_follows_its_target_distribution():
+    """Two drafts per step: the token emitted at position j (when the step gets that far) is distributed
+    as p_j, the target at that position — including the bonus token after both drafts are accepted,
+    which must come from the last position's distribution. Catches: the bonus drawn from p_0. Bound:
+    conftest.assert_frequencies over the draws that reached each position."""
+    from conftest import assert_frequencies
+
+    g = torch.Generator().manual_seed(0)
+    V, N = 5, 6_000
+    logits = torch.tensor([[1.0, 0.5, 0.0, -1.0, 2.0],  # p_0: mostly token 4
+                           [0.0, 2.5, 0.0, 0.0, 0.0],  # p_1: mostly token 1
+                           [0.0, 0.0, 0.0, 2.5, 0.5]])  # p_2 (the bonus): mostly token 3
+    p = logits.softmax(-1)
+    q = [0.7 * p[0] + 0.3 / V, 0.6 * p[1] + 0.4 / V]  # drafts close to the target: most steps accept both
+    params = SamplingParams(temperature=1.0)
+    counts = torch.zeros(3, V)
+    for _ in range(N):
+        drafts = [int(torch.multinomial(qj, 1, generator=g)) for qj in q]
+        toks, a = accept_sampled(logits, drafts, q, params, g)
+        assert len(toks) == a + 1 and toks[:a] == drafts[:a]
+        for j, t in enumerate(toks):
+            counts[j, t] += 1
+    assert counts[2].sum() > N / 2  # the bonus position was reached often enough to test it
+    for j in range(3):
+        assert_frequencies(counts[j], p[j])
+
+
 def test_speculative_needs_an_mtp_module():
     m = minke.build(minke.preset("tiny", num_nextn_predict_layers=0), seed=0)
     with pytest.raises(ValueError, match="MTP"):
