@@ -11,6 +11,8 @@ import re
 
 from .base import Problem, Task
 
+MAX_DIGITS = 100  # answers have at most 15 digits (5 operands of 3 digits)
+
 
 def _apply(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
@@ -50,5 +52,11 @@ class Arithmetic(Task):
         return Problem(self.name, f"What is {expr}?", str(acc), solution, {"expression": expr})
 
     def verify(self, problem: Problem, boxed: str) -> bool:
-        s = re.sub(r"[\s,]", "", boxed).replace("\u2212", "-")  # "1,234", "- 5", unicode minus
-        return re.fullmatch(r"[+-]?\d+", s) is not None and int(s) == int(problem.answer)
+        """An integer in ASCII digits, optionally signed, spaces and thousands commas allowed ("1,234",
+        "- 5", U+2212 minus). Other scripts' digits ("١٢٣", fullwidth "１２"), which int() would accept,
+        are wrong: the answer format is ASCII. At most MAX_DIGITS digits, checked before int(), whose
+        cost grows quadratically and which refuses more than 4300 digits."""
+        if len(boxed) > 4 * MAX_DIGITS:  # bounds the re.sub below too
+            return False
+        s = re.sub(r"[\s,]", "", boxed).replace("\u2212", "-")
+        return re.fullmatch(rf"[+-]?[0-9]{{1,{MAX_DIGITS}}}", s) is not None and int(s) == int(problem.answer)

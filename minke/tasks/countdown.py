@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import random
+import re
 from collections import Counter
 from fractions import Fraction
 
@@ -17,6 +18,7 @@ from .base import Problem, Task
 
 PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 AST_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
+_ALLOWED = re.compile(r"[0-9+\-*/() \t\r\n]*")
 
 
 def _apply(a: Fraction, op: str, b: Fraction) -> Fraction:
@@ -34,12 +36,14 @@ def evaluate(text: str, max_len: int = 200) -> tuple[Fraction, list[int]] | None
     """Exact value and the integer literals of an expression of + - * / and parentheses,
     or None if it is anything else, divides by zero, or has a non-integer intermediate.
     Parsed with `ast` against a whitelist: never eval()."""
+    if len(text) > max_len:  # bounds parsing, ast recursion and the size of every intermediate
+        return None
     text = text.replace("\u00d7", "*").replace("\u00f7", "/").replace("\u2212", "-")
-    if len(text) > max_len:  # bounds ast recursion on adversarial input
+    if not _ALLOWED.fullmatch(text):  # ASCII decimal only: no 0x10, 1_0, other scripts' digits, NUL, ...
         return None
     try:
         tree = ast.parse(text.strip(), mode="eval").body
-    except SyntaxError:
+    except (SyntaxError, ValueError, MemoryError, RecursionError):
         return None
     literals: list[int] = []
 
@@ -87,7 +91,7 @@ class Countdown(Task):
         return Problem(self.name, prompt, expr, solution, meta)
 
     def verify(self, problem: Problem, boxed: str) -> bool:
-        result = evaluate(boxed.split("=")[0])  # tolerate "expr = target"
+        result = evaluate(boxed.partition("=")[0])  # tolerate "expr = target"
         if result is None:
             return False
         value, literals = result
