@@ -56,7 +56,8 @@ def prefill_drafts(engine, rows, hidden: torch.Tensor, toks: list[int], lens: li
     B, T = hidden.shape[:2]
     nxt = [r.tokens[1:] + [t] for r, t in zip(rows, toks)]
     next_ids = torch.tensor([x + [0] * (T - len(x)) for x in nxt], device=hidden.device)  # (B, T)
-    _, g = engine.model.mtp_step(0, hidden, next_ids, engine.cache.positions(T), engine.cache, logits=False)
+    h = engine.model.norm(hidden)  # module 1 reads the main model's state after the final norm
+    _, g = engine.model.mtp_step(0, h, next_ids, engine.cache.positions(T), engine.cache, logits=False)
     g = g[torch.arange(B, device=g.device), torch.tensor(lens, device=g.device) - 1][:, None]  # (B, 1, D)
     logits = engine.model.mtp_head(0, g[:, 0])  # (B, V)
     for b, r in enumerate(rows):
@@ -132,7 +133,7 @@ def decode_step(engine, events) -> None:
 
     # MTP over the verified positions, same cache step; then roll every row back to M + a + 1
     next_ids = torch.tensor([t + t[-1:] * (T - len(t)) for t in emitted], device=engine.device)  # (B, T)
-    _, g = model.mtp_step(0, out.hidden, next_ids, pos, cache, logits=False)  # (B, T, D)
+    _, g = model.mtp_step(0, model.norm(out.hidden), next_ids, pos, cache, logits=False)  # (B, T, D)
     g = g[torch.arange(B, device=g.device), torch.tensor(accepted, device=g.device)][:, None]  # (B, 1, D)
     lengths = [cache.lengths[r.id] + a + 1 for r, a in zip(rows, accepted)]
     cache.advance(T)

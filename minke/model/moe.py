@@ -38,8 +38,12 @@ class Gate(nn.Module):
             self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor):
-        """x (N, D) → gate weights (N, K) fp32, expert ids (N, K), scores (N, E) fp32."""
-        logits = F.linear(x.float(), self.weight.float())
+        """x (N, D) → gate weights (N, K) fp32, expert ids (N, K), scores (N, E) fp32.
+
+        fp32 with autocast off (V3 §3.3 keeps the gate in higher precision): under autocast
+        F.linear would run in bf16 whatever its inputs' dtype, and bf16 logits pick other experts."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
         if self.method != "greedy" and self.n_group > 1:

@@ -37,8 +37,13 @@ class Block(nn.Module):
 
 class MTPModule(Block):
     """Multi-token prediction module k (V3 §2.2): h' = eh_proj([enorm(emb(t_{i+k})); hnorm(h_{i})]),
-    one transformer block, then the shared output head after its own norm. Checkpoint index:
-    model.layers.{num_hidden_layers + k}."""
+    one transformer block, then its own norm (``shared_head.norm``) before the shared output head.
+    Checkpoint index: model.layers.{num_hidden_layers + k}.
+
+    Layout of the inputs, as transformers' MtpModel, vLLM (deepseek_mtp.py) and SGLang
+    (deepseek_nextn.py) run DeepSeek's released MTP weights: h for module 1 is the main model's hidden
+    state AFTER its final norm; for module k > 1 it is module k-1's output after its shared_head.norm,
+    which is what ``forward`` returns (and what the shared head reads)."""
 
     def __init__(self, cfg: ModelConfig, i: int):
         super().__init__(cfg, i)
@@ -50,8 +55,10 @@ class MTPModule(Block):
         self.shared_head.norm = RMSNorm(D, cfg.rms_norm_eps)
 
     def forward(self, h, emb, cos, sin, cache=None, absorb=None, mask=None):
+        """h (B, T, D) the previous depth's normed state at position i, emb (B, T, D) the embedding
+        of the token k ahead → (B, T, D) after shared_head.norm."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h)], dim=-1))
-        return super().forward(x, cos, sin, cache, absorb, mask)
+        return self.shared_head.norm(super().forward(x, cos, sin, cache, absorb, mask))
 
 
 @dataclass
@@ -117,7 +124,7 @@ class Transformer(nn.Module):
             h = block(h, cos, sin, cache, absorb, mask)
         out = Output(logits=self.head(h) if logits else None, hidden=h)
         if mtp:
-            prev = h
+            prev = self.norm(h)  # module 1 reads the final norm's output (see MTPModule)
             for k, module in enumerate(self.mtp, start=1):
                 if T - k <= 0:
                     break
@@ -133,8 +140,10 @@ class Transformer(nn.Module):
 
     def mtp_step(self, k: int, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
                  cache=None, absorb: bool | None = None, logits: bool = True):
-        """One MTP module at inference (speculative drafting): hidden (B, T, D) from the previous depth at
-        ``positions``, next_ids (B, T) the tokens one step ahead → (logits (B, T, V) or None, hidden (B, T, D)).
+        """One MTP module at inference (speculative drafting): hidden (B, T, D) at ``positions`` from the
+        previous depth — the main model's state after its final norm (``self.norm(out.hidden)``) or an MTP
+        module's output — next_ids (B, T) the tokens one step ahead → (logits (B, T, V) or None, hidden
+        (B, T, D) after the module's shared_head.norm, the input of the next depth).
         ``logits=False`` skips the head when only some positions need it (``mtp_head``)."""
         module = self.mtp[k]
         cos, sin = self.rotary(positions)
@@ -142,8 +151,9 @@ class Transformer(nn.Module):
         return (self.mtp_head(k, h) if logits else None), h
 
     def mtp_head(self, k: int, h: torch.Tensor) -> torch.Tensor:
-        """MTP module k's norm + the shared output head: (..., D) → (..., V)."""
-        return self.lm_head(self.mtp[k].shared_head.norm(h))
+        """MTP module k's output head (shared with the main model; DeepSeek's checkpoints store a copy per
+        module as shared_head.head): h (..., D), already after module k's shared_head.norm → (..., V)."""
+        return self.lm_head(h)
 
 def build(cfg: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
           seed: int | None = 0) -> Transformer:
