@@ -90,6 +90,35 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path, tok_dir, unint
     assert same_weights(out / "final", uninterrupted / "final")
 
 
+def test_logged_lr_follows_the_schedule(uninterrupted):
+    """8 steps, --warmup 2, --lr 1e-2, cosine from step 4 (--decay-from 0.5) to 10% at step 8."""
+    lr = [r["lr"] for r in history(uninterrupted) if r["kind"] == "train"]
+    assert lr == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2, 1e-2, 7.75e-3, 3.25e-3, 1e-3], rel=1e-9)
+
+
+def test_grad_accum_equals_one_big_batch(tmp_path, tok_dir):
+    """--batch-size 2 --grad-accum 2 sees the rows of --batch-size 4 in the same order: the same losses,
+    gradient norms, expert loads and weights, up to summation order (5 steps: at --lr 1e-2 AdamW turns
+    that ~1e-7 noise into ~1e-3 of the gradient norm by step 8). Catches: the micro-batch loss not
+    divided by --grad-accum (2x the gradient norm; AdamW's update alone would hide it)."""
+    def run(name, batch, accum):
+        args = flags(tmp_path / name, tok_dir, "--grad-accum", str(accum), "--eval-batches", str(8 // batch),
+                     "--eval-every", "5", "--save-every", "5", steps=5)  # the same 8 held-out windows
+        args[args.index("--batch-size") + 1] = str(batch)
+        assert pretrain.main(args) == 0
+        return history(tmp_path / name), load_file(tmp_path / name / "final" / "model.safetensors")
+
+    (a, wa), (b, wb) = run("big", 4, 1), run("accum", 2, 2)
+    assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b]
+    for ra, rb in zip(a, b):
+        for k in ("loss", "ce", "mtp", "balance", "grad_norm", "lr", "eval_ce"):
+            if k in ra:
+                assert rb[k] == pytest.approx(ra[k], rel=1e-4), (ra["kind"], ra["step"], k, ra[k], rb[k])
+        assert rb.get("load") == ra.get("load"), ra["step"]
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, tok_dir, uninterrupted, monkeypatch):
     out = tmp_path / "c"
     saves = {"n": 0}
