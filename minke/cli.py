@@ -8,9 +8,12 @@ import sys
 STAGES = {
     "info": ("minke.info", "parameter counts and KV-cache bytes of a preset or checkpoint"),
     "pretrain": ("minke.train.pretrain", "pretrain a model (tokenizer, MTP loss, aux-loss-free balancing)"),
+    "sft": ("minke.train.sft", "supervised fine-tuning on chat examples (R1 cold start, distillation)"),
     "generate": ("minke.inference.generate", "generate text from a prompt"),
     "chat": ("minke.serve.chat", "interactive chat with a checkpoint"),
     "serve": ("minke.serve.server", "OpenAI-compatible HTTP server"),
+    "eval": ("minke.eval.run", "pass@1 over k, pass@k, cons@k, greedy on held-out tasks or JSONL sets"),
+    "sample": ("minke.rl.sample", "rejection sampling: keep verified-correct completions as SFT JSONL"),
 }
 
 
