@@ -5,6 +5,7 @@ import contextlib
 import random
 import signal
 import time
+from collections import Counter
 
 import pytest
 
@@ -104,8 +105,8 @@ def test_adversarial_outputs_are_false_and_fast(name):
 
 
 PIECES = ["\\boxed{", "\\boxed", "{", "}", "(", ")", "+", "-", "*", "/", "=", "0", "7", "99", "9" * 50,
-          " ", ",", "\u2212", "\u00d7", "\u00f7", "\x00", "\x01", "\x02", "\n", "\ud83d", "١", "７", "\\frac{1}{2}",
-          "x", "é", "<think>", "</think>", "1.5", "1e9", "_", "**", "\\"]
+          " ", ",", "\u2212", "\u00d7", "\u00f7", "\x00", "\x01", "\x02", "\n", "\ud83d", "١", "７",
+          "\\frac{1}{2}", "x", "é", "<think>", "</think>", "1.5", "1e9", "_", "**", "\\"]
 
 
 @pytest.mark.parametrize("name", sorted(TASKS))
@@ -163,3 +164,90 @@ def test_extract_boxed_matches_the_reference_and_is_linear():
             t0 = time.process_time()
             extract_boxed(text)
             assert time.process_time() - t0 < CPU_BOUND
+
+
+# --- math_equal: free-form answers through math-verify in a bounded worker process -------------------
+
+from minke.tasks import mathcheck  # noqa: E402
+from minke.tasks.mathcheck import math_equal  # noqa: E402
+
+SLACK = 5.0  # wall seconds beyond the timeout: a (re)start of the worker, a loaded CI machine
+
+
+def timed_math_equal(gold, response, timeout=2.0):
+    t0 = time.monotonic()
+    result = math_equal(gold, response, timeout=timeout)
+    assert time.monotonic() - t0 < timeout + SLACK, f"math_equal({gold!r:.30}, {response!r:.60})"
+    return result
+
+
+def test_math_equal_judges_forms_of_the_same_answer():
+    for gold, response in [("\\frac{1}{2}", "so \\boxed{0.5}"), ("\\frac{1}{2}", "\\boxed{1/2}"),
+                           ("\\frac{1}{2}", "\\boxed{\\dfrac12}"), ("18", "\\boxed{18.0}"),
+                           ("1,234", "\\boxed{1234}"), ("x^2+1", "\\boxed{1+x^2}"),
+                           ("3\\sqrt{13}", "\\boxed{\\sqrt{117}}"), (72, "\\boxed{72}"),
+                           ("\\boxed{7}", "\\boxed{7}")]:  # a gold solution text keeps its own box
+        assert timed_math_equal(gold, response) is True, (gold, response)
+    for gold, response in [("10", "\\boxed{11}"), ("\\frac{1}{2}", "\\boxed{\\frac{1}{3}}"),
+                           ("2", "\\boxed{x}"),
+                           ("10", "the answer is 10"),  # no box: wrong, no fallback extraction
+                           ("10", "\\boxed{10} no, \\boxed{11}"),  # the last box counts
+                           ("10", "\\boxed{10")]:  # truncated
+        assert timed_math_equal(gold, response) is False, (gold, response)
+    for gold in ["", "   ", "}{", None, ["1"], "x" * (mathcheck.MAX_GOLD_CHARS + 1)]:  # no parse: None
+        assert timed_math_equal(gold, "\\boxed{1}") is None, gold
+        assert timed_math_equal(gold, "no box at all") is None, gold
+
+
+def test_math_equal_is_bounded_on_adversarial_responses():
+    for response in ["\\boxed{" * 20_000, "\\boxed{" + "9" * 5000 + "}", "\\boxed{" + "9" * (1 << 20) + "}",
+                     "z" * (1 << 20), "\x00" * 1000 + "\\boxed{\x00}", "\\boxed{\ud800}", "\\boxed{1\udfff}",
+                     "\\boxed{" + "(" * 300 + ")" * 300 + "}", "\\boxed{}", "\\boxed{\\frac{1}{0}}",
+                     "\\boxed{9^{9^{9^{9}}}}",  # sympy busy in Python: the worker stops itself
+                     "\\boxed{10^{10^{10}}}",  # stuck in C: the worker is killed, restarted on the next call
+                     None, b"\\boxed{2}", 2]:
+        assert timed_math_equal("2", response, timeout=0.5) is False, f"{response!r:.60}"
+    assert timed_math_equal("2", "\\boxed{2}") is True  # still works after a kill
+
+
+def test_math_equal_off_the_main_thread():
+    """math-verify's own timeout (signal.alarm) raises off the main thread; this path must not."""
+    import threading
+
+    results, errors = [], []
+
+    def run():
+        try:
+            results.append(math_equal("2", "\\boxed{9^{9^{9^{9}}}}", timeout=0.5))
+            results.append(math_equal("\\frac{1}{2}", "\\boxed{0.5}"))
+            results.append(math_equal("}{", "\\boxed{1}"))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    t0 = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert Counter(results) == {False: 3, True: 3, None: 3}  # interleaved across threads
+    assert time.monotonic() - t0 < 3 * (0.5 + 2 * 0.1) + SLACK  # the calls take turns on one worker
+
+
+def test_math_equal_kills_a_worker_that_does_not_answer(tmp_path, monkeypatch):
+    mute = tmp_path / "mute.py"
+    mute.write_text("import sys, time\nprint('ready', flush=True)\nsys.stdin.readline()\ntime.sleep(600)\n")
+    mathcheck.close()
+    monkeypatch.setattr(mathcheck, "_WORKER", mute)
+    t0 = time.monotonic()
+    assert math_equal("2", "\\boxed{2}", timeout=0.3) is False
+    assert time.monotonic() - t0 < 0.3 + SLACK
+    assert mathcheck._worker.proc is None  # killed; the next call starts a fresh one
+    broken = tmp_path / "broken.py"
+    broken.write_text("print('error ImportError: No module named math_verify', flush=True)\n")
+    monkeypatch.setattr(mathcheck, "_WORKER", broken)
+    with pytest.raises(RuntimeError, match="math_verify"):
+        math_equal("2", "\\boxed{2}")
+    monkeypatch.undo()
+    assert math_equal("2", "\\boxed{2}") is True

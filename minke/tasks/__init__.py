@@ -5,6 +5,9 @@ Answer format (DeepSeek-R1): the final answer goes in \\boxed{...}. `check` take
 whose braces balance and verifies only that; a response without one is wrong. Users are prompted with
 `Problem.message()`: the question plus "Please reason step by step, and put your final answer within
 \\boxed{}.".
+Checking never raises and is linear in the response, milliseconds for any realistic one (`Task.check`
+turns any error into False). Free-form answers (MATH-500, GSM8K, JSONL sets) go through
+`mathcheck.math_equal`: math-verify in a bounded worker process.
 
 Train/test: a prompt belongs to the test split iff crc32(prompt) % 10 == 0 (`split_of`), and
 `generate(seed, difficulty, split)` resamples until the prompt falls in the requested split, so held-out
