@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
-from ..quant.fp8 import dequantize_weight, quantize_weight
+from ..quant.fp8 import BLOCK, dequantize_weight, quantize_weight
 from .transformer import Transformer
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -58,8 +58,10 @@ def hf_to_minke(key: str, cfg: ModelConfig) -> tuple[str, int | None, str | None
             return f"mtp.{i - L}.{rest}", None, "lm_head.weight"
         name = f"mtp.{i - L}.{rest}"
     else:
+        hint = " (an MTP layer? load(..., drop_mtp=True) drops them on purpose)" \
+            if cfg.num_nextn_predict_layers == 0 else ""
         raise CheckpointError(f"unexpected key {key!r}: layer {i} is beyond num_hidden_layers={L} + "
-                              f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}")
+                              f"num_nextn_predict_layers={cfg.num_nextn_predict_layers}{hint}")
     e = _EXPERT.match(name)
     if e:
         return f"{e.group(1)}.{e.group(3)}", int(e.group(2)), None
@@ -103,7 +105,8 @@ def _fp8_candidate(key: str, t: torch.Tensor) -> bool:
 
 
 # ---- loading ------------------------------------------------------------------------------------
-def _checkpoint_files(path: str) -> tuple[list[str], dict[str, str] | None]:
+def checkpoint_files(path: str) -> tuple[list[str], dict[str, str] | None]:
+    """The weight files of the checkpoint directory ``path`` and its index's weight map (None unsharded)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         try:
@@ -132,11 +135,14 @@ def _open(fn: str):
         raise CheckpointError(f"{fn}: not a readable safetensors file ({e})") from None
 
 
-def load_state(model: Transformer, path: str) -> None:
+def load_state(model: Transformer, path: str, drop_layers: int = 0) -> None:
     """Fill ``model`` (already allocated, any dtype/device) from the HF checkpoint at ``path``, one
-    tensor at a time: peak memory is the model plus one tensor."""
+    tensor at a time: peak memory is the model plus one tensor. ``drop_layers``: the checkpoint's MTP
+    layers (model.layers.{L} … {L + drop_layers - 1}) are skipped on purpose (the model has none);
+    a layer past them is still an unexpected key."""
     cfg = model.config
-    files, weight_map = _checkpoint_files(path)
+    L = cfg.num_hidden_layers
+    files, weight_map = checkpoint_files(path)
     targets = model.state_dict(keep_vars=True)
     filled: set[str] = set()
     experts_filled: dict[str, set[int]] = defaultdict(set)
@@ -146,6 +152,8 @@ def load_state(model: Transformer, path: str) -> None:
         keyset = set(keys)
         for key in keys:
             if key.endswith(".weight_scale_inv") or _IGNORED.search(key):
+                continue
+            if drop_layers and (m := _LAYER.match(key)) and L <= int(m.group(1)) < L + drop_layers:
                 continue
             name, j, shared = hf_to_minke(key, cfg)
             try:
@@ -213,12 +221,19 @@ def _hf_names(model: Transformer):
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-         config: ModelConfig | None = None) -> Transformer:
-    """Load a Hugging Face DeepSeek-V2/V3 directory (FP8 weights dequantized to ``dtype``)."""
+         config: ModelConfig | None = None, drop_mtp: bool = False) -> Transformer:
+    """Load a Hugging Face DeepSeek-V2/V3 directory (FP8 weights dequantized to ``dtype``).
+    ``drop_mtp=True`` loads the main model only, skipping the checkpoint's MTP layers (memory for
+    inference without speculative decoding); every main-model tensor must still be there."""
     path = str(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
     cfg = config or ModelConfig.load(path)
+    drop = 0
+    if drop_mtp:  # how many MTP layers the checkpoint holds: its config.json says, or the given config
+        on_disk = ModelConfig.load(path) if config is not None and os.path.exists(os.path.join(path, "config.json")) else cfg
+        drop = max(cfg.num_nextn_predict_layers, on_disk.num_nextn_predict_layers)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = Transformer(cfg)
     model = model.to(dtype).to_empty(device=device)
@@ -227,7 +242,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
             m.gate.e_score_correction_bias = torch.zeros_like(m.gate.e_score_correction_bias, dtype=torch.float32)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    load_state(model, path)
+    load_state(model, path, drop)
     if model.config.quantization_config:  # dequantized at load: what is in memory is no longer FP8
         model.config = model.config.replace(quantization_config=None)
     model.eval()
@@ -235,48 +250,68 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
 
 
 # ---- saving -------------------------------------------------------------------------------------
+def _written(key: str, t: torch.Tensor, dtype: torch.dtype, fp8: bool) -> dict[str, torch.Tensor]:
+    """One checkpoint tensor as it is written: {name: CPU tensor with its own storage} (FP8: the E4M3
+    weight and its weight_scale_inv). The routing bias stays fp32."""
+    t = t.detach()
+    if not key.endswith("e_score_correction_bias"):
+        t = t.to(dtype)
+    out = {key: t}
+    if fp8 and _fp8_candidate(key, t):
+        q, s = quantize_weight(t)
+        out = {key: q, key[: -len("weight")] + "weight_scale_inv": s}
+    return {k: v.to("cpu").contiguous().clone() for k, v in out.items()}  # safetensors refuses shared views
+
+
+def _written_bytes(key: str, t: torch.Tensor, dtype: torch.dtype, fp8: bool) -> int:
+    """What ``_written`` will produce, in bytes, without producing it."""
+    if fp8 and _fp8_candidate(key, t):
+        O, I = t.shape
+        return O * I + 4 * -(-O // BLOCK) * -(-I // BLOCK)  # E4M3 + one fp32 scale per block
+    itemsize = t.element_size() if key.endswith("e_score_correction_bias") else torch.empty((), dtype=dtype).element_size()
+    return t.numel() * itemsize
+
+
 def save(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None, fp8: bool = False,
          max_shard_bytes: int = 5 * 2**30) -> None:
     """Write config.json + safetensors (sharded with an index past ``max_shard_bytes``) in the HF
-    layout. Each file is written to a temporary name and renamed, so a crash leaves no torn file.
-    ``fp8=True`` writes DeepSeek's FP8 format (E4M3 + weight_scale_inv per 128×128 block)."""
+    layout. Shards are planned from the tensors' sizes, then built and written one at a time, so at
+    most one shard's CPU copy exists beside the model. Each file is written to a temporary name and
+    renamed, so a crash leaves no torn file. ``fp8=True`` writes DeepSeek's FP8 format (E4M3 +
+    weight_scale_inv per 128×128 block)."""
     path = str(path)
     os.makedirs(path, exist_ok=True)
     cfg = model.config
     first = next(model.parameters())
     out_dtype = dtype or first.dtype
-    shards: list[dict[str, torch.Tensor]] = [{}]
+    entries = list(minke_to_hf(model))  # (HF key, view into the model): no copies yet
+    plan: list[list[int]] = [[]]  # entry indices per shard; an FP8 weight and its scale stay together
     size = 0
-    for key, t in minke_to_hf(model):
-        t = t.detach()
-        if not key.endswith("e_score_correction_bias"):
-            t = t.to(out_dtype)
-        tensors = {key: t}
-        if fp8 and _fp8_candidate(key, t):
-            q, s = quantize_weight(t)
-            tensors = {key: q, key[: -len("weight")] + "weight_scale_inv": s}
-        for k, v in tensors.items():
-            v = v.to("cpu").contiguous().clone()  # own storage: safetensors refuses shared views
-            nbytes = v.numel() * v.element_size()
-            if size + nbytes > max_shard_bytes and shards[-1]:
-                shards.append({})
-                size = 0
-            shards[-1][k] = v
-            size += nbytes
+    for i, (key, t) in enumerate(entries):
+        nbytes = _written_bytes(key, t, out_dtype, fp8)
+        if size + nbytes > max_shard_bytes and plan[-1]:
+            plan.append([])
+            size = 0
+        plan[-1].append(i)
+        size += nbytes
     extra = {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                      "weight_block_size": [128, 128]}} if fp8 else {"quantization_config": None}
     out_cfg = cfg.replace(torch_dtype=str(out_dtype).replace("torch.", ""), **extra)
-    weight_map = {}
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for fn, shard in zip(names, shards):
+    weight_map, total = {}, 0
+    names = ["model.safetensors"] if len(plan) == 1 else \
+        [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))]
+    for fn, idxs in zip(names, plan):
+        shard = {}
+        for i in idxs:
+            shard.update(_written(*entries[i], out_dtype, fp8))
         tmp = os.path.join(path, fn + ".tmp")
         save_file(shard, tmp, metadata={"format": "pt"})
         os.replace(tmp, os.path.join(path, fn))
         weight_map.update({k: fn for k in shard})
+        total += sum(v.numel() * v.element_size() for v in shard.values())
+        del shard  # freed before the next shard is built
     index = os.path.join(path, "model.safetensors.index.json")
-    if len(shards) > 1:
-        total = sum(v.numel() * v.element_size() for s in shards for v in s.values())
+    if len(plan) > 1:
         with open(index + ".tmp", "w") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         os.replace(index + ".tmp", index)
