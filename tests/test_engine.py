@@ -293,36 +293,67 @@ def test_stream_yields_one_request(model):
 
 
 def test_thread_safe_add_and_abort_while_stepping(model):
+    """Clients add requests from their own threads while a driver thread steps; one long request is
+    aborted after its first token. Every wait is bounded (a hang fails with what was still pending),
+    and the aborted request must end with "abort" — it cannot reach its 100 tokens first."""
     ps = prompts([3, 8, 5, 11, 2, 6], seed=10)
     e = Engine(model, max_batch=4, block_size=4, num_blocks=64)
     events: dict = {}
-    stop = threading.Event()
+    seen = threading.Condition()
+    stop, errors = threading.Event(), []
+    WAIT = 60.0  # seconds; the whole test takes well under one on an idle core
 
     def driver():
-        while not stop.is_set():
-            for ev in e.step():
-                events.setdefault(ev.request_id, []).append(ev)
+        try:
+            while not stop.is_set():
+                evs = e.step()
+                with seen:
+                    for ev in evs:
+                        events.setdefault(ev.request_id, []).append(ev)
+                    seen.notify_all()
+                if not evs:
+                    stop.wait(0.001)
+        except BaseException as exc:  # surfaced by the main thread, which would otherwise wait in vain
+            errors.append(exc)
+            with seen:
+                seen.notify_all()
 
-    th = threading.Thread(target=driver)
+    def wait_for(what, cond):
+        with seen:
+            ok = seen.wait_for(lambda: errors or cond(), timeout=WAIT)
+        assert not errors, f"the driver thread raised {errors[0]!r}"
+        assert ok, f"waited {WAIT:.0f} s for {what}; events so far: " + str(
+            {rid: [(ev.token_id, ev.finish_reason) for ev in evs] for rid, evs in events.items()})
+
+    th = threading.Thread(target=driver, daemon=True)
     th.start()
     ids = [None] * len(ps)
 
     def client(i):
-        ids[i] = e.add_request(ps[i], SamplingParams(max_tokens=8, **GREEDY))
+        ids[i] = e.add_request(ps[i], SamplingParams(max_tokens=100 if i == 0 else 8, **GREEDY))
 
-    clients = [threading.Thread(target=client, args=(i,)) for i in range(len(ps))]
-    for c in clients:
-        c.start()
-    for c in clients:
-        c.join()
-    e.abort(ids[0])
-    while any(not events.get(rid) or not events[rid][-1].finished for rid in ids):
-        th.join(0.01)
-    stop.set()
-    th.join()
-    assert events[ids[0]][-1].finish_reason in ("abort", "length")
+    try:
+        clients = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(len(ps))]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join(WAIT)
+            assert not c.is_alive(), f"add_request blocked for {WAIT:.0f} s"
+        wait_for("the long request's first token", lambda: events.get(ids[0]))
+        assert e.abort(ids[0]), "the long request had already finished"
+        wait_for("every request to finish",
+                 lambda: all(events.get(rid) and events[rid][-1].finished for rid in ids))
+    finally:
+        stop.set()
+        th.join(WAIT)
+    assert not th.is_alive(), f"the driver thread did not stop within {WAIT:.0f} s"
+    aborted = events[ids[0]]
+    assert aborted[-1].finish_reason == "abort" and aborted[-1].token_id is None, aborted[-1]
+    assert 1 <= sum(ev.token_id is not None for ev in aborted) < 100
     for i in range(1, len(ps)):
-        assert [ev.token_id for ev in events[ids[i]]] == reference(model, ps[i], 8)[0]
+        assert [ev.token_id for ev in events[ids[i]]] == reference(model, ps[i], 8)[0], i
+        assert events[ids[i]][-1].finish_reason == "length"
+    assert e.cache.num_free_blocks == e.cache.num_blocks
 
 
 # ---- validation --------------------------------------------------------------------------------

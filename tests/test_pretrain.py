@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -144,21 +143,54 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, tok_dir, uninterrupt
     assert history(out) == history(uninterrupted) and same_weights(out / "final", uninterrupted / "final")
 
 
-def test_sigkill_at_any_moment_resumes(tmp_path, tok_dir, uninterrupted):
-    """A real SIGKILL of a running process (at a moment that depends on timing: often mid-step,
-    sometimes mid-save), then resume: same losses as the uninterrupted run."""
+# A child `minke pretrain` that SIGKILLs itself at a chosen point: a real kill (no finally blocks, no
+# atexit, nothing flushed), at a place the test knows, whatever the machine's speed.
+KILLER = """
+import os, signal, sys
+from minke.data.loader import PackedLoader
+from minke.data.tokenizer import Tokenizer
+from minke.train import pretrain
+where, n = sys.argv[1], int(sys.argv[2])
+calls = {"n": 0}
+def kill_on_nth(f, match=lambda *a: True):
+    def wrapped(*args):
+        if match(*args):
+            calls["n"] += 1
+            if calls["n"] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return f(*args)
+    return wrapped
+if where == "mid-step":  # step n asks for its batch: after step n-1's checkpoint, before step n's update
+    PackedLoader.next_batch = kill_on_nth(PackedLoader.next_batch)
+else:  # the n-th checkpoint: its model file written into ckpt.tmp-*, its tokenizer and state not yet
+    Tokenizer.save = kill_on_nth(Tokenizer.save, lambda self, d: os.path.basename(str(d)).startswith("ckpt.tmp"))
+sys.exit(pretrain.main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("where,n,newest", [("mid-step", 6, 5), ("mid-save", 3, 2)])
+def test_sigkill_resumes_bitwise(tmp_path, tok_dir, uninterrupted, where, n, newest):
+    """A real SIGKILL of a running `minke pretrain` (checkpoint every step), then --resume: the same
+    records and weights as the uninterrupted run. Asserts where the kill landed: the exit status, the
+    newest complete checkpoint, the half-written save (mid-save), the last step logged."""
     out = tmp_path / "k"
     args = flags(out, tok_dir, "--save-every", "1", "--keep", "3")
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # bitwise needs equal thread counts
-    p = subprocess.Popen([sys.executable, "-m", "minke.cli", "pretrain", *args], stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 60
-    while not (out / "step-000002").exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert checkpoint.latest(out) is not None
+    p = subprocess.run([sys.executable, "-c", KILLER, where, str(n), *args], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == -signal.SIGKILL, (p.returncode, p.stderr[-3000:])
+    assert checkpoint.latest(out).name == f"step-{newest:06d}"
+    assert not (out / "final").exists()
+    half = list(out.glob("ckpt.tmp-*"))
+    if where == "mid-save":
+        assert len(half) == 1 and (half[0] / "model.safetensors").exists() and not (half[0] / checkpoint.STATE).exists()
+        logged = n  # the step is logged before its checkpoint is written
+    else:
+        assert not half
+        logged = n - 1
+    assert [m["step"] for m in history(out) if m["kind"] == "train"] == list(range(1, logged + 1))
     assert pretrain.main(flags(out, tok_dir, "--resume", str(out))) == 0
+    assert not list(out.glob("ckpt.tmp-*"))
     assert history(out) == history(uninterrupted) and same_weights(out / "final", uninterrupted / "final")
 
 
