@@ -81,10 +81,13 @@ def windows(tokens: torch.Tensor, seq_len: int, what: str = "data") -> torch.Ten
 
 
 class PackedLoader:
-    """Batches (B, T+1) of shuffled windows, epoch after epoch, from a resumable position."""
+    """Batches (B, T+1) of shuffled windows, epoch after epoch, from a resumable position.
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int, batch_size: int, seed: int = 0):
-        self.windows = windows(tokens, seq_len, "training data")
+    ``tokens``: the 1-D stream, cut into windows of ``seq_len + 1``; or rows already made (N, …), e.g.
+    sft.py's packed examples (N, 4, T), batched as they are (``seq_len`` unused)."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int | None, batch_size: int, seed: int = 0):
+        self.windows = windows(tokens, seq_len, "training data") if tokens.dim() == 1 else tokens
         self.batch_size, self.seed = batch_size, seed
         self.epoch, self.index = 0, 0
         self._order: tuple[int, torch.Tensor] | None = None

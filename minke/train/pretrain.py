@@ -45,14 +45,17 @@ from tqdm import tqdm
 
 from ..config import ConfigError, preset
 from ..data.loader import DataError, PackedLoader, fingerprint, read_documents, tokenize, windows
+from ..data.prompts import completion_text, prompt_ids
 from ..data.tokenizer import Tokenizer, train_tokenizer
 from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
 from ..model.moe import MoE
 from ..model.transformer import build
-from ..tasks import check, corpus, problems
+from ..tasks import INSTRUCTION, check, corpus, problems
 from . import checkpoint, parallel, report
 from .optim import build_optimizer, build_scheduler
+
+IGNORE = -100  # target id that takes no loss (F.cross_entropy's ignore_index)
 
 # Flags that may differ between a run and its resumption: none of them changes the training trajectory
 # (device and dtype change its rounding, which moving a run to other hardware has to accept).
@@ -67,6 +70,51 @@ class PretrainError(RuntimeError):
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action):  # no "(default: None)"
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+def add_training_args(p: argparse.ArgumentParser, default_out: str, steps: int = 1500, batch_size: int = 32,
+                      lr: float = 3e-3, warmup: int = 50, mtp_lambda: float = 0.3, eval_every: int = 150,
+                      save_every: int = 500, log_every: int = 50, eval_problems: int = 50) -> None:
+    """The flags of the shared training loop (``fit``): optimisation, losses, run; each stage its defaults."""
+    # ---- optimisation (V3 §4.2)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=batch_size, help="sequences per micro-batch")
+    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
+    g.add_argument("--warmup", type=int, default=warmup, help="linear warmup steps")
+    g.add_argument("--decay-from", type=float, default=0.5,
+                   help="fraction of the steps after which the cosine decay starts (V3: ~0.68)")
+    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of the peak")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping threshold")
+    # ---- DeepSeek-V3 losses and load balancing
+    g = p.add_argument_group("losses and load balancing")
+    g.add_argument("--mtp-lambda", type=float, default=mtp_lambda, help="weight λ of the MTP loss (0: MTP off)")
+    g.add_argument("--balance-alpha", type=float, default=1e-4, help="weight α of the sequence-wise balance loss")
+    g.add_argument("--bias-gamma", type=float, default=1e-3,
+                   help="aux-loss-free bias update speed γ (0: balancing by bias off)")
+    # ---- run
+    g = p.add_argument_group("run")
+    g.add_argument("--out", help=f"output directory (default: the --resume directory, else {default_out})")
+    g.add_argument("--resume", metavar="DIR", help="continue the newest checkpoint of this output directory")
+    g.add_argument("--seed", type=int, default=0, help="seed of the corpus, the initial weights and the data order")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 …")
+    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (autocast; master weights stay fp32). auto: bfloat16 on CUDA, float32 on CPU")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward and backward (fuses the elementwise work; "
+                        "the first step compiles, ~1 min)")
+    g.add_argument("--eval-every", type=int, default=eval_every, help="held-out loss every N steps (and at the start/end)")
+    g.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation")
+    g.add_argument("--eval-problems", type=int, default=eval_problems,
+                   help="at the end: greedy exact-answer accuracy on this many held-out problems")
+    g.add_argument("--save-every", type=int, default=save_every, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep", type=int, default=2, help="checkpoints kept")
+    g.add_argument("--log-every", type=int, default=log_every, help="print a progress line every N steps")
+    # ---- testing
+    g = p.add_argument_group("testing")
+    g.add_argument("--inject-nan", type=int, metavar="STEP", help="poison the loss of STEP (tests the NaN stop)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,45 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config.json fields over the preset, values in JSON (e.g. num_hidden_layers=6)")
     g.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
-    # ---- optimisation (V3 §4.2)
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=1500, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=32, help="sequences per micro-batch")
-    g.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    g.add_argument("--warmup", type=int, default=50, help="linear warmup steps")
-    g.add_argument("--decay-from", type=float, default=0.5,
-                   help="fraction of the steps after which the cosine decay starts (V3: ~0.68)")
-    g.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of the peak")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping threshold")
-    # ---- DeepSeek-V3 losses and load balancing
-    g = p.add_argument_group("losses and load balancing")
-    g.add_argument("--mtp-lambda", type=float, default=0.3, help="weight λ of the MTP loss (0: MTP off)")
-    g.add_argument("--balance-alpha", type=float, default=1e-4, help="weight α of the sequence-wise balance loss")
-    g.add_argument("--bias-gamma", type=float, default=1e-3,
-                   help="aux-loss-free bias update speed γ (0: balancing by bias off)")
-    # ---- run
-    g = p.add_argument_group("run")
-    g.add_argument("--out", help="output directory (default: the --resume directory, else out/pretrain)")
-    g.add_argument("--resume", metavar="DIR", help="continue the newest checkpoint of this output directory")
-    g.add_argument("--seed", type=int, default=0, help="seed of the corpus, the initial weights and the data order")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 …")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="compute dtype (autocast; master weights stay fp32). auto: bfloat16 on CUDA, float32 on CPU")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the training forward and backward (fuses the elementwise work; "
-                        "the first step compiles, ~1 min)")
-    g.add_argument("--eval-every", type=int, default=150, help="held-out loss every N steps (and at the start/end)")
-    g.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation")
-    g.add_argument("--eval-problems", type=int, default=50,
-                   help="at the end: greedy exact-answer accuracy on this many held-out arithmetic problems")
-    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
-    g.add_argument("--keep", type=int, default=2, help="checkpoints kept")
-    g.add_argument("--log-every", type=int, default=50, help="print a progress line every N steps")
-    # ---- testing
-    g = p.add_argument_group("testing")
-    g.add_argument("--inject-nan", type=int, metavar="STEP", help="poison the loss of STEP (tests the NaN stop)")
+    add_training_args(p, default_out="out/pretrain")
     a = p.parse_args(argv)
     for k in ("docs", "eval_docs", "vocab_size", "seq_len", "steps", "batch_size", "grad_accum", "eval_every",
               "eval_batches", "save_every", "keep", "log_every"):
@@ -144,14 +154,29 @@ def moe_layers(model, mtp: bool) -> list[tuple[str, MoE]]:
 
 
 def lm_loss(model, batch: torch.Tensor, moes, mtp_lambda: float, balance_alpha: float):
-    """batch (B, T+1) → (loss, parts): loss = ce + λ·mtp + α·balance; parts detached (mtp None when off)."""
-    x, y = batch[:, :-1], batch[:, 1:]  # (B, T) inputs and next-token targets
+    """batch → (loss, parts): loss = ce + λ·mtp + α·balance; parts detached (mtp None when off).
+
+    A batch is either windows of the token stream (B, T+1) — inputs ``w[:-1]``, targets ``w[1:]`` — or
+    packed examples (B, 4, T) (sft.py): inputs, targets (IGNORE where no loss: prompts, padding),
+    example index and position within the example per token; attention then stays inside each example."""
+    mask = positions = None
+    if batch.dim() == 3:
+        x, y, seg, positions = batch.unbind(1)  # (B, T) each
+        T = x.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        mask = ((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]  # (B, 1, T, T)
+    else:
+        x, y = batch[:, :-1], batch[:, 1:]  # (B, T) inputs and next-token targets
+        seg = None
     for _, m in moes:
         m.load = m.balance_loss = None
-    out = model(x, mtp=mtp_lambda > 0)
-    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
-    # Module k's logits (B, T-k, V) at position i predict token i+k+1, which is y[:, i+k].
-    mtp = [F.cross_entropy(lg.flatten(0, 1).float(), y[:, k:].flatten()) for k, lg in enumerate(out.mtp_logits, 1)]
+    out = model(x, positions=positions, mtp=mtp_lambda > 0, mask=mask)
+    ce = F.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
+    # Module k's logits (B, T-k, V) at position i predict token i+k+1, which is y[:, i+k] (within one example).
+    mtp = []
+    for k, lg in enumerate(out.mtp_logits, 1):
+        yk = y[:, k:] if seg is None else y[:, k:].masked_fill(seg[:, k:] != seg[:, :-k], IGNORE)
+        mtp.append(F.cross_entropy(lg.flatten(0, 1).float(), yk.flatten(), ignore_index=IGNORE))
     mtp = torch.stack(mtp).mean() if mtp else None
     bal = [m.balance_loss for _, m in moes if m.balance_loss is not None]
     bal = torch.stack(bal).sum() if bal else None
@@ -226,7 +251,7 @@ def train_step(model, loss_fn, moes, loader, opt, sched, a, amp, step: int, d: p
 
 @torch.no_grad()
 def evaluate(model, eval_windows: torch.Tensor, a, amp, device) -> dict:
-    """Mean held-out next-token CE (and MTP CE) over fixed windows (N, T+1)."""
+    """Mean held-out next-token CE (and MTP CE) over fixed batches (windows or packed examples)."""
     model.eval()
     moes = moe_layers(model, a.mtp_lambda > 0)
     ce, mtp, n = 0.0, 0.0, 0
@@ -240,15 +265,15 @@ def evaluate(model, eval_windows: torch.Tensor, a, amp, device) -> dict:
     return {"eval_ce": ce / n, "eval_mtp": mtp / n if a.mtp_lambda > 0 else None}
 
 
-def greedy_accuracy(model, tok: Tokenizer, probs, max_new: int = 48) -> tuple[float, list[str]]:
-    """Share of problems whose greedy completion of "Question: …\nAnswer:" (the pretraining format)
-    has the right \\boxed{} answer, and the completions (generated by the inference engine)."""
-    prompts = [[tok.bos_id] + tok.encode(f"Question: {p.prompt}\nAnswer:") for p in probs]
+def greedy_accuracy(model, tok: Tokenizer, probs, max_new: int = 48, fmt: str = "base") -> tuple[float, list[str]]:
+    """Share of problems whose greedy completion (prompt format ``fmt`` of data/prompts.py; "base" is the
+    pretraining format "Question: …\nAnswer:") has the right \\boxed{} answer, and the completions
+    (generated by the inference engine)."""
     model.eval()
-    done = Engine(model, max_batch=min(64, len(prompts))).generate(
-        prompts, SamplingParams(max_tokens=max_new, temperature=0.0))
+    done = Engine(model, max_batch=min(64, len(probs))).generate(
+        [prompt_ids(tok, p, fmt) for p in probs], SamplingParams(max_tokens=max_new, temperature=0.0))
     model.train()
-    texts = [tok.decode(c.token_ids[:-1] if c.finish_reason == "stop" else c.token_ids) for c in done]
+    texts = [completion_text(tok, c.token_ids, c.finish_reason) for c in done]
     return sum(check(p, t) for p, t in zip(probs, texts)) / max(1, len(probs)), texts
 
 
@@ -266,7 +291,10 @@ def load_data(a, tok_dir: Path | None, out: Path) -> tuple[Tokenizer, torch.Tens
         except Exception as e:  # tokenizers raises its own exception types
             raise PretrainError(f"--tokenizer {tok_dir}: cannot load a tokenizer ({e})") from None
     else:  # rank 0 trains (and writes) it; the other ranks receive it
-        tok = train_tokenizer(train_docs, a.vocab_size, out / "tokenizer") if parallel.is_main() else None
+        # The task corpus's tokenizer also learns R1's instruction, which SFT, RL and evaluation prompt with
+        # (~10 tokens instead of ~60 when trained on the corpus alone).
+        texts = train_docs if a.data else train_docs + [INSTRUCTION] * (len(train_docs) // 20)
+        tok = train_tokenizer(texts, a.vocab_size, out / "tokenizer") if parallel.is_main() else None
         tok = parallel.broadcast_object(tok)
     if tok.bos_id is None or tok.eos_id is None:
         raise PretrainError(f"tokenizer {tok_dir}: no bos/eos token, needed to separate packed documents")
@@ -350,52 +378,45 @@ def fmt_time(s: float) -> str:
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-# ---- the stage ---------------------------------------------------------------------------------------
-def run(a: argparse.Namespace) -> Path:
-    """Train; returns the final checkpoint directory."""
-    out = Path(a.out or a.resume or "out/pretrain")
+# ---- the loop (pretraining and SFT share it) -------------------------------------------------------
+def setup(a) -> tuple[parallel.Dist, object, bool]:
+    """torchrun / device set-up: (dist, autocast context, bf16?)."""
     d = parallel.init_distributed(None if a.device == "auto" else a.device)  # torchrun: one process per rank
-    device = d.device
     if not d.is_main:
         sys.stdout = open(os.devnull, "w")  # one voice: rank 0's (errors still reach stderr)
     if a.batch_size % d.world:
         raise PretrainError(f"--batch-size {a.batch_size} (the global micro-batch) does not divide over {d.world} ranks")
-    bf16 = a.dtype == "bfloat16" or (a.dtype == "auto" and device.type == "cuda")
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    bf16 = a.dtype == "bfloat16" or (a.dtype == "auto" and d.device.type == "cuda")
+    amp = torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    return d, amp, bf16
 
-    resume = None
+
+def find_resume(a, out: Path) -> Path | None:
+    """The checkpoint --resume continues (None for a fresh run, which must not overwrite another run)."""
     if a.resume:
         resume = checkpoint.latest(a.resume)
         if resume is None:
             raise PretrainError(f"--resume {a.resume}: no complete checkpoint (step-XXXXXX with "
                                 f"{checkpoint.STATE}) in that directory")
-    elif checkpoint.latest(out) is not None:
+        return resume
+    if checkpoint.latest(out) is not None:
         raise PretrainError(f"{out} already holds checkpoints ({checkpoint.latest(out).name}): pass --resume {out} "
                             f"to continue that run, or choose another --out")
-    try:
-        cfg = preset(a.preset, **overrides(a.set))
-    except ConfigError as e:
-        raise PretrainError(str(e)) from None
-    if a.seq_len > cfg.max_position_embeddings:
-        raise PretrainError(f"--seq-len {a.seq_len} exceeds the model's max_position_embeddings "
-                            f"{cfg.max_position_embeddings} (preset {a.preset})")
-    out.mkdir(parents=True, exist_ok=True)
-    for p in checkpoint.clean(out):
-        print(f"removed {p} (left by an interrupted save)")
-    tok, train_tokens, held_tokens = load_data(a, resume or (Path(a.tokenizer) if a.tokenizer else None), out)
-    cfg = cfg.replace(vocab_size=-(-tok.vocab_size // 64) * 64, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    run_cfg = {k: v for k, v in sorted(vars(a).items()) if k not in RESUMABLE}
-    run_cfg.update(model=cfg.to_dict(), data_sha=fingerprint(train_tokens))
+    return None
 
-    random.seed(a.seed)
-    torch.manual_seed(a.seed)
-    model = build(cfg, device=device, seed=a.seed)  # fp32 master weights, the same on every rank
+
+def fit(a, out: Path, d: parallel.Dist, amp, model, tok: Tokenizer, loader, held: torch.Tensor, run_cfg: dict,
+        resume: Path | None, finish=None) -> Path:
+    """The training loop: optimizer and schedule, exact resume, held-out evaluation, progress lines,
+    atomic checkpoints, the NaN stop, plots and report. ``model`` is built (random or loaded) on every
+    rank; ``loader`` yields the global batches, ``held`` the fixed held-out batches (N, …).
+    ``finish(model, record)`` runs on rank 0 after the last step (e.g. an accuracy check that records
+    its metrics). Returns ``out/final``."""
+    cfg = model.config
     model.train()
     model = parallel.parallelize(model, d)  # expert parallel + FSDP2; the model itself with one process
     opt = build_optimizer(model, a.lr, a.weight_decay)  # after parallelize: it must hold the sharded parameters
     sched = build_scheduler(opt, a.steps, a.warmup, a.decay_from, a.min_lr_ratio)
-    loader = PackedLoader(train_tokens, a.seq_len, a.batch_size, a.seed)
-    held = windows(held_tokens, a.seq_len, "held-out data")[: a.eval_batches * a.batch_size]
     moes = moe_layers(model, a.mtp_lambda > 0)
     names = [n for n, _ in moes]
     loss_fn = loss_function(model, moes, a.mtp_lambda, a.balance_alpha, a.compile)
@@ -415,18 +436,13 @@ def run(a: argparse.Namespace) -> Path:
             f.write(json.dumps(m) + "\n")
 
     def eval_now(s: int) -> None:
-        e = evaluate(model, held, a, amp, device)
+        e = evaluate(model, held, a, amp, d.device)
         record({"kind": "eval", "step": s, **e})
         mtp = f" | held-out mtp {e['eval_mtp']:.4f}" if e["eval_mtp"] is not None else ""
         say(f"eval {s:>{len(str(a.steps))}}/{a.steps} | held-out ce {e['eval_ce']:.4f}{mtp}")
 
     params = cfg.param_counts()
-    tok_per_step = a.batch_size * a.grad_accum * a.seq_len
-    print(f"model: preset {a.preset}, vocab {cfg.vocab_size}, {params['total']:,} parameters "
-          f"({params['active']:,} active, +{params['mtp_unique']:,} MTP) on {device}{' bf16' if bf16 else ''}\n"
-          f"data: {train_tokens.numel():,} training tokens ({len(loader)} windows of {a.seq_len + 1}), "
-          f"{held.numel():,} held-out; {tok_per_step:,} tokens/step × {a.steps} steps = "
-          f"{tok_per_step * a.steps / train_tokens.numel():.1f} epochs")
+    tok_per_step = a.batch_size * a.grad_accum * (held.shape[-1] - (held.dim() == 2))
     if step == 0:
         eval_now(0)
     last = checkpoint.latest(out) or resume
@@ -450,8 +466,8 @@ def run(a: argparse.Namespace) -> Path:
                 mtp = f"{r['mtp']:.4f}" if r["mtp"] is not None else "   -  "
                 eta = sum(times) / len(times) * (a.steps - step)
                 say(f"step {step:>{len(str(a.steps))}}/{a.steps} | loss {r['loss']:.4f} | ce {r['ce']:.4f} | "
-                           f"mtp {mtp} | lr {r['lr']:.2e} | {r['tok_s']:7,.0f} tok/s | "
-                           f"maxvio {max(r['maxvio']):.3f} | eta {fmt_time(eta)}")
+                    f"mtp {mtp} | lr {r['lr']:.2e} | {r['tok_s']:7,.0f} tok/s | "
+                    f"maxvio {max(r['maxvio'], default=0.0):.3f} | eta {fmt_time(eta)}")
             if step % a.eval_every == 0 or step == a.steps:
                 eval_now(step)
             if step % a.save_every == 0 or step == a.steps:
@@ -468,19 +484,61 @@ def run(a: argparse.Namespace) -> Path:
     if not d.is_main:
         parallel.shutdown()
         return out / "final"
-    model.to(device)
+    model.to(d.device)
     final = checkpoint.link_final(out, last)
-    if a.eval_problems > 0:
-        probs = problems("arithmetic", "test", a.eval_problems, difficulty=1)
-        acc, texts = greedy_accuracy(model, tok, probs)
-        record({"kind": "accuracy", "step": step, "task": "arithmetic", "difficulty": 1, "n": len(probs),
-                "accuracy": acc, "samples": [[p.prompt, t] for p, t in zip(probs[:5], texts[:5])]})
-        print(f"greedy exact-answer accuracy on {len(probs)} held-out arithmetic problems (difficulty 1): {acc:.0%}")
+    if finish is not None:
+        finish(model, record, step)
     plots = report.plot(metrics, out / "plots", names)
     path = report.write_report(out, run_cfg, params, metrics, plots, names)
     print(f"checkpoint: {final} -> {last.name}\nreport:     {path}")
     parallel.shutdown()
     return final
+
+
+# ---- the stage ---------------------------------------------------------------------------------------
+def run(a: argparse.Namespace) -> Path:
+    """Train; returns the final checkpoint directory."""
+    out = Path(a.out or a.resume or "out/pretrain")
+    d, amp, bf16 = setup(a)
+    device = d.device
+    resume = find_resume(a, out)
+    try:
+        cfg = preset(a.preset, **overrides(a.set))
+    except ConfigError as e:
+        raise PretrainError(str(e)) from None
+    if a.seq_len > cfg.max_position_embeddings:
+        raise PretrainError(f"--seq-len {a.seq_len} exceeds the model's max_position_embeddings "
+                            f"{cfg.max_position_embeddings} (preset {a.preset})")
+    out.mkdir(parents=True, exist_ok=True)
+    for p in checkpoint.clean(out):
+        print(f"removed {p} (left by an interrupted save)")
+    tok, train_tokens, held_tokens = load_data(a, resume or (Path(a.tokenizer) if a.tokenizer else None), out)
+    cfg = cfg.replace(vocab_size=-(-tok.vocab_size // 64) * 64, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    run_cfg = {k: v for k, v in sorted(vars(a).items()) if k not in RESUMABLE}
+    run_cfg.update(model=cfg.to_dict(), data_sha=fingerprint(train_tokens))
+
+    random.seed(a.seed)
+    torch.manual_seed(a.seed)
+    model = build(cfg, device=device, seed=a.seed)  # fp32 master weights, the same on every rank
+    loader = PackedLoader(train_tokens, a.seq_len, a.batch_size, a.seed)
+    held = windows(held_tokens, a.seq_len, "held-out data")[: a.eval_batches * a.batch_size]
+    params = cfg.param_counts()
+    tok_per_step = a.batch_size * a.grad_accum * a.seq_len
+    print(f"model: preset {a.preset}, vocab {cfg.vocab_size}, {params['total']:,} parameters "
+          f"({params['active']:,} active, +{params['mtp_unique']:,} MTP) on {device}{' bf16' if bf16 else ''}\n"
+          f"data: {train_tokens.numel():,} training tokens ({len(loader)} windows of {a.seq_len + 1}), "
+          f"{held.numel():,} held-out; {tok_per_step:,} tokens/step × {a.steps} steps = "
+          f"{tok_per_step * a.steps / train_tokens.numel():.1f} epochs")
+
+    def finish(model, record, step):
+        if a.eval_problems > 0:
+            probs = problems("arithmetic", "test", a.eval_problems, difficulty=1)
+            acc, texts = greedy_accuracy(model, tok, probs)
+            record({"kind": "accuracy", "step": step, "task": "arithmetic", "difficulty": 1, "n": len(probs),
+                    "accuracy": acc, "samples": [[p.prompt, t] for p, t in zip(probs[:5], texts[:5])]})
+            print(f"greedy exact-answer accuracy on {len(probs)} held-out arithmetic problems (difficulty 1): {acc:.0%}")
+
+    return fit(a, out, d, amp, model, tok, loader, held, run_cfg, resume, finish)
 
 
 def main(argv=None) -> int:
