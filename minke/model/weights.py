@@ -7,7 +7,8 @@ listed in model.safetensors.index.json. Differences from minke's module names, a
 - MTP module k sits at ``model.layers.{num_hidden_layers + k}`` and stores copies of the shared
   embedding (``embed_tokens``) and head (``shared_head.head``), which minke holds once;
 - FP8 checkpoints add ``<name>.weight_scale_inv`` beside each E4M3 weight.
-An unmapped or missing key is an error naming it, never a silent skip.
+An unmapped or missing key is an error naming it, never a silent skip; the MTP layers are skipped
+only when asked (``load(..., drop_mtp=True)``).
 """
 
 from __future__ import annotations
@@ -231,8 +232,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
     cfg = config or ModelConfig.load(path)
     drop = 0
     if drop_mtp:  # how many MTP layers the checkpoint holds: its config.json says, or the given config
-        on_disk = ModelConfig.load(path) if config is not None and os.path.exists(os.path.join(path, "config.json")) else cfg
-        drop = max(cfg.num_nextn_predict_layers, on_disk.num_nextn_predict_layers)
+        has_json = config is not None and os.path.exists(os.path.join(path, "config.json"))
+        drop = max(cfg.num_nextn_predict_layers, (ModelConfig.load(path) if has_json else cfg).num_nextn_predict_layers)
         cfg = cfg.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = Transformer(cfg)
@@ -268,8 +269,8 @@ def _written_bytes(key: str, t: torch.Tensor, dtype: torch.dtype, fp8: bool) -> 
     if fp8 and _fp8_candidate(key, t):
         O, I = t.shape
         return O * I + 4 * -(-O // BLOCK) * -(-I // BLOCK)  # E4M3 + one fp32 scale per block
-    itemsize = t.element_size() if key.endswith("e_score_correction_bias") else torch.empty((), dtype=dtype).element_size()
-    return t.numel() * itemsize
+    kept = key.endswith("e_score_correction_bias")  # written in its own dtype (fp32)
+    return t.numel() * (t.element_size() if kept else torch.empty((), dtype=dtype).element_size())
 
 
 def save(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None, fp8: bool = False,
