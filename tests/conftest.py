@@ -1,3 +1,14 @@
+"""Shared test fixtures: tiny transformers configs and checkpoints for parity tests, a one-thread
+fixture, and ``assert_frequencies`` for sampling tests.
+
+The habit for every new test: show that it fails on a deliberate break of the code it guards (apply the
+break in a private copy, e.g. ``cp -r`` the tree to /tmp and run pytest there with PYTHONPATH pointing at
+it, never in the shared checkout), and name that break in the test's docstring and in the commit message
+("fails with logits * temperature"). Prefer an independent reference (a hand computation, transformers,
+the exact distribution behind a sampler with a stated statistical bound) over minke's own other path.
+Waits are bounded and fail saying what was pending; no assertion depends on timing.
+"""
+
 import math
 import os
 
