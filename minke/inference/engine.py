@@ -11,6 +11,14 @@ it). It knows token ids, not text.
   preempts the newest running request back to the head of the queue (its blocks freed; it is
   recomputed from prompt + generated tokens when re-admitted, with its random stream intact, so
   preemption does not change its output).
+- Parallel sampling (``n > 1``, vLLM's fork): the n samples of a prompt form a group whose prompt is
+  prefilled once, as one row of the prefill batch, under the group's own cache entry; each child then
+  forks it (shares its blocks, copying the partly filled last one before writing into it, paged.py)
+  and draws its first token from the stored last-position logits with its own generator. Child j runs
+  with seed ``params.seed + j``, so a group gives exactly the tokens of n separate requests seeded so.
+  Children are admitted as batch rows allow (a group larger than the free rows forks over several
+  steps); the group's entry holds the prompt's blocks until its last child has forked. After the fork
+  a child is an ordinary request: it may be preempted (recomputed alone) or aborted on its own.
 - The engine holds no copy or derivative of the weights (the absorbed MLA matrices are views taken
   at every forward), so a trainer updating the model in place is seen by the next step.
 - Sampling per request (sampling.py), with per-request generators: a request's tokens do not depend
@@ -29,7 +37,7 @@ from __future__ import annotations
 import itertools
 import threading
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -69,7 +77,8 @@ class Completion:
 class EngineStats:
     steps: int = 0
     prefills: int = 0
-    prefill_tokens: int = 0
+    prefill_tokens: int = 0  # a group's prompt counts once
+    forks: int = 0  # children of groups started from their prompt's shared prefill
     generated_tokens: int = 0
     decode_forwards: int = 0
     preemptions: int = 0
@@ -96,6 +105,12 @@ class _Request:
         self.drafts: list[int] = []  # speculative: draft tokens after out[-1]
         self.draft_q: list = []  # their draft distributions (V,) when sampling
         self.draft_logits = None  # the first draft's MTP logits (V,), kept for tests
+        self.group: _Group | None = None  # parallel sampling: the child's group
+        self.forked = False  # a child that has started from the group's prompt
+
+    @property
+    def unforked(self) -> bool:
+        return self.group is not None and not self.forked
 
     @property
     def tokens(self) -> list[int]:
@@ -104,6 +119,28 @@ class _Request:
     def completion(self) -> Completion:
         return Completion(self.id, list(self.prompt), list(self.out), self.finish_reason, self.stop_reason,
                           self.logprobs, self.top)
+
+
+class _Group:
+    """The n samples of one prompt. Its prompt is one row of a prefill batch; the group is its own
+    cache key (the prompt's blocks) until the last child forks."""
+
+    def __init__(self, gid, prompt: list[int], children: list[_Request]):
+        self.gid, self.prompt, self.children = gid, prompt, children
+        self.unforked = len(children)  # children neither forked nor finished
+        self.unfinished = len(children)
+        self.held = False  # its prompt is prefilled and in the cache
+        self.logits = self.hidden = None  # after the prefill: last position's logits (V,), hidden (D,)
+        for c in children:
+            c.group = self
+
+    @property
+    def id(self):  # the cache key, as for a request
+        return self
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt
 
 
 class Engine:
@@ -151,6 +188,7 @@ class Engine:
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self.requests: dict = {}
+        self.groups: dict = {}  # group id → _Group, while any child is unfinished
         self._pending: list[Event] = []  # final events of aborted requests, returned by the next step()
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -188,23 +226,59 @@ class Engine:
                         params.generator(self.device), next(self._arrivals))
 
     def _enqueue(self, r: _Request) -> None:
-        if r.id in self.requests:
+        if r.id in self.requests or r.id in self.groups:
             raise ValueError(f"request_id {r.id!r} is already in use")
         self.requests[r.id] = r
         self.waiting.append(r)
 
+    def _make_group(self, prompt_ids, params: SamplingParams | None, gid, n: int) -> _Group:
+        """n children ``(gid, j)``; child j's seed is ``params.seed + j`` (fresh random seeds when None)."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        gid = next(self._ids) if gid is None else gid
+        kids = [self._make_request(prompt_ids, params if params.seed is None
+                                   else replace(params, seed=(params.seed + j) % 2**63), (gid, j))
+                for j in range(n)]
+        return _Group(gid, kids[0].prompt, kids)
+
+    def _enqueue_group(self, g: _Group) -> None:
+        if g.gid in self.requests or g.gid in self.groups:
+            raise ValueError(f"request_id {g.gid!r} is already in use")
+        for c in g.children:
+            if c.id in self.requests:
+                raise ValueError(f"request_id {c.id!r} is already in use")
+        self.groups[g.gid] = g
+        for c in g.children:
+            self._enqueue(c)
+
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                    request_id=None):
-        """Queue a request; returns its id (an int unless ``request_id`` is given). Thread-safe."""
+                    request_id=None, n: int = 1):
+        """Queue a request; returns its id (an int unless ``request_id`` is given). Thread-safe.
+
+        ``n > 1`` queues a group of n samples sharing the prompt's prefill and returns the children's
+        ids ``[(request_id, 0), …, (request_id, n - 1)]`` (``request_id`` generated when None); events
+        carry the child ids; ``abort(request_id)`` aborts every child, ``abort((request_id, j))`` one."""
+        _check_n(n)
         with self.lock:
-            r = self._make_request(prompt_ids, params, request_id)
-            self._enqueue(r)
-            return r.id
+            if n == 1:
+                r = self._make_request(prompt_ids, params, request_id)
+                self._enqueue(r)
+                return r.id
+            g = self._make_group(prompt_ids, params, request_id, n)
+            self._enqueue_group(g)
+            return [c.id for c in g.children]
 
     def abort(self, request_id) -> bool:
         """Drop a request now, freeing its blocks; the next ``step()`` returns its final "abort" event.
         False when it is unknown or already finished. Thread-safe."""
         with self.lock:
+            g = self.groups.get(request_id)
+            if g is not None:  # the parent: every child still unfinished
+                for c in list(g.children):
+                    if c.finish_reason is None:
+                        self._finish(c, "abort", events=self._pending)
+                return True
             r = self.requests.get(request_id)
             if r is None:
                 return False
@@ -239,35 +313,95 @@ class Engine:
 
     def _admit(self, events: list[Event]) -> None:
         """Admit the head of the queue while a batch row, the prefill budget (padded tokens) and free
-        blocks allow; then prefill the admitted requests together."""
-        group: list[_Request] = []
-        T = 0  # the group's longest sequence: every row is padded to it
-        while self.waiting and len(self.running) + len(group) < self.max_batch:
+        blocks allow; then prefill the admitted requests and groups together, and fork the admitted
+        children of groups from their prompts."""
+        batch: list = []  # prefill rows: _Request, or _Group (its prompt once)
+        forks: list[tuple[_Group, list[_Request]]] = []
+        rows = 0  # running rows taken this step (requests and forked children)
+        T = 0  # the batch's longest sequence: every row is padded to it
+        promised = 0  # free blocks the forks after this prefill will take
+        cache = self.cache
+        while self.waiting and len(self.running) + rows < self.max_batch:
             r = self.waiting[0]
+            g = r.group if r.unforked else None
             n = len(r.prompt) + len(r.out)
-            if n + self.lookahead > self.cache.num_slots:  # a preempted request that outgrew the cache
+            if g is None and n + self.lookahead > cache.num_slots:  # a preempted request that outgrew the cache
                 self._finish(r, "length", events=events)
                 continue
-            T_new = max(T, n)
-            if group and T_new * (len(group) + 1) > self.max_prefill_tokens:
+            prefill = g is None or not (g.held or g in batch)
+            T_new = max(T, n) if prefill else T
+            if prefill and batch and T_new * (len(batch) + 1) > self.max_prefill_tokens:
                 break  # prefill budget spent: the rest waits for the next step
-            # first come, first served: nobody overtakes the head of the queue
-            if not self.cache.reserve(r.id, max(n + self.lookahead, T_new)):
-                break
-            if not all(self.cache.reserve(q.id, T_new) for q in group):  # room for the padding
-                self.cache.free(r.id)
-                break
-            self.waiting.popleft()
-            group.append(r)
+            # room to pad the rows already in the batch to T_new
+            pad = sum(max(0, cache.blocks_for(T_new) - len(cache.tables[q.id])) for q in batch)
+            avail = cache.num_free_blocks - promised - pad
+            if g is None:
+                # first come, first served: nobody overtakes the head of the queue
+                if cache.blocks_for(max(n + self.lookahead, T_new)) > avail:
+                    if self._drop_prefixes(batch, forks):
+                        continue
+                    break
+                self._reserve([q.id for q in batch], T_new)
+                self._reserve([r.id], max(n + self.lookahead, T_new))
+                self.waiting.popleft()
+                batch.append(r)
+                rows += 1
+            else:
+                kids = list(itertools.takewhile(lambda q: q.group is g and q.unforked, self.waiting))
+                kids = kids[:self.max_batch - len(self.running) - rows]
+                parent = cache.blocks_for(T_new) if prefill else 0
+                k = next((k for k in range(len(kids), 0, -1)
+                          if parent + self._fork_blocks(g, k) <= avail), 0)
+                if not k:
+                    if self._drop_prefixes(batch, forks):
+                        continue
+                    break
+                self._reserve([q.id for q in batch] + ([g] if prefill else []), T_new)
+                if prefill:
+                    batch.append(g)
+                for _ in range(k):
+                    self.waiting.popleft()
+                forks.append((g, kids[:k]))
+                promised += self._fork_blocks(g, k)
+                rows += k
             T = T_new
-        if group:
-            self.running.extend(group)
-            self._prefill(group, events)
+        if batch:
+            self.running.extend(q for q in batch if not isinstance(q, _Group))
+            self._prefill(batch, events)
+        for g, kids in forks:
+            self._fork(g, kids, events)
 
-    def _prefill(self, rows: list[_Request], events: list[Event]) -> None:
+    def _drop_prefixes(self, batch: list, forks: list) -> bool:
+        """When nothing runs or is being admitted, no blocks will come back by waiting: drop the prompts
+        groups hold for their unforked children (they are prefilled again when admitted). True if any."""
+        if self.running or batch or forks:
+            return False
+        held = [g for g in self.groups.values() if g.held]
+        for g in held:
+            self._release_group(g)
+        return bool(held)
+
+    def _reserve(self, seqs: list, n_tokens: int) -> None:
+        for q in seqs:
+            if not self.cache.reserve(q, n_tokens):  # admission counted these blocks as free
+                raise RuntimeError(f"engine: no free blocks for {q!r} although admission counted them")
+
+    def _fork_blocks(self, g: _Group, k: int) -> int:
+        """Free blocks k children of ``g`` take when they fork: each one its lookahead's new blocks and a
+        private copy of the prompt's last block when that block is written (the partial block; for
+        speculative decoding the block of the prompt's last position, whose MTP entry is per child),
+        except that the last child to fork takes over the group's own blocks."""
+        bs, P = self.cache.block_size, len(g.prompt)
+        ext = self.cache.blocks_for(P + self.lookahead) - self.cache.blocks_for(P)
+        first_write = P - 1 if self.speculative else P
+        cow = self.cache.blocks_for(P) - first_write // bs  # 0 or 1
+        return k * ext + (k - (k == g.unforked)) * cow
+
+    def _prefill(self, rows: list, events: list[Event]) -> None:
         """One MHA-mode forward over the rows' whole sequences (prompt, plus output when recomputing a
-        preempted one), right-padded to the longest: under the causal mask no real token sees the
-        padding, whose cache entries are then rolled back."""
+        preempted one; a group's prompt once), right-padded to the longest: under the causal mask no
+        real token sees the padding, whose cache entries are then rolled back. Requests draw their
+        first token; groups keep the last position's logits (and hidden state) for their children."""
         seqs = [r.tokens for r in rows]
         lens = [len(s) for s in seqs]
         B, T = len(rows), max(lens)
@@ -276,18 +410,58 @@ class Engine:
         out = self.model(ids, positions=self.cache.positions(T), cache=self.cache, logits=False)
         last = torch.tensor(lens, device=self.device) - 1
         h = out.hidden[torch.arange(B, device=self.device), last]  # (B, D)
-        toks, lps, tops = self._choose(rows, self.model.head(h))  # only the last positions' logits
-        g = spec.prefill_drafts(self, rows, out.hidden, toks, lens) if self.speculative else None
+        logits = self.model.head(h)  # (B, V): only the last positions' logits
+        req = [i for i, r in enumerate(rows) if not isinstance(r, _Group)]
+        reqs = [rows[i] for i in req]
+        toks, lps, tops = self._choose(reqs, logits[req]) if reqs else ([], [], [])
+        for i, q in enumerate(rows):
+            if isinstance(q, _Group):
+                q.logits, q.hidden, q.held = logits[i].clone(), h[i].clone(), True
+        g = None
+        if self.speculative:
+            nxt = dict(zip(req, toks))  # a group's row: a placeholder next token at its last position
+            g = spec.prefill_drafts(self, rows, out.hidden, [nxt.get(i, 0) for i in range(B)], lens, draft=req)
         self.cache.advance(T)
         for r, n in zip(rows, lens):
             self.cache.truncate(r.id, n)
-            self.cache.shrink(r.id, n + self.lookahead)
+            self.cache.shrink(r.id, n if isinstance(r, _Group) else n + self.lookahead)
         if g is not None:
-            spec.chain(self, rows, g)
+            spec.chain(self, reqs, g)
         self.stats.prefills += B
         self.stats.prefill_tokens += sum(lens)
-        for r, t, lp, top in zip(rows, toks, lps, tops):
+        for r, t, lp, top in zip(reqs, toks, lps, tops):
             self._append(r, t, lp, top, events)
+
+    def _fork(self, g: _Group, kids: list[_Request], events: list[Event]) -> None:
+        """Start ``kids`` from the group's prefilled prompt: share its blocks, give each child private
+        copies of those it writes into, draw each one's first token from the prompt's logits with its
+        own generator (as its own prefill would), and, speculative, fill its MTP entry at the prompt's
+        last position (which reads the child's first token) and draft."""
+        P = len(g.prompt)
+        for c in kids:
+            self.cache.fork(g, c.id)
+            c.forked = True
+            g.unforked -= 1
+        logits, hidden = g.logits, g.hidden
+        if g.unforked == 0:
+            self._release_group(g)
+        for c in kids:
+            if self.speculative:  # its own MTP entry at P - 1 (copy-on-write of that block)
+                self.cache.truncate(c.id, P - 1)
+            self._reserve([c.id], P + self.lookahead)
+        self.running.extend(kids)
+        toks, lps, tops = self._choose(kids, logits.expand(len(kids), -1))  # (k, V)
+        if self.speculative:
+            spec.chain(self, kids, spec.fork_drafts(self, kids, hidden, toks))
+        self.stats.forks += len(kids)
+        for c, t, lp, top in zip(kids, toks, lps, tops):
+            self._append(c, t, lp, top, events)
+
+    def _release_group(self, g: _Group) -> None:
+        """No child will fork any more: the group's own hold on the prompt's blocks goes."""
+        if g.held:
+            self.cache.free(g)
+            g.held, g.logits, g.hidden = False, None, None
 
     def _decode(self, events: list[Event]) -> None:
         rows = self._make_room(events)
@@ -368,6 +542,16 @@ class Engine:
 
     def _finish(self, r: _Request, reason: str, stop=None, events: list[Event] | None = None) -> None:
         r.finish_reason, r.stop_reason = reason, stop
+        g = r.group
+        if g is not None:
+            if not r.forked:  # finished before forking (aborted while waiting)
+                r.forked = True
+                g.unforked -= 1
+                if g.unforked == 0:
+                    self._release_group(g)
+            g.unfinished -= 1
+            if g.unfinished == 0:
+                self.groups.pop(g.gid, None)
         if r in self.running:
             self.running.remove(r)
         elif r in self.waiting:
@@ -380,17 +564,26 @@ class Engine:
 
     # ---- blocking conveniences -----------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+                 params: SamplingParams | Sequence[SamplingParams] | None = None, n: int = 1) -> list[Completion]:
         """Run prompts to completion (one params for all, or one per prompt); completions in order.
-        Drives ``step()`` itself: not for use while another thread drives the engine."""
+        ``n > 1``: n samples per prompt, each prompt prefilled once (see the module docstring);
+        len(prompts) · n completions, prompt-major (prompt i's are ``[i*n:(i+1)*n]``), sample j seeded
+        ``params.seed + j``. Drives ``step()`` itself: not for use while another thread drives the engine."""
+        _check_n(n)
         if params is None or isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"params: {len(params)} SamplingParams for {len(prompts)} prompts")
         with self.lock:
-            reqs = [self._make_request(p, sp, None) for p, sp in zip(prompts, params)]  # all valid first
-            for r in reqs:
-                self._enqueue(r)
+            if n == 1:
+                reqs = [self._make_request(p, sp, None) for p, sp in zip(prompts, params)]  # all valid first
+                for r in reqs:
+                    self._enqueue(r)
+            else:
+                groups = [self._make_group(p, sp, None, n) for p, sp in zip(prompts, params)]
+                for g in groups:
+                    self._enqueue_group(g)
+                reqs = [c for g in groups for c in g.children]
         while any(r.finish_reason is None for r in reqs):
             if not self.step() and not self.running and self.waiting:
                 raise RuntimeError("engine made no progress: the head of the queue cannot be admitted")
@@ -411,3 +604,8 @@ class Engine:
                 r = self.requests.get(rid)
                 if r is not None:
                     self._finish(r, "abort")
+
+
+def _check_n(n) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n: the number of samples per prompt must be an integer >= 1, got {n!r}")

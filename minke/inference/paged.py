@@ -14,6 +14,12 @@ consecutive gets a zero-copy slice of the pool instead (the fast path for batch-
 pool hands out the lowest free blocks, so a sequence running alone is usually consecutive).
 ``advance`` commits the T tokens; ``truncate`` rolls a sequence back (rejected speculative drafts).
 
+Shared prefixes (parallel sampling, vLLM's fork): ``fork(src, dst)`` gives ``dst`` the blocks of ``src``'s
+first tokens without copying; every block carries a reference count, ``free``/``shrink`` decrement it and a
+block returns to the free pool at 0. A shared block is read-only: ``reserve`` copies each shared block the
+sequence will write into (the partly filled last prompt block) to a private one first (copy-on-write), and
+``begin`` refuses a write into a block that is still shared.
+
 Shape legend: L layers, N slots (num_blocks × block_size), B rows, T new tokens per row, S longest
 row once the new tokens are in, C kv_lora_rank, R rope dims.
 """
@@ -58,6 +64,7 @@ class PagedLatentCache:
         self.c_kv = torch.zeros(self.num_layers, N, cfg.kv_lora_rank, dtype=dtype, device=device)
         self.k_pe = torch.zeros(self.num_layers, N, cfg.qk_rope_head_dim, dtype=dtype, device=device)
         self._free = list(range(num_blocks))  # a min-heap: the lowest free block first
+        self._refs = [0] * num_blocks  # sequences holding each block (0 = free)
         self.tables: dict = {}  # seq id → list of block ids
         self.lengths: dict = {}  # seq id → tokens cached
         self._view: _View | None = None
@@ -76,33 +83,76 @@ class PagedLatentCache:
     def num_free_blocks(self) -> int:
         return len(self._free)
 
+    @property
+    def num_shared_blocks(self) -> int:
+        """Blocks held by more than one sequence (a forked prompt's blocks, each counted once)."""
+        return sum(r > 1 for r in self._refs)
+
     def blocks_for(self, n_tokens: int) -> int:
         return -(-n_tokens // self.block_size)
 
+    def _alloc(self) -> int:
+        b = heapq.heappop(self._free)
+        self._refs[b] = 1
+        return b
+
+    def _release(self, b: int) -> None:
+        self._refs[b] -= 1
+        if self._refs[b] == 0:
+            heapq.heappush(self._free, b)
+
+    def _shared_writes(self, seq, n_tokens: int) -> list[int]:
+        """Indices in the table of ``seq`` of the shared blocks that writing up to ``n_tokens`` tokens touches."""
+        table = self.tables[seq]
+        first, end = self.lengths[seq] // self.block_size, min(len(table), self.blocks_for(n_tokens))
+        return [i for i in range(first, end) if self._refs[table[i]] > 1]
+
     def reserve(self, seq, n_tokens: int) -> bool:
-        """Make room for ``n_tokens`` tokens in all for ``seq`` (a new seq starts empty). False, and nothing
-        allocated, when the free pool is short."""
+        """Make room for ``n_tokens`` tokens in all for ``seq`` (a new seq starts empty), giving it private
+        copies of the shared blocks those tokens would be written into. False, and nothing allocated or
+        copied, when the free pool is short."""
         table = self.tables.get(seq)
         have = 0 if table is None else len(table)
-        need = self.blocks_for(n_tokens) - have
-        if need > len(self._free):
+        need = max(self.blocks_for(n_tokens) - have, 0)
+        cow = [] if table is None else self._shared_writes(seq, n_tokens)
+        if need + len(cow) > len(self._free):
             return False
         if table is None:
             table = self.tables[seq] = []
             self.lengths[seq] = 0
-        table.extend(heapq.heappop(self._free) for _ in range(max(need, 0)))
+        bs = self.block_size
+        for i in cow:  # copy-on-write: every layer's slots of the block, then drop the shared reference
+            old, new = table[i], self._alloc()
+            self.c_kv[:, new * bs:(new + 1) * bs] = self.c_kv[:, old * bs:(old + 1) * bs]
+            self.k_pe[:, new * bs:(new + 1) * bs] = self.k_pe[:, old * bs:(old + 1) * bs]
+            self._release(old)
+            table[i] = new
+        table.extend(self._alloc() for _ in range(need))
         return True
+
+    def fork(self, src, dst, length: int | None = None) -> None:
+        """``dst`` (new) shares the blocks holding the first ``length`` tokens of ``src`` (default: all of
+        them), read-only until ``reserve`` copies the ones it writes into."""
+        if dst in self.tables:
+            raise ValueError(f"fork: sequence {dst!r} already has blocks")
+        length = self.lengths[src] if length is None else length
+        if not 0 <= length <= self.lengths[src]:
+            raise ValueError(f"fork: length {length} outside [0, {self.lengths[src]}] of {src!r}")
+        table = self.tables[src][:self.blocks_for(length)]
+        for b in table:
+            self._refs[b] += 1
+        self.tables[dst], self.lengths[dst] = list(table), length
 
     def shrink(self, seq, n_tokens: int) -> None:
         """Hand back the blocks of ``seq`` beyond those ``n_tokens`` tokens need (never below its length)."""
         table = self.tables[seq]
         keep = self.blocks_for(max(n_tokens, self.lengths[seq]))
         while len(table) > keep:
-            heapq.heappush(self._free, table.pop())
+            self._release(table.pop())
 
     def free(self, seq) -> None:
         for b in self.tables.pop(seq, ()):
-            heapq.heappush(self._free, b)
+            self._release(b)
         self.lengths.pop(seq, None)
 
     def truncate(self, seq, length: int) -> None:
@@ -119,6 +169,9 @@ class PagedLatentCache:
             if n + T > len(self.tables[s]) * self.block_size:
                 raise RuntimeError(f"sequence {s!r}: {n} + {T} tokens exceed its reserved "
                                    f"{len(self.tables[s]) * self.block_size} slots (reserve first)")
+            if self._shared_writes(s, n + T):
+                raise RuntimeError(f"sequence {s!r}: tokens {n}..{n + T - 1} would be written into a block "
+                                   f"it shares with another sequence (reserve first: it copies the block)")
         dev, bs = self.device, self.block_size
         S = max(lens) + T
         nb = self.blocks_for(S)

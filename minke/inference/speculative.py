@@ -49,21 +49,49 @@ def propose(rows, logits: torch.Tensor) -> None:
         r.drafts.append(t)
 
 
-def prefill_drafts(engine, rows, hidden: torch.Tensor, toks: list[int], lens: list[int]) -> torch.Tensor:
+def prefill_drafts(engine, rows, hidden: torch.Tensor, toks: list[int], lens: list[int],
+                   draft: list[int] | None = None) -> torch.Tensor:
     """After a prefill forward (its cache view still open; rows right-padded to T): module 1 over each
-    whole sequence, every position reading the next token (the just-chosen one last). Drafts d_1;
-    returns the module's hidden at each row's last position (B, 1, D) for ``chain``."""
+    whole sequence, every position reading the next token (the just-chosen one last). The rows
+    ``draft`` (default all) draft d_1; returns the module's hidden at their last positions (b, 1, D)
+    for ``chain``. The other rows (a shared prompt: engine._Group) only fill the MTP cache layer; their
+    last position, which reads a child's first token, is each child's own (``fork_drafts``)."""
     B, T = hidden.shape[:2]
     nxt = [r.tokens[1:] + [t] for r, t in zip(rows, toks)]
     next_ids = torch.tensor([x + [0] * (T - len(x)) for x in nxt], device=hidden.device)  # (B, T)
     h = engine.model.norm(hidden)  # module 1 reads the main model's state after the final norm
     _, g = engine.model.mtp_step(0, h, next_ids, engine.cache.positions(T), engine.cache, logits=False)
-    g = g[torch.arange(B, device=g.device), torch.tensor(lens, device=g.device) - 1][:, None]  # (B, 1, D)
-    logits = engine.model.mtp_head(0, g[:, 0])  # (B, V)
+    draft = list(range(B)) if draft is None else draft
+    rows = [rows[b] for b in draft]
+    g = g[torch.tensor(draft, device=g.device, dtype=torch.long),
+          torch.tensor([lens[b] - 1 for b in draft], device=g.device, dtype=torch.long)][:, None]  # (b, 1, D)
+    if not rows:
+        return g
+    logits = engine.model.mtp_head(0, g[:, 0])  # (b, V)
     for b, r in enumerate(rows):
         r.drafts, r.draft_q = [], []
         r.draft_logits = logits[b]
     propose(rows, logits)
+    return g
+
+
+def fork_drafts(engine, kids, hidden: torch.Tensor, toks: list[int]) -> torch.Tensor:
+    """Children forked from a shared prompt of P tokens (cache length P - 1, room reserved): module 1 at
+    position P - 1, reading the prompt's last hidden state (D,) and each child's first token ``toks``,
+    writes each child's own MTP entry there, as ``prefill_drafts`` would have in the child's own
+    prefill. Drafts d_1; returns the module's hidden (k, 1, D) for ``chain``."""
+    cache, k = engine.cache, len(kids)
+    cache.begin([c.id for c in kids], 1)
+    h = engine.model.norm(hidden).expand(k, 1, -1)  # as prefill_drafts: after the final norm
+    ids = torch.tensor([[t] for t in toks], device=hidden.device)  # (k, 1)
+    # MHA mode, as in the prefill that would have computed this position
+    _, g = engine.model.mtp_step(0, h, ids, cache.positions(1), cache, absorb=False, logits=False)
+    cache.advance(1)
+    logits = engine.model.mtp_head(0, g[:, 0])  # (k, V)
+    for b, c in enumerate(kids):
+        c.drafts, c.draft_q = [], []
+        c.draft_logits = logits[b]
+    propose(kids, logits)
     return g
 
 

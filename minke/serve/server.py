@@ -77,21 +77,26 @@ class EngineLoop:
             self.thread.join(timeout=30)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue,
-               loop: asyncio.AbstractEventLoop) -> str:
-        """Queue one engine request whose events go to ``queue``; ValueError on a bad prompt or params.
-        Blocking (the engine's lock is held during a step): call it from a worker thread."""
-        rid = uuid.uuid4().hex
+               loop: asyncio.AbstractEventLoop, n: int = 1) -> list:
+        """Queue n samples of one prompt whose events go to ``queue`` (n > 1: one engine group, the
+        prompt prefilled once and forked, sample j seeded params.seed + j); returns their engine
+        request ids. ValueError on a bad prompt or params. Blocking (the engine's lock is held during a
+        step): call it from a worker thread."""
+        gid = uuid.uuid4().hex
+        rids = [gid] if n == 1 else [(gid, j) for j in range(n)]  # the engine's ids for a group's children
         with self.wake:
-            self.queues[rid] = (loop, queue)  # before add_request, so no event can precede it
+            for rid in rids:  # before add_request, so no event can precede it
+                self.queues[rid] = (loop, queue)
         try:
-            self.engine.add_request(prompt_ids, params, request_id=rid)
+            self.engine.add_request(prompt_ids, params, request_id=gid, n=n)
         except BaseException:
             with self.wake:
-                self.queues.pop(rid, None)
+                for rid in rids:
+                    self.queues.pop(rid, None)
             raise
         with self.wake:
             self.wake.notify()
-        return rid
+        return rids
 
     def abort(self, rid: str) -> None:
         """Non-blocking: the engine thread aborts it before its next step."""
@@ -147,9 +152,10 @@ class _Choice:
 
 
 class Generation:
-    """The engine requests (choices) of one HTTP request, fed by one asyncio queue."""
+    """The engine requests (choices) of one HTTP request, fed by one asyncio queue. ``requests``: per
+    prompt (ids, params, one TextStream per sample); the choices are numbered prompt-major."""
 
-    def __init__(self, runner: EngineLoop, requests: list[tuple[list[int], SamplingParams, P.TextStream]]):
+    def __init__(self, runner: EngineLoop, requests: list[tuple[list[int], SamplingParams, list[P.TextStream]]]):
         self.runner, self.requests = runner, requests
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices: list[_Choice] = []
@@ -157,9 +163,9 @@ class Generation:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            for i, (ids, params, text) in enumerate(self.requests):
-                rid = await run_in_threadpool(self.runner.submit, ids, params, self.queue, loop)
-                self.choices.append(_Choice(i, rid, text))
+            for ids, params, texts in self.requests:
+                rids = await run_in_threadpool(self.runner.submit, ids, params, self.queue, loop, len(texts))
+                self.choices += [_Choice(len(self.choices) + j, rid, t) for j, (rid, t) in enumerate(zip(rids, texts))]
         except BaseException:
             self.close()
             raise
@@ -199,7 +205,7 @@ class Generation:
     __del__ = close  # a stream whose body never ran (client gone before the first chunk)
 
     def usage(self) -> P.Usage:
-        prompt = sum({id(ids): len(ids) for ids, _, _ in self.requests}.values())  # n choices share a prompt
+        prompt = sum(len(ids) for ids, _, _ in self.requests)  # n choices share a prompt
         completion = sum(c.tokens for c in self.choices)
         return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
@@ -273,9 +279,10 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
                                 f"has {len(ids)} tokens (one position must remain to generate).",
                            param=param, code="context_length_exceeded")
 
-    def sampling(req, max_tokens: int, j: int, logprobs: int | None) -> SamplingParams:
+    def sampling(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        # with n > 1 the engine seeds sample j with seed + j
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-                              top_k=req.top_k, seed=None if req.seed is None else (req.seed + j) % 2**63,
+                              top_k=req.top_k, seed=None if req.seed is None else req.seed % 2**63,
                               stop_token_ids=stop_ids, logprobs=logprobs is not None,
                               top_logprobs=logprobs or 0)
 
@@ -315,8 +322,8 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
         think = text.rstrip().endswith(THINK)
         max_tokens = req.max_completion_tokens or req.max_tokens or context  # the engine caps at the context
         top = (req.top_logprobs or 0) if req.logprobs else None
-        gen = await start([(ids, sampling(req, max_tokens, j, top), P.TextStream(decode, req.stop, think))
-                           for j in range(req.n)], "messages")
+        gen = await start([(ids, sampling(req, max_tokens, top),
+                            [P.TextStream(decode, req.stop, think) for _ in range(req.n)])], "messages")
 
         def logprobs(entries):
             if not req.logprobs:
@@ -366,9 +373,9 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
                    for q in prompts]
         for q in prompts:
             check_prompt(q, "prompt")
-        gen = await start([(q, sampling(req, req.max_tokens, j, req.logprobs),
-                            P.TextStream(decode, req.stop, split=False))
-                           for q in prompts for j in range(req.n)], "prompt")
+        gen = await start([(q, sampling(req, req.max_tokens, req.logprobs),
+                            [P.TextStream(decode, req.stop, split=False) for _ in range(req.n)])
+                           for q in prompts], "prompt")
 
         def logprobs(entries):
             if req.logprobs is None:
