@@ -127,7 +127,7 @@ class _Group:
 
     def __init__(self, gid, prompt: list[int], children: list[_Request]):
         self.gid, self.prompt, self.children = gid, prompt, children
-        self.unforked = len(children)  # children neither forked nor finished
+        self.to_fork = len(children)  # children neither forked nor finished
         self.unfinished = len(children)
         self.held = False  # its prompt is prefilled and in the cache
         self.logits = self.hidden = None  # after the prefill: last position's logits (V,), hidden (D,)
@@ -395,7 +395,7 @@ class Engine:
         ext = self.cache.blocks_for(P + self.lookahead) - self.cache.blocks_for(P)
         first_write = P - 1 if self.speculative else P
         cow = self.cache.blocks_for(P) - first_write // bs  # 0 or 1
-        return k * ext + (k - (k == g.unforked)) * cow
+        return k * ext + (k - (k == g.to_fork)) * cow
 
     def _prefill(self, rows: list, events: list[Event]) -> None:
         """One MHA-mode forward over the rows' whole sequences (prompt, plus output when recomputing a
@@ -441,9 +441,9 @@ class Engine:
         for c in kids:
             self.cache.fork(g, c.id)
             c.forked = True
-            g.unforked -= 1
+            g.to_fork -= 1
         logits, hidden = g.logits, g.hidden
-        if g.unforked == 0:
+        if g.to_fork == 0:
             self._release_group(g)
         for c in kids:
             if self.speculative:  # its own MTP entry at P - 1 (copy-on-write of that block)
@@ -546,8 +546,8 @@ class Engine:
         if g is not None:
             if not r.forked:  # finished before forking (aborted while waiting)
                 r.forked = True
-                g.unforked -= 1
-                if g.unforked == 0:
+                g.to_fork -= 1
+                if g.to_fork == 0:
                     self._release_group(g)
             g.unfinished -= 1
             if g.unfinished == 0:

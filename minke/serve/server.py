@@ -11,7 +11,9 @@ events ending in ``data: [DONE]``), GET /v1/models, GET /health, and a web chat 
 Concurrency: one thread drives ``engine.step()`` (continuous batching: requests join and leave
 between steps) and sleeps on a condition while the engine is idle; each HTTP request owns an asyncio
 queue its engine requests' events are posted to (``loop.call_soon_threadsafe``). A client that goes
-away, or a stop string, aborts the engine request, which frees its cache blocks. Every error is an
+away, or a stop string, aborts the engine request, which frees its cache blocks. ``n > 1`` submits one
+engine group per prompt: the prompt is prefilled once and forked into the n choices (choice j seeded
+``seed + j``), as vLLM's parallel sampling. Every error is an
 OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``.
 """
 
