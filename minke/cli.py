@@ -9,6 +9,7 @@ STAGES = {
     "info": ("minke.info", "parameter counts and KV-cache bytes of a preset or checkpoint"),
     "pretrain": ("minke.train.pretrain", "pretrain a model (tokenizer, MTP loss, aux-loss-free balancing)"),
     "sft": ("minke.train.sft", "supervised fine-tuning on chat examples (R1 cold start, distillation)"),
+    "grpo": ("minke.rl.train", "GRPO with verifiable rewards (R1 / R1-Zero reinforcement learning)"),
     "generate": ("minke.inference.generate", "generate text from a prompt"),
     "chat": ("minke.serve.chat", "interactive chat with a checkpoint"),
     "serve": ("minke.serve.server", "OpenAI-compatible HTTP server"),
