@@ -126,6 +126,39 @@ def test_per_prompt_params_and_unseeded_children(model):
     assert len({tuple(c.token_ids) for c in got[3:]}) > 1  # seed None: each child its own random seed
 
 
+def test_groups_join_and_leave_a_running_batch(model):
+    """Continuous batching: groups and single requests added between steps, rows shared with them."""
+    ps = prompts([6, 11, 3, 9], seed=11)
+    e = Engine(model, max_batch=6, block_size=4, num_blocks=64, max_prefill_tokens=24)
+    plan = {0: [(0, 1, 9)], 1: [(1, 3, 6)], 3: [(2, 1, 8), (3, 4, 5)]}  # step → (prompt, n, max_tokens)
+    ids, toks = {}, {}
+    step = 0
+    while step <= max(plan) or e.has_unfinished():
+        for i, n, k in plan.get(step, []):
+            got = e.add_request(ps[i], SamplingParams(max_tokens=k, **GREEDY), n=n)
+            for rid in (got if n > 1 else [got]):
+                ids[rid] = (i, k)
+        for ev in e.step():
+            if ev.token_id is not None:
+                toks.setdefault(ev.request_id, []).append(ev.token_id)
+        step += 1
+    ref = Engine(model, max_batch=1, block_size=4, num_blocks=64)
+    for rid, (i, k) in ids.items():
+        assert toks[rid] == ref.generate([ps[i]], SamplingParams(max_tokens=k, **GREEDY))[0].token_ids
+    assert len(ids) == 9 and e.stats.prefills == 4 and e.cache.num_free_blocks == 64
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_children_that_finish_on_their_first_token(model, speculative):
+    ps = prompts([5, 12], seed=12)
+    e = Engine(model, max_batch=4, block_size=4, num_blocks=32, speculative=speculative)
+    got = e.generate(ps, SamplingParams(max_tokens=1, **SAMPLED), n=3)
+    _, ref = unshared(model, ps, SamplingParams(max_tokens=1, **SAMPLED), 3, max_batch=4, block_size=4,
+                      num_blocks=32, speculative=speculative)
+    assert_same(got, ref)
+    assert all(len(c.token_ids) == 1 for c in got) and e.cache.num_free_blocks == 32 and not e.groups
+
+
 # ---- the prompt's blocks are held once ---------------------------------------------------------
 def test_prompt_blocks_held_once_while_children_run(model):
     P, n, bs = 18, 4, 4  # 4 full blocks + one of 2 tokens
