@@ -209,6 +209,8 @@ def test_model_dir_without_tokenizer(ckpt, tmp_path):
         main(["--model", str(tmp_path), "--problems", "1"])
     with pytest.raises(SystemExit, match="tokenizer.json not found"):
         main(["--model", str(tmp_path), "--problems", "1", "--base-url", "http://127.0.0.1:9"])
+    with pytest.raises(SystemExit, match="127.0.0.1:9/v1/models: request failed"):  # nothing listens there
+        main(["--model", str(d), "--problems", "1", "--base-url", "http://127.0.0.1:9"])
 
 
 def test_base_url_gives_the_same_numbers_as_in_process(ckpt):
@@ -224,6 +226,8 @@ def test_base_url_gives_the_same_numbers_as_in_process(ckpt):
     engine = Engine(model, max_batch=16, decode_fn=tok.decode)
     with serving(server.create_app(engine, tok, model_name="tiny", api_key="sk-x")) as url:
         remote = evaluate(OpenAIBackend(url, tok, api_key="sk-x", concurrency=3), tok, problems, **kw)
+        with pytest.raises(RuntimeError, match=r"/v1/models: HTTP 401: Incorrect or missing API key"):
+            OpenAIBackend(url, tok, api_key="wrong")
     for key in ("rows", "overall", "samples"):
         assert remote[key] == direct[key], key
     # a real comparison: the model wrote text, and sampling at 0.6 differs from greedy somewhere

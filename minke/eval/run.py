@@ -127,7 +127,7 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-model", default=None, help="model name sent to the server (default: its first model)")
     p.add_argument("--api-key", default=None, help="bearer token for the server")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight to the server")
-    p.add_argument("--batch", type=int, default=32, help="engine batch rows (in-process)")
+    p.add_argument("--batch", type=int, default=64, help="engine batch rows (in-process; more rows, fewer decode steps)")
 
 
 def add_problem_args(p: argparse.ArgumentParser, problems_default: int) -> None:
@@ -210,9 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     def progress(done, total):
         print(f"eval: {done}/{total} problems sampled ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
 
-    result = evaluate(backend, tok, problems, k=a.k, temperature=a.temperature, top_p=a.top_p,
-                      max_tokens=a.max_tokens, fmt=a.format, seed=a.seed, greedy=a.greedy, max_batch=a.batch,
-                      progress=progress, keep_samples=a.samples)
+    try:
+        result = evaluate(backend, tok, problems, k=a.k, temperature=a.temperature, top_p=a.top_p,
+                          max_tokens=a.max_tokens, fmt=a.format, seed=a.seed, greedy=a.greedy, max_batch=a.batch,
+                          progress=progress, keep_samples=a.samples)
+    except RuntimeError as e:  # a server that failed a request: its URL, status and message
+        raise SystemExit(f"minke: {e}") from None
     result["config"]["model"] = backend.model if a.base_url else str(a.model)
     print(format_table(result))
     if a.out:

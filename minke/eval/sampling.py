@@ -16,10 +16,9 @@ tokenizer/template as ``--model`` (the directory is read for its tokenizer only)
 
 from __future__ import annotations
 
-import inspect
 import json
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Sequence
 
 from ..data.prompts import completion_text, prompt_ids, prompt_text
@@ -33,16 +32,6 @@ class Response:
     tokens: float | None = None  # completion tokens, when known (a server gives a request's mean)
 
 
-def _generate(engine, prompts: list[list[int]], params: list, n: int):
-    """engine.generate with n samples per prompt (prompt-major, child j seeded params.seed + j).
-    Shim until the engine's n= lands: repeat each prompt n times with seeds seed+j (same results)."""
-    if "n" in inspect.signature(engine.generate).parameters:
-        return engine.generate(prompts, params, n=n)
-    rep = [p for p in prompts for _ in range(n)]
-    reps = [replace(sp, seed=None if sp.seed is None else sp.seed + j) for sp in params for j in range(n)]
-    return engine.generate(rep, reps)
-
-
 class EngineBackend:
     """In-process: the engine's batched generate over all problems at once."""
 
@@ -51,7 +40,7 @@ class EngineBackend:
 
     def complete(self, problems: Sequence[Problem], fmt: str, n: int, params: list) -> list[list[Response]]:
         prompts = [prompt_ids(self.tok, p, fmt) for p in problems]
-        outs = _generate(self.engine, prompts, params, n)
+        outs = self.engine.generate(prompts, params, n=n)  # each prompt prefilled once, child j: seed + j
         res = [Response(completion_text(self.tok, c.token_ids, c.finish_reason), c.finish_reason, len(c.token_ids))
                for c in outs]
         return [res[i * n:(i + 1) * n] for i in range(len(problems))]

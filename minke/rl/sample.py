@@ -94,9 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     def progress(done, total):
         print(f"sample: {done}/{total} problems ({time.perf_counter() - t0:.1f}s)", file=sys.stderr)
 
-    kept, c = rejection_sample(backend, tok, problems, k=a.k, temperature=a.temperature, top_p=a.top_p,
-                               max_tokens=a.max_tokens, fmt=a.format, seed=a.seed, max_batch=a.batch,
-                               progress=progress)
+    try:
+        kept, c = rejection_sample(backend, tok, problems, k=a.k, temperature=a.temperature, top_p=a.top_p,
+                                   max_tokens=a.max_tokens, fmt=a.format, seed=a.seed, max_batch=a.batch,
+                                   progress=progress)
+    except RuntimeError as e:  # a server that failed a request
+        raise SystemExit(f"minke: {e}") from None
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("w", encoding="utf-8") as f:
