@@ -255,3 +255,19 @@ def test_base_url_scores_a_model_that_knows_answers():
             assert tok.encode(backend._prompt(ps[0], fmt), add_bos=True) == prompt_ids(tok, ps[0], fmt)
         remote = evaluate(backend, tok, ps, k=2, max_tokens=24, greedy=True)
     assert remote["rows"] == direct["rows"]
+
+
+def test_eval_stage_on_jsonl_sets(ckpt, tmp_path):
+    pytest.importorskip("minke.tasks.mathcheck")
+    d, _, _ = ckpt
+    math, gsm = tmp_path / "math500.jsonl", tmp_path / "gsm8k.jsonl"
+    rows = [{"problem": f"What is {i}+{i}?", "answer": str(2 * i), "level": 1 + i % 2} for i in range(3)]
+    math.write_text("".join(json.dumps(x) + "\n" for x in rows))
+    gsm.write_text(json.dumps({"question": "How many?", "answer": "2 + 2 = 4\n#### 4"}) + "\n")
+    out = tmp_path / "eval.json"
+    assert main(["--model", str(d), "--data", str(math), str(gsm), "--k", "2", "--max-tokens", "8",
+                 "--out", str(out)]) == 0
+    r = json.loads(out.read_text())  # --data alone: no built-in tasks
+    assert [(x["task"], x["difficulty"], x["n"]) for x in r["rows"]] == [
+        ("math500", 1, 2), ("math500", 2, 1), ("gsm8k", None, 1)]
+    assert r["overall"]["n"] == 4 and r["overall"]["samples"] == 8

@@ -100,15 +100,19 @@ def format_table(result: dict) -> str:
     """The readable table: one line per (task, difficulty), then overall; rates in percent."""
     k = result["config"]["k"]
     head = ["task", "diff", "n", "pass@1", f"pass@{k}", f"cons@{k}", "greedy", "unparsed", "no-box", "trunc", "tokens"]
-    lines = []
-    for r in result["rows"] + [result["overall"]]:
-        pct = lambda v: "-" if v is None else f"{100 * v:.1f}"  # noqa: E731
-        lines.append([str(r["task"]), "-" if r["difficulty"] is None else str(r["difficulty"]), str(r["n"]),
-                      pct(r["pass@1"]), pct(r["pass@k"]), pct(r["cons@k"]), pct(r["greedy"]),
-                      str(r["unparsed"]), str(r["no_answer"]), str(r["truncated"]),
-                      "-" if r["mean_tokens"] is None else f"{r['mean_tokens']:.0f}"])
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}"
+
+    def fmt(cells):  # task and difficulty left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))
+
+    lines = [[str(r["task"]), "-" if r["difficulty"] is None else str(r["difficulty"]), str(r["n"]),
+              pct(r["pass@1"]), pct(r["pass@k"]), pct(r["cons@k"]), pct(r["greedy"]),
+              str(r["unparsed"]), str(r["no_answer"]), str(r["truncated"]),
+              "-" if r["mean_tokens"] is None else f"{r['mean_tokens']:.0f}"]
+             for r in result["rows"] + [result["overall"]]]
     widths = [max(len(x) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if j < 2 else c.rjust(w) for j, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     c = result["config"]
     title = (f"k={k} temperature={c['temperature']} top_p={c['top_p']} max_tokens={c['max_tokens']} "
              f"format={c['format']} seed={c['seed']} ({c['problems']} problems, {c['seconds']:.1f}s)")
@@ -127,7 +131,8 @@ def add_backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-model", default=None, help="model name sent to the server (default: its first model)")
     p.add_argument("--api-key", default=None, help="bearer token for the server")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight to the server")
-    p.add_argument("--batch", type=int, default=64, help="engine batch rows (in-process; more rows, fewer decode steps)")
+    p.add_argument("--batch", type=int, default=64,
+                   help="engine batch rows (in-process; more rows, fewer decode steps)")
 
 
 def add_problem_args(p: argparse.ArgumentParser, problems_default: int) -> None:
