@@ -115,3 +115,21 @@ def test_sft_stage_trains_resumes_exactly_and_names_bad_lines(tiny, tmp_path):
     bad.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
     with pytest.raises(sft.DataError, match=r"bad.jsonl:1: the last message must be the assistant's"):
         sft.read_examples([str(bad)])
+
+
+def test_configs_the_loop_cannot_train_are_refused_up_front(tiny, tmp_path, capsys):
+    """Issue 11 item 9: a greedy router at the default bias γ crashed after the first optimizer step;
+    a model without MoE layers crashed on max() of no MaxVio. Now: a clear error before any step, and a
+    dense student trains (distillation)."""
+    model, tok = tiny
+    ckpt = _save(model, tok, tmp_path / "base")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": c}) for c in CONV * 4) + "\n")
+    common = ["--data", str(data), "--seq-len", "96", "--batch-size", "2", "--eval-batches", "1", "--log-every", "1"]
+    assert sft.main(["--preset", "tiny", "--tokenizer", str(ckpt), "--set", "topk_method=\"greedy\"",
+                     "--out", str(tmp_path / "g"), "--steps", "1", *common]) == 1
+    err = capsys.readouterr().err
+    assert "--bias-gamma" in err and "'greedy'" in err and not (tmp_path / "g" / "metrics.jsonl").exists()
+    assert sft.main(["--preset", "tiny", "--tokenizer", str(ckpt), "--set", "first_k_dense_replace=3",
+                     "--out", str(tmp_path / "dense"), "--steps", "2", *common]) == 0
+    assert (tmp_path / "dense" / "final" / "config.json").exists()

@@ -405,6 +405,15 @@ def find_resume(a, out: Path) -> Path | None:
     return None
 
 
+def check_config(cfg, a) -> None:
+    """Refuse, before any step, flag combinations the model cannot train with."""
+    moes = [i for i in range(cfg.num_hidden_layers) if cfg.is_moe_layer(i)]
+    if a.bias_gamma > 0 and moes and cfg.topk_method != "noaux_tc":
+        raise PretrainError(f"--bias-gamma {a.bias_gamma}: aux-loss-free balancing moves the routing bias of "
+                            f"topk_method 'noaux_tc', but this model routes with {cfg.topk_method!r} (no bias); "
+                            f"pass --bias-gamma 0 (and balance with --balance-alpha)")
+
+
 def fit(a, out: Path, d: parallel.Dist, amp, model, tok: Tokenizer, loader, held: torch.Tensor, run_cfg: dict,
         resume: Path | None, finish=None) -> Path:
     """The training loop: optimizer and schedule, exact resume, held-out evaluation, progress lines,
@@ -413,6 +422,7 @@ def fit(a, out: Path, d: parallel.Dist, amp, model, tok: Tokenizer, loader, held
     ``finish(model, record)`` runs on rank 0 after the last step (e.g. an accuracy check that records
     its metrics). Returns ``out/final``."""
     cfg = model.config
+    check_config(cfg, a)
     model.train()
     model = parallel.parallelize(model, d)  # expert parallel + FSDP2; the model itself with one process
     opt = build_optimizer(model, a.lr, a.weight_decay)  # after parallelize: it must hold the sharded parameters

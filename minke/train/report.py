@@ -84,6 +84,8 @@ def plot(metrics: list[dict], out_dir: str | Path, layer_names: list[str], last:
     ax.set(xlabel="step", ylabel="cross-entropy (nats/token)", title="Loss")
     paths.append(_save(fig, out_dir / "loss.png", ax))
 
+    if not layer_names:  # a dense model: no expert loads to draw
+        return paths
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, name in enumerate(layer_names):
         ax.plot(steps, _smooth([m["maxvio"][i] for m in train], w), label=name)
