@@ -10,6 +10,7 @@ STAGES = {
     "pretrain": ("minke.train.pretrain", "pretrain a model (tokenizer, MTP loss, aux-loss-free balancing)"),
     "sft": ("minke.train.sft", "supervised fine-tuning on chat examples (R1 cold start, distillation)"),
     "grpo": ("minke.rl.train", "GRPO with verifiable rewards (R1 / R1-Zero reinforcement learning)"),
+    "report": ("minke.eval.report", "one report of a pipeline run: every stage's evaluation, the RL curves, summary.json"),
     "generate": ("minke.inference.generate", "generate text from a prompt"),
     "chat": ("minke.serve.chat", "interactive chat with a checkpoint"),
     "serve": ("minke.serve.server", "OpenAI-compatible HTTP server"),
