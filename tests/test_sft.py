@@ -133,3 +133,23 @@ def test_configs_the_loop_cannot_train_are_refused_up_front(tiny, tmp_path, caps
     assert sft.main(["--preset", "tiny", "--tokenizer", str(ckpt), "--set", "first_k_dense_replace=3",
                      "--out", str(tmp_path / "dense"), "--steps", "2", *common]) == 0
     assert (tmp_path / "dense" / "final" / "config.json").exists()
+
+
+def test_resume_skips_an_unreadable_newest_checkpoint_and_refuses_another_runs_out(tiny, tmp_path, capsys):
+    """Issue 11 item 10, in the shared loop: a torn newest checkpoint falls back to the one before it
+    (set aside as bad-step-N); --resume A --out B with B holding another run's checkpoints is refused."""
+    model, tok = tiny
+    ckpt = _save(model, tok, tmp_path / "base")
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": c}) for c in CONV * 4) + "\n")
+    common = ["--model", str(ckpt), "--data", str(data), "--seq-len", "96", "--batch-size", "2",
+              "--eval-batches", "1", "--save-every", "1", "--keep", "3", "--log-every", "1"]
+    assert sft.main(common + ["--steps", "3", "--out", str(tmp_path / "a"), "--inject-nan", "3"]) == 1  # saved 1, 2
+    assert sft.main(common + ["--steps", "3", "--out", str(tmp_path / "b")]) == 0
+    (tmp_path / "a" / "step-000002" / "model.safetensors").write_bytes(b"torn")
+    assert sft.main(common + ["--steps", "3", "--resume", str(tmp_path / "a"), "--out", str(tmp_path / "b")]) == 1
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert sft.main(common + ["--steps", "3", "--resume", str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "step-000001" in out
+    assert (tmp_path / "a" / "bad-step-000002").exists() and (tmp_path / "a" / "step-000003").exists()

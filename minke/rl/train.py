@@ -48,7 +48,7 @@ from ..inference.sampling import SamplingParams
 from ..tasks import TASKS, Problem, get_task, split_seed
 from ..train import checkpoint, parallel
 from ..train.optim import build_optimizer, build_scheduler
-from ..train.pretrain import _Help, config_diff, fmt_time, rng_state, say, set_rng_state
+from ..train.pretrain import PretrainError, _Help, config_diff, find_resume, fmt_time, rng_state, say, set_rng_state
 from . import grpo
 from .rewards import RewardError, Rewards, reflection_rate
 from .rollout import batch_tensors, rollout
@@ -385,13 +385,10 @@ def run(a: argparse.Namespace) -> Path:
     if a.prompts % d.world:
         raise GRPOError(f"--prompts {a.prompts} does not divide over {d.world} ranks")
     rewards = parse_rewards(a)
-    resume = None
-    if a.resume:
-        resume = checkpoint.latest(a.resume)
-        if resume is None:
-            raise GRPOError(f"--resume {a.resume}: no complete checkpoint in that directory")
-    elif checkpoint.latest(out) is not None:
-        raise GRPOError(f"{out} already holds checkpoints: pass --resume {out} to continue, or choose another --out")
+    try:
+        resume = find_resume(a, out)  # pretraining's rules: another run's checkpoints are never taken or mixed
+    except PretrainError as e:
+        raise GRPOError(str(e)) from None
     src = Path(a.model)
     if not (src / "tokenizer.json").exists():
         raise GRPOError(f"--model {src}: no tokenizer.json (the rollouts render prompts with the checkpoint's tokenizer)")

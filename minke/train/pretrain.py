@@ -392,13 +392,20 @@ def setup(a) -> tuple[parallel.Dist, object, bool]:
 
 
 def find_resume(a, out: Path) -> Path | None:
-    """The checkpoint --resume continues (None for a fresh run, which must not overwrite another run)."""
+    """The checkpoint --resume continues (None for a fresh run, which must not overwrite another run).
+    An unreadable newest checkpoint is skipped for the one before it (and set aside as bad-step-N when
+    this run writes into the same directory); --out must be the --resume directory or hold no checkpoint."""
     if a.resume:
-        resume = checkpoint.latest(a.resume)
-        if resume is None:
-            raise PretrainError(f"--resume {a.resume}: no complete checkpoint (step-XXXXXX with "
+        try:
+            checkpoint.check_resume_out(a.resume, out)
+        except checkpoint.CheckpointError as e:
+            raise PretrainError(str(e)) from None
+        same = Path(a.resume).resolve() == out.resolve()
+        found = checkpoint.newest_loadable(a.resume, quarantine=same and parallel.is_main())
+        if found is None:
+            raise PretrainError(f"--resume {a.resume}: no complete, readable checkpoint (step-XXXXXX with "
                                 f"{checkpoint.STATE}) in that directory")
-        return resume
+        return found[0]
     if checkpoint.latest(out) is not None:
         raise PretrainError(f"{out} already holds checkpoints ({checkpoint.latest(out).name}): pass --resume {out} "
                             f"to continue that run, or choose another --out")
