@@ -215,7 +215,7 @@ def compare(args, cfg, dtype) -> dict:
                                  ratio=round(res["minke"][big]["prefill_tok_s"]
                                              / res["transformers"][big]["prefill_tok_s"], 2))
     report["cache_bytes_per_token"] = {
-        "minke": cache_main, "minke_with_mtp": bytes_per_token(cfg, dtype),
+        "minke": cache_main, "minke_with_mtp": bytes_per_token(cfg, dtype, mtp=True),
         "transformers_measured": (round(res["transformers"][big]["cache_bytes_per_token"], 1)
                                   if hf is not None and res["transformers"][big]["cache_bytes_per_token"] else None),
         "decompressed_would_be": cfg.kv_cache_bytes_per_token(elt)["decompressed"]}

@@ -35,6 +35,7 @@ Shape legend: B rows, T new tokens per row, V vocab, D hidden.
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, replace
@@ -47,6 +48,7 @@ from .paged import PagedLatentCache, bytes_per_token
 from .sampling import SamplingParams
 
 DEFAULT_CACHE_BYTES = 1 << 30  # when neither num_blocks nor cache_bytes is given (capped by need)
+log = logging.getLogger("minke.engine")
 
 
 @dataclass
@@ -58,8 +60,9 @@ class Event:
     logprob: float | None = None
     top_logprobs: list | None = None  # [(token_id, logprob)] most likely first
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    error: str | None = None  # why the request failed (finish_reason "error")
 
 
 @dataclass
@@ -71,6 +74,7 @@ class Completion:
     stop_reason: int | str | None = None
     logprobs: list | None = None  # one float per token
     top_logprobs: list | None = None  # per token: [(token_id, logprob)]
+    error: str | None = None  # finish_reason "error": why
 
 
 @dataclass
@@ -84,6 +88,8 @@ class EngineStats:
     preemptions: int = 0
     draft_proposed: int = 0
     draft_accepted: int = 0
+    failed_forwards: int = 0  # forwards (or samplings) that raised; their rows were retried apart or failed
+    failed_requests: int = 0
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -100,7 +106,7 @@ class _Request:
         self.out: list[int] = []
         self.logprobs = [] if params.logprobs else None
         self.top = [] if params.top_logprobs else None
-        self.finish_reason = self.stop_reason = None
+        self.finish_reason = self.stop_reason = self.error = None
         self.stop_window = 4 * max(map(len, params.stop)) + 4 if params.stop else 0  # ≤ 4 tokens per char
         self.drafts: list[int] = []  # speculative: draft tokens after out[-1]
         self.draft_q: list = []  # their draft distributions (V,) when sampling
@@ -118,7 +124,7 @@ class _Request:
 
     def completion(self) -> Completion:
         return Completion(self.id, list(self.prompt), list(self.out), self.finish_reason, self.stop_reason,
-                          self.logprobs, self.top)
+                          self.logprobs, self.top, self.error)
 
 
 class _Group:
@@ -173,7 +179,7 @@ class Engine:
         eos = cfg.eos_token_id
         self.eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
 
-        block_bytes = bytes_per_token(cfg, self.dtype) * block_size
+        block_bytes = bytes_per_token(cfg, self.dtype, mtp=speculative) * block_size
         if num_blocks is None:
             if cache_bytes is None:
                 need = -(-(self.context + self.lookahead) // block_size) * max_batch
@@ -182,7 +188,7 @@ class Engine:
                 num_blocks = int(cache_bytes) // block_bytes
                 if num_blocks < 1:
                     raise ValueError(f"Engine: cache_bytes={cache_bytes} is less than one block ({block_bytes} bytes)")
-        self.cache = PagedLatentCache(cfg, num_blocks, block_size, self.dtype, self.device)
+        self.cache = PagedLatentCache(cfg, num_blocks, block_size, self.dtype, self.device, mtp=speculative)
 
         self.lock = threading.RLock()
         self.waiting: deque[_Request] = deque()
@@ -220,7 +226,13 @@ class Engine:
             raise ValueError(f"prompt_ids: the prompt has {P} tokens (+{self.lookahead} to decode) but the "
                              f"whole cache holds {self.cache.num_slots} tokens ({self.cache.num_blocks} "
                              f"blocks of {self.cache.block_size}); raise num_blocks or cache_bytes")
-        stop_ids = set(self.eos_ids if params.stop_token_ids is None else params.stop_token_ids)
+        if self.speculative and (params.min_tokens or params.repetition_penalty != 1):
+            raise ValueError("SamplingParams.min_tokens / repetition_penalty: not supported with speculative "
+                             "decoding (the drafts and the verify do not run the logits processors)")
+        if params.stop_token_ids is not None:
+            stop_ids = set(params.stop_token_ids)
+        else:
+            stop_ids = set() if params.ignore_eos else set(self.eos_ids)
         rid = next(self._ids) if request_id is None else request_id
         return _Request(rid, prompt, params, stop_ids, min(params.max_tokens, self.context - P),
                         params.generator(self.device), next(self._arrivals))
@@ -300,16 +312,75 @@ class Engine:
                 self.model.eval()
             try:
                 self._admit(events)
-                if self.running:
-                    if self.speculative:
-                        spec.decode_step(self, events)
-                    else:
-                        self._decode(events)
+                rows = self._make_room(events)
+                if rows and self.speculative:
+                    try:
+                        spec.decode_step(self, events, rows)
+                    except Exception as e:  # drafts and cache lengths are half updated: no retry
+                        self._failed(rows, e, events)
+                elif rows:
+                    self._isolate(rows, self._decode, events)
+            except Exception as e:  # outside any one forward: the culprit is unknown
+                log.exception("engine step failed")
+                self._fail_in_flight(e, events)
             finally:
+                self.cache._view = None
                 if training:
                     self.model.train()
             self.stats.steps += 1
             return events
+
+    # ---- failures: one request must never take down the others ---------------------------------
+    def _isolate(self, rows: list, run: Callable, events: list[Event]) -> None:
+        """``run(rows, events)``; when it raises, retry each half of the rows apart, down to single rows,
+        which then fail alone: a deterministic fault in one row's forward fails that row only. Safe
+        because a run commits nothing before its forward and sampling succeeded (cache lengths are
+        restored here; a retried sampling row draws from where its generator stopped)."""
+        lengths = {q.id: self.cache.lengths.get(q.id) for q in rows}
+        try:
+            run(rows, events)
+        except Exception as e:
+            self.stats.failed_forwards += 1
+            for sid, n in lengths.items():
+                if n is not None and sid in self.cache.lengths:
+                    self.cache.lengths[sid] = n
+            if len(rows) == 1:
+                self._failed(rows, e, events)
+                return
+            log.warning("engine: a forward over %d rows failed (%s: %s); retrying its halves apart",
+                        len(rows), type(e).__name__, e)
+            h = len(rows) // 2
+            self._isolate(rows[:h], run, events)
+            self._isolate([q for q in rows[h:] if self._live(q)], run, events)
+
+    @staticmethod
+    def _live(q) -> bool:
+        if isinstance(q, _Group):
+            return q.held or any(c.finish_reason is None for c in q.children)
+        return q.finish_reason is None
+
+    def _failed(self, rows: list, e: BaseException | str, events: list[Event]) -> None:
+        """Fail ``rows`` (requests; a group fails every unfinished child) with the error's message."""
+        msg = e if isinstance(e, str) else f"{type(e).__name__}: {e}"
+        if not isinstance(e, str):
+            log.error("engine: failing %d request(s): %s", len(rows), msg)
+        for q in rows:
+            if isinstance(q, _Group):
+                self._release_group(q)
+                self._failed([c for c in q.children if c.finish_reason is None], msg, events)
+            elif q.finish_reason is None:
+                q.error = msg
+                self.stats.failed_requests += 1
+                self._finish(q, "error", events=events)
+
+    def _fail_in_flight(self, e: BaseException, events: list[Event]) -> None:
+        """The step failed outside a forward we can attribute: fail every request that holds cache
+        blocks or runs (the in-flight batch), drop held prompts; waiting requests stay queued."""
+        waiting = set(map(id, self.waiting))
+        self._failed([r for r in list(self.requests.values())
+                      if id(r) not in waiting or r.id in self.cache.tables], e, events)
+        for g in list(self.groups.values()):
+            self._release_group(g)
 
     def _admit(self, events: list[Event]) -> None:
         """Admit the head of the queue while a batch row, the prefill budget (padded tokens) and free
@@ -367,9 +438,18 @@ class Engine:
             T = T_new
         if batch:
             self.running.extend(q for q in batch if not isinstance(q, _Group))
-            self._prefill(batch, events)
+            self._isolate(batch, self._prefill, events)
         for g, kids in forks:
-            self._fork(g, kids, events)
+            kids = [c for c in kids if c.finish_reason is None]
+            if not kids:
+                continue
+            if not g.held:  # its prompt's prefill failed (the children were failed with it)
+                self._failed(kids, "the shared prompt's prefill failed", events)
+                continue
+            try:
+                self._fork(g, kids, events)
+            except Exception as e:  # half-forked: no retry
+                self._failed(kids, e, events)
 
     def _drop_prefixes(self, batch: list, forks: list) -> bool:
         """When nothing runs or is being admitted, no blocks will come back by waiting: drop the prompts
@@ -414,17 +494,17 @@ class Engine:
         req = [i for i, r in enumerate(rows) if not isinstance(r, _Group)]
         reqs = [rows[i] for i in req]
         toks, lps, tops = self._choose(reqs, logits[req]) if reqs else ([], [], [])
-        for i, q in enumerate(rows):
-            if isinstance(q, _Group):
-                q.logits, q.hidden, q.held = logits[i].clone(), h[i].clone(), True
         g = None
         if self.speculative:
-            nxt = dict(zip(req, toks))  # a group's row: a placeholder next token at its last position
-            g = spec.prefill_drafts(self, rows, out.hidden, [nxt.get(i, 0) for i in range(B)], lens, draft=req)
+            nxt = dict(zip(req, toks))  # a group's row (or a row that failed to sample): a placeholder token
+            g = spec.prefill_drafts(self, rows, out.hidden, [nxt.get(i) or 0 for i in range(B)], lens, draft=req)
         self.cache.advance(T)
         for r, n in zip(rows, lens):
             self.cache.truncate(r.id, n)
             self.cache.shrink(r.id, n if isinstance(r, _Group) else n + self.lookahead)
+        for i, q in enumerate(rows):
+            if isinstance(q, _Group):
+                q.logits, q.hidden, q.held = logits[i].clone(), h[i].clone(), True
         if g is not None:
             spec.chain(self, reqs, g)
         self.stats.prefills += B
@@ -463,16 +543,13 @@ class Engine:
             self.cache.free(g)
             g.held, g.logits, g.hidden = False, None, None
 
-    def _decode(self, events: list[Event]) -> None:
-        rows = self._make_room(events)
-        if not rows:
-            return
+    def _decode(self, rows: list[_Request], events: list[Event]) -> None:
         ids = torch.tensor([[r.out[-1]] for r in rows], device=self.device)  # (B, 1)
         self.cache.begin([r.id for r in rows], 1)
         logits = self.model(ids, positions=self.cache.positions(1), cache=self.cache).logits[:, -1]  # (B, V)
-        self.cache.advance(1)
         self.stats.decode_forwards += 1
-        toks, lps, tops = self._choose(rows, logits)
+        toks, lps, tops = self._choose(rows, logits)  # before advance: a failure leaves nothing committed
+        self.cache.advance(1)
         for r, t, lp, top in zip(rows, toks, lps, tops):
             self._append(r, t, lp, top, events)
 
@@ -502,10 +579,11 @@ class Engine:
 
     # ---- tokens --------------------------------------------------------------------------------
     def _choose(self, rows: list[_Request], logits: torch.Tensor):
-        """logits (B, V) → tokens, logprobs and top logprobs per row (None where not asked for)."""
-        toks = sampling.sample(logits, [r.params for r in rows], [r.gen for r in rows])
+        """logits (B, V) → tokens, logprobs and top logprobs per row (None where not asked for). A row
+        whose logits are not finite gets token None (``_append`` fails it alone)."""
+        toks = sampling.sample(self._process(rows, logits), [r.params for r in rows], [r.gen for r in rows])
         lps, tops = [None] * len(rows), [None] * len(rows)
-        need = [i for i, r in enumerate(rows) if r.params.logprobs]
+        need = [i for i, r in enumerate(rows) if r.params.logprobs and toks[i] is not None]
         if need:
             top = max(rows[i].params.top_logprobs for i in need)
             chosen, best = sampling.logprobs(logits[need], [toks[i] for i in need], top)
@@ -515,8 +593,31 @@ class Engine:
                 tops[i] = best[j][:n] if n else None
         return toks, lps, tops
 
-    def _append(self, r: _Request, tok: int, lp, top, events: list[Event]) -> bool:
-        """Add one generated token, emit its event, finish the request on a stop; True when finished."""
+    @staticmethod
+    def _process(rows: list[_Request], logits: torch.Tensor) -> torch.Tensor:
+        """The logits processors that depend on a request's tokens (vLLM's semantics), before
+        sampling.sample's temperature/top-k/top-p: ``repetition_penalty`` divides the positive logits
+        and multiplies the negative ones of every token in the prompt or output; below ``min_tokens``
+        the stop token ids are masked. logits (B, V) → (B, V); the same tensor when neither applies."""
+        pen = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1]
+        short = [i for i, r in enumerate(rows) if len(r.out) < r.params.min_tokens and r.stop_ids]
+        if not pen and not short:
+            return logits
+        x = logits.float().clone()
+        for i in pen:
+            seen = torch.tensor(sorted(set(rows[i].tokens)), device=x.device)
+            v, p = x[i, seen], rows[i].params.repetition_penalty
+            x[i, seen] = torch.where(v > 0, v / p, v * p)
+        for i in short:
+            x[i, torch.tensor(sorted(rows[i].stop_ids), device=x.device)] = float("-inf")
+        return x
+
+    def _append(self, r: _Request, tok: int | None, lp, top, events: list[Event]) -> bool:
+        """Add one generated token, emit its event, finish the request on a stop; True when finished.
+        ``tok`` None (its logits were not finite) or a failing stop-string check fails the request alone."""
+        if tok is None:
+            self._failed([r], "the model's logits for this request are not finite (nan or inf)", events)
+            return True
         r.out.append(tok)
         if r.logprobs is not None:
             r.logprobs.append(lp)
@@ -524,9 +625,12 @@ class Engine:
             r.top.append(top)
         self.stats.generated_tokens += 1
         reason = stop = None
-        if tok in r.stop_ids:
+        early = len(r.out) < r.params.min_tokens  # vLLM: nothing stops a request before min_tokens
+        if tok in r.stop_ids and not early:
             reason, stop = "stop", tok
-        elif r.stop_window and (s := self._stop_string(r)) is not None:
+        elif r.stop_window and not early and (s := self._stop_string(r, events)) is not None:
+            if s is False:
+                return True
             reason, stop = "stop", s
         elif len(r.out) >= r.max_new:
             reason = "length"
@@ -535,9 +639,15 @@ class Engine:
             self._finish(r, reason, stop)
         return reason is not None
 
-    def _stop_string(self, r: _Request) -> str | None:
-        # Only the tail can hold a string the newest token completed (earlier ones were checked before).
-        text = self.decode_fn(r.out[-r.stop_window:])
+    def _stop_string(self, r: _Request, events: list[Event]) -> str | None | bool:
+        """The stop string the newest token completed, None, or False when decode_fn raised (the
+        request has failed). Only the tail can hold it (earlier tokens were checked before)."""
+        try:
+            text = self.decode_fn(r.out[-r.stop_window:])
+        except Exception as e:
+            events.append(Event(r.id, r.out[-1], finished=False))
+            self._failed([r], e, events)
+            return False
         return next((s for s in r.params.stop if s in text), None)
 
     def _finish(self, r: _Request, reason: str, stop=None, events: list[Event] | None = None) -> None:
@@ -560,7 +670,7 @@ class Engine:
         self.requests.pop(r.id, None)
         r.drafts, r.draft_q = [], []
         if events is not None:
-            events.append(Event(r.id, None, finished=True, finish_reason=reason, stop_reason=stop))
+            events.append(Event(r.id, None, finished=True, finish_reason=reason, stop_reason=stop, error=r.error))
 
     # ---- blocking conveniences -----------------------------------------------------------------
     def generate(self, prompts: Sequence[Sequence[int]],
@@ -587,6 +697,10 @@ class Engine:
         while any(r.finish_reason is None for r in reqs):
             if not self.step() and not self.running and self.waiting:
                 raise RuntimeError("engine made no progress: the head of the queue cannot be admitted")
+        failed = [r for r in reqs if r.finish_reason == "error"]
+        if failed:
+            raise RuntimeError(f"engine: {len(failed)} of {len(reqs)} requests failed; request "
+                               f"{failed[0].id!r}: {failed[0].error}")
         return [r.completion() for r in reqs]
 
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> Iterator[Event]:

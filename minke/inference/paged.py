@@ -1,8 +1,9 @@
 """Paged latent cache: MLA's c_kv and k_pe in fixed-size blocks shared by every sequence.
 
 PagedAttention's layout (vLLM) holding MLA latents instead of per-head K/V: per layer one pool of
-``num_blocks × block_size`` slots (slot = block · block_size + offset), L = num_hidden_layers +
-num_nextn_predict_layers layers so the MTP modules cache too. A sequence owns a block table (its
+``num_blocks × block_size`` slots (slot = block · block_size + offset), L = num_hidden_layers layers,
++ num_nextn_predict_layers with ``mtp=True`` (speculative decoding: the MTP modules cache too; their
+layers are only allocated then). A sequence owns a block table (its
 blocks in order) and a length; sequences of any lengths share the pool without copies, and a finished,
 aborted or preempted sequence hands its blocks back to the free pool at once.
 
@@ -34,9 +35,9 @@ import torch
 from ..config import ModelConfig
 
 
-def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Cache bytes one token takes over all L layers (MTP layers included)."""
-    return cfg.kv_cache_bytes_per_token(torch.empty((), dtype=dtype).element_size(), mtp=True)["latent"]
+def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, mtp: bool = False) -> int:
+    """Cache bytes one token takes over all L layers (the MTP layers included with ``mtp``)."""
+    return cfg.kv_cache_bytes_per_token(torch.empty((), dtype=dtype).element_size(), mtp=mtp)["latent"]
 
 
 @dataclass
@@ -54,10 +55,10 @@ class _View:
 
 class PagedLatentCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype=torch.float32,
-                 device="cpu"):
+                 device="cpu", mtp: bool = False):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"PagedLatentCache: num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
-        self.num_layers = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+        self.num_layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device)
         N = num_blocks * block_size

@@ -1,8 +1,11 @@
 """Per-request sampling: parameters, their validation, and logits → token.
 
 Order of the logits processors (as vLLM and transformers apply them): temperature, then top-k, then
-top-p (nucleus, always keeping the most likely token). Temperature 0 means greedy (argmax, no
-randomness). Each request owns a ``torch.Generator`` seeded from its ``seed``, and rows are sampled
+top-p (nucleus, always keeping the most likely token). A temperature below ``GREEDY_TEMPERATURE``
+(1e-5, vLLM's threshold too) means greedy (argmax, no randomness): dividing by a smaller one overflows
+fp32 for any logit gap above ~3e33·T, and its distribution is the argmax's anyway. Sampling runs in
+fp32 on logits minus each row's maximum, so every finite row gives a proper distribution; a row whose
+logits hold a nan or +inf, or no finite value, gets no token (None) and fails alone. Each request owns a ``torch.Generator`` seeded from its ``seed``, and rows are sampled
 one by one with their own generator, so a request's tokens do not depend on its batch mates.
 
 Logprobs are those of the model's raw distribution, ``log_softmax(logits)`` before temperature,
@@ -19,17 +22,21 @@ from dataclasses import dataclass
 
 import torch
 
-MAX_TOP_LOGPROBS = 20
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs; the server's requests use this one
+GREEDY_TEMPERATURE = 1e-5  # temperatures below it are greedy
 
 
 @dataclass
 class SamplingParams:
     max_tokens: int = 256  # new tokens at most (finish_reason "length")
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # below GREEDY_TEMPERATURE (0 included) = greedy
     top_p: float = 1.0  # nucleus mass in (0, 1]; 1 = off
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     seed: int | None = None  # per-request generator; None = a fresh random seed
-    stop_token_ids: list[int] | None = None  # None = the model's eos token(s); [] = none
+    stop_token_ids: list[int] | None = None  # None = the model's eos token(s) (none with ignore_eos); [] = none
+    ignore_eos: bool = False  # the model's eos does not stop (explicit stop_token_ids still do)
+    min_tokens: int = 0  # no stop token or stop string ends the request before this many tokens
+    repetition_penalty: float = 1.0  # vLLM/CTRL: > 1 discourages tokens already in the prompt or output
     stop: list[str] | None = None  # stop strings; need the engine's decode_fn
     logprobs: bool = False  # return the chosen token's logprob
     top_logprobs: int = 0  # and the n most likely tokens' logprobs (needs logprobs=True)
@@ -59,6 +66,13 @@ class SamplingParams:
                 self.stop = [self.stop]
             if not all(isinstance(s, str) and s for s in self.stop):
                 bad("stop", "must be a list of non-empty strings")
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", "must be a bool")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")
+        if (not _is_num(self.repetition_penalty) or not math.isfinite(self.repetition_penalty)
+                or self.repetition_penalty <= 0):
+            bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
         if not isinstance(self.logprobs, bool):
             bad("logprobs", "must be a bool")
         if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
@@ -69,7 +83,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_TEMPERATURE
 
     def generator(self, device) -> torch.Generator | None:
         """The request's own random stream (None when greedy: it draws nothing)."""
@@ -91,9 +105,12 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
                   top_p: torch.Tensor) -> torch.Tensor:
     """logits (B, V) → processed logits (B, V) fp32, -inf outside each row's top-k / top-p set.
 
-    temperature (B,) > 0, top_k (B,) int (0 = off), top_p (B,) in (0, 1]. Vectorized over rows.
+    temperature (B,) >= GREEDY_TEMPERATURE, top_k (B,) int (0 = off), top_p (B,) in (0, 1]. Vectorized
+    over rows. Each row's maximum is subtracted first, so a finite row keeps one logit at 0 and its
+    softmax is never nan (rows must be finite: see ``finite_rows``).
     """
-    x = logits.float() / temperature[:, None]
+    x = logits.float()
+    x = (x - x.max(-1, keepdim=True).values) / temperature[:, None]
     if bool((top_k > 0).any()) or bool((top_p < 1).any()):
         V = x.shape[-1]
         sorted_x, order = x.sort(dim=-1, descending=True)  # (B, V)
@@ -120,14 +137,25 @@ def probabilities(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
     return filter_logits(logits, t, k, tp).softmax(-1)
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
-    """logits (B, V) → one token per row: argmax for greedy rows, otherwise drawn with the row's generator."""
-    tokens = logits.argmax(-1).tolist()
-    rows = [i for i, p in enumerate(params) if not p.greedy]
+def finite_rows(logits: torch.Tensor) -> list[bool]:
+    """logits (B, V) → per row: no nan or +inf, and at least one finite value (-inf masks are fine)."""
+    x = logits.float()
+    return ((~torch.isnan(x) & (x != float("inf"))).all(-1) & torch.isfinite(x).any(-1)).tolist()
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int | None]:
+    """logits (B, V) → one token per row: argmax for greedy rows, otherwise drawn with the row's
+    generator; None for a row that cannot be sampled (``finite_rows``), which the caller fails alone."""
+    ok = finite_rows(logits)
+    tokens = [t if good else None for t, good in zip(logits.argmax(-1).tolist(), ok)]
+    rows = [i for i, p in enumerate(params) if not p.greedy and ok[i]]
     if rows:
         probs = probabilities(logits[rows], [params[i] for i in rows])
         for j, i in enumerate(rows):
-            tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]))
+            try:
+                tokens[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]))
+            except RuntimeError:  # cannot happen for a finite row; if it does, that row alone fails
+                tokens[i] = None
     return tokens
 
 

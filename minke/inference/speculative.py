@@ -130,9 +130,9 @@ def accept_sampled(logits: torch.Tensor, drafts: list[int], q: list, params, gen
     return out, len(drafts)
 
 
-def decode_step(engine, events) -> None:
-    """One speculative decode step for every running sequence (see the module docstring)."""
-    rows = engine._make_room(events)
+def decode_step(engine, events, rows=None) -> None:
+    """One speculative decode step for ``rows`` (default: every running sequence; see the module docstring)."""
+    rows = engine._make_room(events) if rows is None else rows
     if not rows:
         return
     model, cache, n = engine.model, engine.cache, engine.num_draft

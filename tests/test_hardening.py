@@ -1,0 +1,281 @@
+"""No request can hurt another (issue 11, items 1–3, 6 and 10's paged part), at the engine: a forward
+that raises fails only the rows that make it raise; a tiny temperature is greedy and a row with
+non-finite logits fails alone; vLLM's min_tokens / ignore_eos / repetition_penalty; the paged cache
+allocates MTP layers only for speculative decoding; limits, fair admission and chunked prefill.
+
+Each test names in its docstring the break it fails on (checked on the code before the fix)."""
+
+import pytest
+import torch
+
+import minke
+from minke.inference import sampling
+from minke.inference.engine import Engine
+from minke.inference.paged import PagedLatentCache, bytes_per_token
+from minke.inference.sampling import SamplingParams
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+GREEDY = dict(temperature=0.0, stop_token_ids=[])
+
+
+@pytest.fixture(scope="module")
+def model():
+    return minke.build(minke.preset("tiny"), seed=0, dtype=torch.float64)
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 1024, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def greedy_ref(model, prompt, n, process=None):
+    """Greedy by full recompute; ``process(logits (V,), out so far) -> logits`` applied before the argmax."""
+    ids, out = list(prompt), []
+    for _ in range(n):
+        logits = model(torch.tensor([ids])).logits[0, -1]
+        if process is not None:
+            logits = process(logits.clone(), out)
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+    return out
+
+
+def poison(engine, monkeypatch, bad, after_forwards=0):
+    """Make the model's forward raise whenever a row of request ``bad`` is in the batch (the test hook
+    for a request that breaks the engine), from the ``after_forwards``-th forward on."""
+    real = engine.model.forward
+    count = [0]
+
+    def forward(*a, **kw):
+        count[0] += 1
+        view = engine.cache._view
+        if count[0] > after_forwards and view is not None and bad in view.seq_ids:
+            raise RuntimeError("injected fault")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(engine.model, "forward", forward)
+
+
+def run(engine, ids, steps=500):
+    """Step until the requests ``ids`` finish; their final events by id."""
+    final = {}
+    for _ in range(steps):
+        for e in engine.step():
+            if e.finished:
+                final[e.request_id] = e
+        if all(i in final for i in ids):
+            return final
+    raise AssertionError(f"requests {[i for i in ids if i not in final]} did not finish in {steps} steps")
+
+
+# ---- item 1: a failing forward fails only its request ------------------------------------------------
+@pytest.mark.parametrize("when", ["prefill", "decode"])
+def test_failed_forward_fails_only_the_culprit(model, monkeypatch, when):
+    """Fails on the code before the fix: the exception left step() (every request lost)."""
+    ps = prompts([5, 9, 7, 6])
+    e = Engine(model, max_batch=4, block_size=4)
+    poison(e, monkeypatch, "bad", after_forwards=0 if when == "prefill" else 3)
+    ids = ["a", "bad", "b", "c"]
+    for i, p in zip(ids, ps):
+        e.add_request(p, SamplingParams(max_tokens=6, **GREEDY), request_id=i)
+    final = run(e, ids)
+    assert final["bad"].finish_reason == "error" and "injected fault" in final["bad"].error
+    assert e.stats.failed_requests == 1 and e.stats.failed_forwards >= 1
+    assert all(final[i].finish_reason == "length" for i in ids if i != "bad")
+    # the survivors' tokens are a lone greedy run's; then the engine serves new requests
+    e2 = Engine(model, max_batch=4, block_size=4)
+    want = e2.generate([p for i, p in zip(ids, ps) if i != "bad"], SamplingParams(max_tokens=6, **GREEDY))
+    monkeypatch.undo()
+    got = e.generate([p for i, p in zip(ids, ps) if i != "bad"], SamplingParams(max_tokens=6, **GREEDY))
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert e.cache.num_free_blocks == e.cache.num_blocks and not e.has_unfinished()
+
+
+def test_failed_decode_keeps_the_others_tokens(model, monkeypatch):
+    """The survivors of a failed decode step produce exactly their lone greedy tokens (fails if the
+    failed step's cache writes were committed, or if the failure was retried as a whole)."""
+    ps = prompts([4, 8, 6])
+    e = Engine(model, max_batch=3, block_size=4)
+    poison(e, monkeypatch, "bad", after_forwards=2)
+    streams = {i: [] for i in ("a", "bad", "b")}
+    for i, p in zip(streams, ps):
+        e.add_request(p, SamplingParams(max_tokens=8, **GREEDY), request_id=i)
+    while e.has_unfinished():
+        for ev in e.step():
+            if ev.token_id is not None:
+                streams[ev.request_id].append(ev.token_id)
+    assert streams["a"] == greedy_ref(model, ps[0], 8) and streams["b"] == greedy_ref(model, ps[2], 8)
+    assert len(streams["bad"]) < 8
+
+
+def test_step_failure_outside_a_forward_fails_the_batch_not_the_engine(model, monkeypatch):
+    """A fault the engine cannot attribute fails the in-flight requests only: waiting ones run later
+    and the engine keeps serving (fails before the fix: step() raised)."""
+    e = Engine(model, max_batch=2, block_size=4)
+    ps = prompts([5, 6, 7])
+    for i, p in zip("xyz", ps):
+        e.add_request(p, SamplingParams(max_tokens=4, **GREEDY), request_id=i)
+    e.step()  # x, y run; z waits
+    real = e._make_room
+    monkeypatch.setattr(e, "_make_room", lambda events: (_ for _ in ()).throw(RuntimeError("bookkeeping bug")))
+    events = e.step()
+    monkeypatch.setattr(e, "_make_room", real)
+    failed = {ev.request_id for ev in events if ev.finished and ev.finish_reason == "error"}
+    assert failed == {"x", "y"}
+    final = run(e, ["z"])
+    assert final["z"].finish_reason == "length"
+    assert e.cache.num_free_blocks == e.cache.num_blocks
+
+
+def test_generate_raises_naming_the_failed_request(model, monkeypatch):
+    e = Engine(model, max_batch=2)
+    monkeypatch.setattr(e.model, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="2 of 2 requests failed.*boom"):
+        e.generate(prompts([3, 4]), SamplingParams(max_tokens=2, **GREEDY))
+    assert e.cache.num_free_blocks == e.cache.num_blocks
+
+
+# ---- item 2: tiny temperatures, non-finite rows -------------------------------------------------------
+def test_tiny_temperature_beside_a_greedy_stream(model):
+    """temperature=1e-40 next to a greedy request: both answered, the tiny one exactly greedy (fails
+    before the fix: logits / 1e-40 overflowed and multinomial raised inside the shared step)."""
+    p = prompts([6])[0]
+    e = Engine(model, max_batch=2)
+    out = e.generate([p, p], [SamplingParams(max_tokens=6, **GREEDY),
+                              SamplingParams(max_tokens=6, temperature=1e-40, seed=0, stop_token_ids=[])])
+    assert out[0].token_ids == out[1].token_ids == greedy_ref(model, p, 6)
+    assert SamplingParams(temperature=sampling.GREEDY_TEMPERATURE / 2).greedy
+    assert not SamplingParams(temperature=sampling.GREEDY_TEMPERATURE).greedy
+
+
+def test_sampling_is_safe_per_row():
+    """A row with huge logits at the smallest sampling temperature samples its argmax; a nan row and
+    an all -inf row get None while the others are sampled (fails before the fix: nan probabilities /
+    multinomial raising for the whole batch)."""
+    V = 8
+    logits = torch.zeros(4, V)
+    logits[0, 3] = 3e38  # (x - max) / T stays finite at the max
+    logits[0, 5] = -3e38
+    logits[1, 2] = float("nan")
+    logits[2] = float("-inf")
+    logits[3, 6] = 50.0
+    params = [SamplingParams(temperature=sampling.GREEDY_TEMPERATURE, seed=1)] * 2 + [SamplingParams(seed=2)] * 2
+    gens = [p.generator("cpu") for p in params]
+    assert sampling.sample(logits, params, gens) == [3, None, None, 6]
+    greedy = [SamplingParams(temperature=0)] * 4
+    assert sampling.sample(logits, greedy, [None] * 4) == [3, None, None, 6]
+    probs = sampling.probabilities(logits[[0, 3]], params[:2])
+    assert torch.isfinite(probs).all() and float(probs[0, 3]) == 1.0
+
+
+def test_nan_logits_fail_that_request_alone(model, monkeypatch):
+    """A request whose logits turn nan fails; its batch mate finishes with its lone greedy tokens."""
+    ps = prompts([5, 7])
+    e = Engine(model, max_batch=2)
+    real = e.model.forward
+
+    def forward(*a, **kw):
+        out = real(*a, **kw)
+        rows = e.cache._view.seq_ids if e.cache._view is not None else []
+        if "nan" in rows and out.logits is not None:
+            out.logits[rows.index("nan")] = float("nan")
+        return out
+
+    monkeypatch.setattr(e.model, "forward", forward)
+    e.add_request(ps[0], SamplingParams(max_tokens=5, **GREEDY), request_id="ok")
+    e.add_request(ps[1], SamplingParams(max_tokens=5, temperature=0.7, seed=0, stop_token_ids=[]), request_id="nan")
+    toks = []
+    final = {}
+    while e.has_unfinished():
+        for ev in e.step():
+            if ev.request_id == "ok" and ev.token_id is not None:
+                toks.append(ev.token_id)
+            if ev.finished:
+                final[ev.request_id] = ev
+    assert final["nan"].finish_reason == "error" and "not finite" in final["nan"].error
+    assert final["ok"].finish_reason == "length" and toks == greedy_ref(model, ps[0], 5)
+
+
+# ---- item 6: min_tokens, ignore_eos, stop_token_ids, repetition_penalty ---------------------------------
+def test_min_tokens_masks_stop_tokens(model):
+    """vLLM's min_tokens: the stop ids are masked for the first min_tokens tokens, then stop as usual
+    (fails before the fix: the field did not exist / was ignored and the request stopped at 3)."""
+    p = prompts([6])[0]
+    ref = greedy_ref(model, p, 12)
+    t = ref[2]
+    e = Engine(model)
+    plain = e.generate([p], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[t]))[0]
+    assert plain.token_ids == ref[:3] and plain.finish_reason == "stop"
+
+    def mask(logits, out):
+        if len(out) < 5:
+            logits[t] = float("-inf")
+        return logits
+
+    want = greedy_ref(model, p, 12, mask)
+    got = e.generate([p], SamplingParams(max_tokens=12, temperature=0, stop_token_ids=[t], min_tokens=5))[0]
+    cut = next((k + 1 for k, x in enumerate(want) if x == t and k >= 4), 12)
+    assert got.token_ids == want[:cut] and t not in got.token_ids[:5]
+
+
+def test_ignore_eos(model):
+    p = prompts([6])[0]
+    ref = greedy_ref(model, p, 8)
+    e = Engine(model)
+    e.eos_ids = [ref[2]]  # the model's eos, for this test: its third greedy token
+    assert e.generate([p], SamplingParams(max_tokens=8, temperature=0))[0].token_ids == ref[:3]
+    out = e.generate([p], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0]
+    assert out.token_ids == ref and out.finish_reason == "length"
+    out = e.generate([p], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, stop_token_ids=[ref[4]]))[0]
+    assert out.token_ids == ref[:5] and out.stop_reason == ref[4]  # explicit stop ids still stop
+
+
+def test_repetition_penalty_vllm_semantics(model):
+    """Against a hand-written reference: every token seen in the prompt or output has its positive
+    logit divided and its negative logit multiplied by the penalty (fails with the sign rule swapped)."""
+    p = prompts([10])[0]
+
+    def penalize(logits, out):
+        seen = torch.tensor(sorted(set(p + out)))
+        v = logits[seen]
+        logits[seen] = torch.where(v > 0, v / 1.8, v * 1.8)
+        return logits
+
+    want = greedy_ref(model, p, 10, penalize)
+    assert want != greedy_ref(model, p, 10)  # the penalty changes this output
+    e = Engine(model, max_batch=2)
+    out = e.generate([p, p], [SamplingParams(max_tokens=10, repetition_penalty=1.8, **GREEDY),
+                              SamplingParams(max_tokens=10, **GREEDY)])
+    assert out[0].token_ids == want and out[1].token_ids == greedy_ref(model, p, 10)
+
+
+@pytest.mark.parametrize("field,value", [("min_tokens", -1), ("min_tokens", 300), ("repetition_penalty", 0.0),
+                                         ("repetition_penalty", float("nan")), ("ignore_eos", 1)])
+def test_bad_new_params_name_the_field(field, value):
+    with pytest.raises(ValueError, match=f"SamplingParams.{field}"):
+        SamplingParams(**{field: value}).validate()
+
+
+def test_processors_refused_with_speculative(model):
+    e = Engine(model, speculative=True)
+    with pytest.raises(ValueError, match="speculative"):
+        e.add_request([3, 4], SamplingParams(min_tokens=2))
+
+
+# ---- item 10: MTP layers in the paged cache only when drafting ---------------------------------------
+def test_paged_cache_allocates_mtp_layers_only_for_speculative(model):
+    """Fails before the fix: every cache held the MTP layers (num_layers 3 for a 2+1 model)."""
+    cfg = model.config
+    assert PagedLatentCache(cfg, 4, 4).num_layers == cfg.num_hidden_layers
+    assert PagedLatentCache(cfg, 4, 4, mtp=True).num_layers == cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+    per = {m: bytes_per_token(cfg, torch.float32, mtp=m) for m in (False, True)}
+    L, N = cfg.num_hidden_layers, cfg.num_nextn_predict_layers
+    assert per[True] * L == per[False] * (L + N)
+    plain, spec = Engine(model, num_blocks=8), Engine(model, num_blocks=8, speculative=True)
+    assert plain.cache.num_layers == L and spec.cache.num_layers == L + N
+    assert plain.cache.nbytes * (L + N) == spec.cache.nbytes * L
+    budget = bytes_per_token(cfg, torch.float64, mtp=True) * 64  # the model's dtype is the cache's
+    assert Engine(model, cache_bytes=budget, speculative=True).cache.num_slots == 64
+    more = 64 * (L + N) // L // 16 * 16  # more tokens (whole blocks of 16) without the MTP layers
+    assert Engine(model, cache_bytes=budget).cache.num_slots == more > 64
