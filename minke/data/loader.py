@@ -25,31 +25,49 @@ class DataError(ValueError):
     """A data file is missing, unreadable, empty or malformed, or holds too few tokens."""
 
 
+def jsonl_records(path: str | Path) -> list[tuple[str, dict]]:
+    """("FILE:LINE", object) for each non-blank line of a JSONL file; an unreadable file, a line that is
+    not JSON or not an object is a DataError naming the file (and line)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        out.append((where, rec))
+    return out
+
+
 def read_documents(paths: list[str]) -> list[str]:
     """Documents from text files: a ``.jsonl`` file gives one document per line (its ``text`` field),
     any other file is one document. Every error names the file (and line)."""
     docs = []
     for path in paths:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        except OSError as e:
-            raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
         if path.endswith(".jsonl"):
             found = []
-            for n, line in enumerate(text.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise DataError(f"{path}:{n}: expected an object with a string field 'text'")
+            for where, rec in jsonl_records(path):
+                if not isinstance(rec.get("text"), str):
+                    raise DataError(f"{where}: expected an object with a string field 'text'")
                 if rec["text"].strip():
                     found.append(rec["text"])
         else:
+            try:
+                text = Path(path).read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except OSError as e:
+                raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
             found = [text] if text.strip() else []
         if not found:
             raise DataError(f"{path}: no text in file (empty data file)")

@@ -15,10 +15,10 @@ be parsed: ``grade`` passes that on and the evaluation counts it as unparseable 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
+from ..data.loader import jsonl_records
 from ..tasks import Problem, extract_boxed, get_task, problems
 
 MATH = "math"  # Problem.meta["checker"] for free-form answers graded by math-verify
@@ -42,20 +42,7 @@ def read_jsonl(path: str | Path, name: str | None = None) -> list[Problem]:
     path = Path(path)
     name = name or path.stem
     out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read: {e}") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for where, row in jsonl_records(path):
         if "problem" in row:
             question, layout = row["problem"], "math"
         elif "question" in row:

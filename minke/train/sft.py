@@ -29,7 +29,6 @@ tokenizer; or ``--preset``/``--set`` with ``--tokenizer DIR`` trains a fresh stu
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, preset
-from ..data.loader import DataError, PackedLoader
+from ..data.loader import DataError, PackedLoader, jsonl_records
 from ..data.prompts import prompt_ids, r1_response
 from ..data.tokenizer import THINK, Tokenizer
 from ..model.transformer import build
@@ -89,21 +88,10 @@ def read_examples(paths: list[str]) -> list[tuple[list[dict], str]]:
     """(messages, where) per example; errors name the file and line."""
     out = []
     for path in paths:
-        try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: cannot read ({e})") from None
-        for n, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg})") from None
-            out.append((to_messages(rec, where), where))
-        if not out:
+        found = [(to_messages(rec, where), where) for where, rec in jsonl_records(path)]
+        if not found:
             raise DataError(f"{path}: no examples")
+        out += found
     return out
 
 
