@@ -20,8 +20,8 @@ MTP draft to verify, and emitting ``1 + acceptance`` tokens on average):
   ... FP8 ... core MLA computations ... BF16");
 - network time = the MoE all-to-all bytes that leave the node (dispatch in FP8, combine in BF16; one copy
   per remote expert, as DeepEP's low-latency decode kernels send them) / the GPU's NIC bandwidth;
-- step time = the largest of the three (perfect overlap: the roofline's optimism), tokens/s = emitted
-  tokens / step time.
+- step time = the largest of the three (perfect overlap: the roofline's optimism; their sum, no overlap at
+  all, is printed as the pessimistic end), tokens/s = emitted tokens / step time.
 Prefill is compute-bound (or NIC-bound): FLOPs per prompt token = GEMMs + causal attention in MHA mode
 over half the context on average; its all-to-all sends a token once per remote node (DeepEP's normal
 kernels forward inside the node over NVLink); prompt tokens that hit the prefix cache cost nothing.
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, replace
 
 from .config import PRESETS, ConfigError, ModelConfig, preset
@@ -345,6 +344,9 @@ def project(s: Sizes, acc: Accelerator, dep: Deployment, price: float) -> dict:
     L(f"  step = max(memory, compute, network) = {_t(step)} ({bound}-bound) → {b} × {emitted:.3g} / "
       f"{_t(step)} = {dec_gpu:,.0f} tok/s per GPU, {dec_gpu * G:,.0f} per node, "
       f"{emitted / step:.1f} per user")
+    serial = t_mem + t_comp + t_net
+    L(f"  no overlap at all        = {_t(t_mem)} + {_t(t_comp)} + {_t(t_net)} = {_t(serial)} → "
+      f"{b * emitted / serial * G:,.0f} tok/s per node (the pessimistic end)")
     held = hb * (s.embedding + s.head) + wb * (s.dense - s.embedding - s.head + slots * s.expert * s.moe_layers)
     if mtp:
         held += wb * (s.mtp_dense + slots * s.expert * s.mtp_moe_layers)
@@ -359,7 +361,8 @@ def project(s: Sizes, acc: Accelerator, dep: Deployment, price: float) -> dict:
                    "gemm_flops_per_step": fl_gemm, "bf16_flops_per_step": fl_bf16,
                    "network_bytes_per_step": net_step, "memory_s": t_mem, "compute_s": t_comp, "network_s": t_net,
                    "step_s": step, "bound": bound, "tok_s_per_gpu": dec_gpu, "tok_s_per_node": dec_gpu * G,
-                   "tok_s_per_user": emitted / step, "memory_bytes_per_gpu": mem, "fits": fits,
+                   "tok_s_per_user": emitted / step, "tok_s_per_node_no_overlap": b * emitted / serial * G,
+                   "memory_bytes_per_gpu": mem, "fits": fits,
                    "max_batch": max_batch}
 
     # ---- prefill ----
@@ -387,10 +390,14 @@ def project(s: Sizes, acc: Accelerator, dep: Deployment, price: float) -> dict:
           f"{_g(p_net)} B / {acc.nic_bytes_s / 1e9:g} GB/s = {_t(t_tok_net)}")
     L(f"  → {pre_gpu:,.0f} computed tok/s per GPU, {pre_node:,.0f} per node; with {dep.cache_hit:.1%} prefix-cache "
       f"hits {pre_node:,.0f} / (1 − {dep.cache_hit:g}) = {pre_node_hits:,.0f} input tok/s per node")
+    if t_tok_net:
+        L(f"  no overlap at all        = {_t(t_tok)} + {_t(t_tok_net)} → {G / (t_tok + t_tok_net):,.0f} computed "
+          f"tok/s per node, {G / (t_tok + t_tok_net) / (1 - dep.cache_hit):,.0f} with the hits")
     p_held = hb * (s.embedding + s.head) + wb * (s.dense - s.embedding - s.head + pslots * s.expert * s.moe_layers)
     r["prefill"] = {"expert_slots_per_gpu": pslots, "flops_s_per_token": t_tok, "network_s_per_token": t_tok_net,
                     "bound": "compute" if t_tok >= t_tok_net else "network", "tok_s_per_gpu": pre_gpu,
                     "tok_s_per_node": pre_node, "tok_s_per_node_with_hits": pre_node_hits,
+                    "tok_s_per_node_with_hits_no_overlap": G / (t_tok + t_tok_net) / (1 - dep.cache_hit),
                     "weight_bytes_per_gpu": p_held}
 
     # ---- dollars ----
@@ -414,16 +421,16 @@ def project(s: Sizes, acc: Accelerator, dep: Deployment, price: float) -> dict:
     day_cost = nodes * G * price * 24
     rev = (ds["cache_hit_tokens"] * ds["api_input_hit"] + (ds["input_tokens"] - ds["cache_hit_tokens"])
            * ds["api_input_miss"] + ds["output_tokens"] * ds["api_output"]) / 1e6
-    L(f"the day-6 traffic (608B input with 342B hits, 168B output) at these rates: (608e9 / {pre_node_hits:,.0f} + "
-      f"168e9 / {dec_gpu * G:,.0f}) / 86400 = {nodes:.1f} nodes → {nodes:.1f} × {G} × ${price:g} × 24 = "
-      f"${day_cost:,.0f}/day, margin (${rev:,.0f} − ${day_cost:,.0f}) / ${day_cost:,.0f} = "
-      f"{(rev - day_cost) / day_cost:.0%}")
-    L(f"DeepSeek day 6: (608e9 / 73,700 + 168e9 / 14,800) / 86400 = "
-      f"{(ds['input_tokens'] / ds['prefill_node_tok_s'] + ds['output_tokens'] / ds['decode_node_tok_s']) / 86400:.1f}"
-      f" nodes (published 226.75) → 226.75 × 8 × $2 × 24 = ${ds['nodes'] * 8 * 2 * 24:,.0f}/day; "
-      f"revenue at R1 prices "
-      f"342e9 × $0.14 + 266e9 × $0.55 + 168e9 × $2.19 = ${rev:,.0f} (published $562,027), margin "
-      f"(562,027 − 87,072) / 87,072 = {(ds['daily_revenue'] - ds['daily_cost']) / ds['daily_cost']:.0%}")
+    ds_nodes = (ds["input_tokens"] / ds["prefill_node_tok_s"] + ds["output_tokens"] / ds["decode_node_tok_s"]) / 86400
+    L("the day-6 traffic (608B input tokens, 342B of them cache hits; 168B output) at these rates:")
+    L(f"  nodes  = (608e9 / {pre_node_hits:,.0f} + 168e9 / {dec_gpu * G:,.0f}) / 86400 s = {nodes:.1f}   "
+      f"(day 6: (608e9 / 73,700 + 168e9 / 14,800) / 86400 = {ds_nodes:.1f}; published 226.75)")
+    L(f"  cost   = {nodes:.1f} × {G} × ${price:g} × 24 h = ${day_cost:,.0f}/day   "
+      f"(day 6: 226.75 × 8 × $2 × 24 = ${ds['nodes'] * 8 * 2 * 24:,.0f})")
+    L(f"  margin = (${rev:,.0f} − ${day_cost:,.0f}) / ${day_cost:,.0f} = {(rev - day_cost) / day_cost:.0%}   "
+      f"(day 6: (562,027 − 87,072) / 87,072 = {(ds['daily_revenue'] - ds['daily_cost']) / ds['daily_cost']:.0%})")
+    L(f"  revenue at R1 prices = 342e9 × $0.14 + 266e9 × $0.55 + 168e9 × $2.19 per 1M = ${rev:,.0f} "
+      f"(published $562,027)")
     L(f"projection / day 6: prefill {pre_node_hits / ds['prefill_node_tok_s']:.2f}×, decode "
       f"{dec_gpu * G / ds['decode_node_tok_s']:.2f}×, per-user speed {emitted / step:.0f} vs 20-22 tok/s")
     r["usd_per_1m"] = {"input_cache_miss": in_miss, "input_with_hits": in_all, "output": out}

@@ -51,6 +51,7 @@ def test_decode_and_prefill_projection_by_hand():
     assert d["bound"] == "compute" and d["step_s"] == pytest.approx(2.08)
     assert d["tok_s_per_gpu"] == pytest.approx(2 / 2.08)
     assert d["tok_s_per_node"] == pytest.approx(4 / 2.08)
+    assert d["tok_s_per_node_no_overlap"] == pytest.approx(4 / (2.08 + d["memory_s"]))  # no network term
     # memory held: embedding + head 200 × 2 B + (800 + 2 slots × 10) × 1 B = 1220, + 80 B of cache
     assert d["memory_bytes_per_gpu"] == pytest.approx(1300) and d["fits"]
     assert d["max_batch"] == (1_000_000 - 1220) // 40
@@ -93,6 +94,8 @@ def test_mtp_and_network_bound_by_hand():
     p = r["prefill"]
     assert p["network_s_per_token"] == pytest.approx(1.125) and p["flops_s_per_token"] == pytest.approx(0.91)
     assert p["bound"] == "network" and p["tok_s_per_gpu"] == pytest.approx(1 / 1.125)
+    assert p["tok_s_per_node_with_hits_no_overlap"] == pytest.approx(1 / (1.125 + 0.91))
+    assert d["tok_s_per_node_no_overlap"] == pytest.approx(3 / (d["memory_s"] + 5.24 + 6.0))
 
 
 def test_sizes_match_hand_counts():
@@ -130,7 +133,7 @@ def test_v3_on_h800_prints_the_arithmetic(capsys):
     assert cli.main(["cost", "--accelerator", "h800"]) == 0
     out = capsys.readouterr().out
     assert "v3-671b on H800" in out and "EP144" in out and "EP32" in out
-    assert "$87,072/day" in out and "545%" in out and "$2.19" in out and "$0.55" in out
+    assert "$87,072" in out and "545%" in out and "$2.19" in out and "$0.55" in out
     assert "ceil((256 + 32 redundant) / 144) = 2" in out
     assert main(["--json", "--nic-gb-s", "0"]) == 0
     r = json.loads(capsys.readouterr().out)
