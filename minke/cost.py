@@ -155,7 +155,12 @@ def read_bench(path: str, input_key: str | None = None, output_key: str | None =
     for side, (key, v) in found.items():
         if not v > 0:
             raise CostError(f"{path}: {key} = {v}: tokens/s must be > 0")
-    return {side: {"key": key, "tok_s": v} for side, (key, v) in found.items()}
+    out = {side: {"key": key, "tok_s": v} for side, (key, v) in found.items()}
+    cfg = data.get("config")
+    if isinstance(cfg, dict) and isinstance(cfg.get("params_total"), (int, float)):  # decode.py's record
+        out["model"] = f"{cfg.get('preset', 'model')} at {cfg.get('num_hidden_layers', '?')} layers, " \
+                       f"{cfg['params_total'] / 1e6:,.1f}M parameters, {data.get('dtype', '?')}"
+    return out
 
 
 def measured(rates: dict, price: float, accelerators: int) -> dict:
@@ -248,10 +253,11 @@ class Deployment:
     kv_element_bytes: float = 2.0  # BF16 latent cache (FlashMLA)
 
     def validate(self) -> None:
-        for k in ("gpus_per_node", "batch", "context", "decode_ep", "prefill_ep"):
+        for k, flag in (("gpus_per_node", "--accelerators"), ("batch", "--batch"), ("context", "--context"),
+                        ("decode_ep", "--decode-ep"), ("prefill_ep", "--prefill-ep")):
             v = getattr(self, k)
             if not (isinstance(v, int) and v >= 1):
-                raise CostError(f"--{k.replace('_', '-')} must be an integer >= 1, got {v!r}")
+                raise CostError(f"{flag} ({k}) must be an integer >= 1, got {v!r}")
         if self.redundant_experts < 0:
             raise CostError(f"--redundant-experts must be >= 0, got {self.redundant_experts}")
         if not 0 <= self.mtp_accept < 1:
@@ -493,14 +499,16 @@ def main(argv=None) -> int:
             n = 1 if a.accelerators is None else a.accelerators
             if a.bench:
                 found = read_bench(a.bench, a.input_key, a.output_key)
-                rates = {side: v["tok_s"] for side, v in found.items()}
+                rates = {side: found[side]["tok_s"] for side in ("input", "output") if side in found}
             else:
                 found = None
                 rates = {"input": a.tokens_per_s[0], "output": a.tokens_per_s[1]}
             r = measured(rates, a.price, n)
             if found:
-                for side, v in found.items():
-                    r[side]["key"] = v["key"]
+                for side in rates:
+                    r[side]["key"] = found[side]["key"]
+                if "model" in found:
+                    r["model"] = found["model"]
             _print_measured(r, a.bench, a.json)
             return 0
         cfg = ModelConfig.load(a.model) if a.model else preset(a.preset)
@@ -541,7 +549,7 @@ def _print_measured(r: dict, path: str | None, as_json: bool) -> None:
         return
     usd_h = r["usd_per_hour"]
     print(f"price: ${r['price_per_accelerator_hour']:g}/accelerator-hour × {r['accelerators']} = ${usd_h:g}/hour"
-          + (f"; figures from {path}" if path else ""))
+          + (f"; figures from {path}" if path else "") + (f" ({r['model']})" if "model" in r else ""))
     api = {"input": DEEPSEEK["api_input_miss"], "output": DEEPSEEK["api_output"]}
     for side in ("input", "output"):
         if side not in r:

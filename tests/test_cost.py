@@ -148,12 +148,14 @@ def test_measured_from_rates_and_files(tmp_path, capsys):
     assert r["input"]["usd_per_1m"] == pytest.approx(2.0) and r["output"]["usd_per_1m"] == pytest.approx(20.0)
     # benchmarks/decode.py's layout: the fastest decode run is the output figure
     f = tmp_path / "decode.json"
-    f.write_text(json.dumps({"prefill": {"tokens": 4096, "minke_tok_s": 2000.0},
+    f.write_text(json.dumps({"config": {"preset": "small", "num_hidden_layers": 4, "params_total": 106_804_480},
+                             "dtype": "float32", "prefill": {"tokens": 4096, "minke_tok_s": 2000.0},
                              "batch1_ctx512": {"minke_decode_tok_s": 10.0},
                              "batch8_ctx512": {"minke_decode_tok_s": 40.0}}))
     assert main(["--bench", str(f), "--price", "3.6", "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["output"]["key"] == "batch8_ctx512.minke_decode_tok_s"
+    assert r["model"] == "small at 4 layers, 106.8M parameters, float32"
     assert r["output"]["usd_per_1m"] == pytest.approx(25.0) and r["input"]["usd_per_1m"] == pytest.approx(0.5)
     assert read_bench(str(f), output_key="batch1_ctx512.minke_decode_tok_s")["output"]["tok_s"] == 10.0
     # vLLM benchmark_serving's result: input = total_input_tokens / duration
@@ -171,7 +173,8 @@ def test_measured_from_rates_and_files(tmp_path, capsys):
     (["--tokens-per-s", "10", "10", "--price", "0"], "--price must be > 0"),
     (["--accelerator", "A100"], "unknown accelerator 'A100'; known: H800, H100, H200"),
     (["--mtp-accept", "1"], "--mtp-accept must lie in [0, 1)"),
-    (["--batch", "0"], "--batch must be an integer >= 1"),
+    (["--batch", "0"], "--batch (batch) must be an integer >= 1"),
+    (["--accelerators", "0"], "--accelerators (gpus_per_node) must be an integer >= 1"),
     (["--tokens-per-s", "0", "10"], "input tokens/s must be > 0"),
 ])
 def test_bad_requests_are_named(argv, message):
