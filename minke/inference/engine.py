@@ -111,7 +111,6 @@ class _Request:
         self.drafts: list[int] = []  # speculative: draft tokens after out[-1]
         self.draft_q: list = []  # their draft distributions (V,) when sampling
         self.draft_logits = None  # the first draft's MTP logits (V,), kept for tests
-        self.tenant = rid  # admission takes turns between tenants (engine.add_request)
         self.group: _Group | None = None  # parallel sampling: the child's group
         self.forked = False  # a child that has started from the group's prompt
 
@@ -253,8 +252,6 @@ class Engine:
         kids = [self._make_request(prompt_ids, params if params.seed is None
                                    else replace(params, seed=(params.seed + j) % 2**63), (gid, j))
                 for j in range(n)]
-        for k in kids:
-            k.tenant = gid
         return _Group(gid, kids[0].prompt, kids)
 
     def _enqueue_group(self, g: _Group) -> None:
@@ -268,24 +265,19 @@ class Engine:
             self._enqueue(c)
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                    request_id=None, n: int = 1, tenant=None):
+                    request_id=None, n: int = 1):
         """Queue a request; returns its id (an int unless ``request_id`` is given). Thread-safe.
 
         ``n > 1`` queues a group of n samples sharing the prompt's prefill and returns the children's
         ids ``[(request_id, 0), …, (request_id, n - 1)]`` (``request_id`` generated when None); events
-        carry the child ids; ``abort(request_id)`` aborts every child, ``abort((request_id, j))`` one.
-        ``tenant``: who the request is for (e.g. one HTTP request's prompts): admission takes turns between
-        tenants (default: the request, or the group, is its own)."""
+        carry the child ids; ``abort(request_id)`` aborts every child, ``abort((request_id, j))`` one."""
         _check_n(n)
         with self.lock:
             if n == 1:
                 r = self._make_request(prompt_ids, params, request_id)
-                r.tenant = r.id if tenant is None else tenant
                 self._enqueue(r)
                 return r.id
             g = self._make_group(prompt_ids, params, request_id, n)
-            for c in g.children:
-                c.tenant = g.gid if tenant is None else tenant
             self._enqueue_group(g)
             return [c.id for c in g.children]
 
