@@ -18,7 +18,7 @@ from minke.inference.sampling import SamplingParams
 from minke.serve import server
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-from minke.serve.protocol import TextStream, split_reasoning
+from minke.text import TextStream, split_reasoning
 
 KEY, NAME = "sk-test", "tiny-chat"
 GREEDY = dict(temperature=0, max_tokens=64)
@@ -47,9 +47,10 @@ def serving(app):
 def setup():
     model, tok = make()
     engine = Engine(model, max_batch=32, decode_fn=tok.decode)
-    with serving(server.create_app(engine, tok, model_name=NAME, api_key=KEY)) as url:
+    app = server.create_app(engine, tok, model_name=NAME, api_key=KEY)
+    with serving(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
-        yield dict(url=url, client=client, engine=engine, model=model, tok=tok)
+        yield dict(url=url, client=client, engine=engine, model=model, tok=tok, engine_loop=app.state.engine_loop)
     assert not engine.has_unfinished()
 
 
@@ -295,3 +296,251 @@ def test_serve_main_wires_checkpoint(tmp_path, monkeypatch):
         client = openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0, timeout=60)
         msg = chat(client, [{"role": "user", "content": "hi"}], model="ckpt").choices[0].message
         assert (msg.reasoning_content, msg.content) == HI
+
+
+# ---- issue 11: no request can hurt another ----------------------------------------------------------
+MARK = 300  # a token id that, in a prompt, makes the poisoned forward below raise
+
+
+@contextmanager
+def poisoned(engine, after_tokens=0):
+    """The test hook for a request that breaks the engine: any forward over a row whose prompt holds
+    MARK raises once that row has ``after_tokens`` output tokens."""
+    real = engine.model.forward
+
+    def forward(*a, **kw):
+        view = engine.cache._view
+        for sid in (view.seq_ids if view is not None else ()):
+            r = engine.requests.get(sid)
+            if r is not None and MARK in r.prompt and len(r.out) >= after_tokens:
+                raise RuntimeError("injected fault")
+        return real(*a, **kw)
+
+    engine.model.forward = forward
+    try:
+        yield
+    finally:
+        del engine.model.forward
+
+
+def post(setup, path, body, **kw):
+    return httpx.post(setup["url"] + path, json=body, headers={"Authorization": f"Bearer {KEY}"},
+                      timeout=kw.pop("timeout", 60), **kw)
+
+
+def test_failed_request_is_a_500_and_the_server_goes_on(setup):
+    """A request that makes the engine raise gets a 500 (non-streaming) or an error event (streaming);
+    a request beside it and every later one are answered (fails before the fix: the engine thread died
+    on the next abort and every later request hung)."""
+    engine, tok = setup["engine"], setup["tok"]
+    ids = tok.encode("1 + 1", add_bos=True)
+    text, _ = reference(setup, ids, 8)
+    for after, stream in ((0, False), (2, True)):
+        with poisoned(engine, after_tokens=after), ThreadPoolExecutor(2) as pool:
+            bad = pool.submit(post, setup, "/v1/completions", {"model": NAME, "prompt": ids + [MARK], "max_tokens": 8,
+                                                               "temperature": 0, "stream": stream})
+            good = pool.submit(post, setup, "/v1/completions", {"model": NAME, "prompt": ids, "max_tokens": 8,
+                                                                "temperature": 0})
+            bad, good = bad.result(), good.result()
+        assert good.status_code == 200 and good.json()["choices"][0]["text"] == text
+        if stream:
+            assert bad.status_code == 200 and '"server_error"' in bad.text and "injected fault" in bad.text
+            assert bad.text.rstrip().endswith("data: [DONE]")
+        else:
+            assert bad.status_code == 500 and "injected fault" in bad.json()["error"]["message"]
+        healthy(setup)
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_health_reports_a_dead_or_stuck_engine(setup, monkeypatch):
+    """Fails before the fix: /health said "ok" whatever the engine thread did."""
+    runner = setup["engine_loop"]
+    runner.stop()
+    r = httpx.get(setup["url"] + "/health")
+    assert r.status_code == 503 and r.json()["status"] == "dead"
+    runner.start()
+    healthy(setup)
+
+    gate, inside = threading.Event(), threading.Event()
+    real = setup["engine"].step
+
+    def slow_step():
+        inside.set()
+        assert gate.wait(30), "the test never released the step"
+        return real()
+
+    monkeypatch.setattr(setup["engine"], "step", slow_step)
+    monkeypatch.setattr(runner, "stuck_after", 0.05)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(post, setup, "/v1/completions", {"model": NAME, "prompt": "1", "max_tokens": 2})
+        assert inside.wait(30)
+        for _ in range(300):
+            r = httpx.get(setup["url"] + "/health")
+            if r.status_code == 503:
+                break
+            time.sleep(0.01)
+        assert r.status_code == 503 and r.json()["status"] == "stuck" and "engine step" in r.json()["reason"]
+        monkeypatch.setattr(setup["engine"], "step", real)
+        gate.set()
+        assert fut.result().status_code == 200
+    monkeypatch.setattr(runner, "stuck_after", 120.0)
+    healthy(setup)
+
+
+def test_api_key_bytes_env_and_file(setup, tmp_path, monkeypatch):
+    """A non-ASCII key is a 401, not a 500 (compare_digest on str raised); a non-ASCII server key
+    matches the client's UTF-8 bytes; the key comes from --api-key-file or $MINKE_API_KEY."""
+    r = httpx.get(setup["url"] + "/v1/models", headers=[(b"authorization", "Bearer clé-ключ".encode())])
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    from fastapi.testclient import TestClient
+
+    app = server.create_app(setup["engine"], setup["tok"], model_name=NAME, api_key="clé-ключ")
+    client = TestClient(app)  # no lifespan: /v1/models does not need the engine thread
+    assert client.get("/v1/models", headers=[(b"authorization", "Bearer clé-ключ".encode())]).status_code == 200
+    assert client.get("/v1/models", headers=[(b"authorization", b"Bearer cl\xe9")]).status_code == 401
+
+    parse = lambda *args: server.api_key(server._parser().parse_args(["--model", "m", *args]))
+    (tmp_path / "key").write_text("sk-from-file\n")
+    monkeypatch.delenv("MINKE_API_KEY", raising=False)
+    assert parse() is None and parse("--api-key", "sk-a") == "sk-a"
+    assert parse("--api-key-file", str(tmp_path / "key")) == "sk-from-file"
+    monkeypatch.setenv("MINKE_API_KEY", "sk-env")
+    assert parse() == "sk-env" and parse("--api-key-file", str(tmp_path / "key")) == "sk-from-file"
+    (tmp_path / "empty").write_text("\n")
+    for args, msg in ((("--api-key-file", str(tmp_path / "empty")), "first line is empty"),
+                      (("--api-key-file", str(tmp_path / "missing")), "missing"),
+                      (("--api-key", "a", "--api-key-file", str(tmp_path / "key")), "not both")):
+        with pytest.raises(SystemExit, match=msg):
+            parse(*args)
+
+
+def test_non_streaming_request_aborts_on_disconnect(setup, monkeypatch):
+    """A client that hangs up on a non-streaming request: the engine request is aborted and its blocks
+    freed (fails before the fix: it ran to max_tokens)."""
+    engine = setup["engine"]
+    aborted, gate, stepped = [], threading.Event(), threading.Event()
+    real_abort, real_step = engine.abort, engine.step
+    monkeypatch.setattr(engine, "abort", lambda rid: aborted.append(real_abort(rid)) or aborted[-1])
+
+    def step():  # hold the engine after its first step until the client has gone
+        events = real_step()
+        stepped.set()
+        assert gate.wait(30), "the test never released the engine"
+        return events
+
+    monkeypatch.setattr(engine, "step", step)
+    with pytest.raises(httpx.ReadTimeout):
+        post(setup, "/v1/completions", {"model": NAME, "prompt": "1 + 1", "max_tokens": 200, "temperature": 0,
+                                        "ignore_eos": True}, timeout=httpx.Timeout(30, read=0.5))
+    assert stepped.is_set()
+    monkeypatch.setattr(engine, "step", real_step)
+    gate.set()
+    for _ in range(500):
+        if aborted and not engine.has_unfinished():
+            break
+        time.sleep(0.01)
+    assert aborted == [True]  # the request was still running when the server aborted it
+    assert engine.cache.num_free_blocks == engine.cache.num_blocks
+    healthy(setup)
+
+
+def test_vllm_sampling_fields(setup):
+    """stop_token_ids, min_tokens, ignore_eos, repetition_penalty reach the engine (they were accepted
+    and dropped before the fix)."""
+    client, tok, engine = setup["client"], setup["tok"], setup["engine"]
+    hi = [{"role": "user", "content": "hi"}]
+    ids = tok.encode(tok.apply_chat_template(hi))
+    natural = len(tok.encode(reply(HI))) + 1  # the reply and its eos
+    extra = lambda **kw: chat(client, hi, extra_body=kw)
+    r = extra(ignore_eos=True, max_tokens=natural + 3)
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == natural + 3
+    r = extra(min_tokens=natural + 2, max_tokens=natural + 6)
+    want = Engine(setup["model"]).generate([ids], SamplingParams(max_tokens=natural + 6, temperature=0,
+                                                                 stop_token_ids=[tok.eos_id], min_tokens=natural + 2))[0]
+    assert r.usage.completion_tokens == len(want.token_ids) >= natural + 2
+    assert r.choices[0].finish_reason == want.finish_reason
+    second = tok.encode(reply(HI))[1]
+    r = extra(stop_token_ids=[second])
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 2
+    r = extra(repetition_penalty=1.3, max_tokens=12)
+    want = Engine(setup["model"]).generate([ids], SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.3,
+                                                                 stop_token_ids=[tok.eos_id]))[0]
+    text = tok.decode(want.token_ids, skip_special_tokens=True)
+    assert (r.choices[0].message.reasoning_content or "") + ("</think>" + r.choices[0].message.content
+                                                            if "</think>" in text else "") == text
+
+
+def test_logprobs_bytes_and_text_offset(setup):
+    """Chat logprobs' bytes are each token's own bytes (a byte-level token inside a UTF-8 character is
+    not U+FFFD's); completions' text_offset counts from the start of the text across stream chunks."""
+    from minke.text import token_bytes
+
+    client, tok = setup["client"], setup["tok"]
+    text = "héllo 世界 🙂"
+    ids = tok.encode(text)
+    assert b"".join(token_bytes(tok, i) for i in ids) == text.encode()
+    assert token_bytes(tok, tok.eos_id) == tok.decode([tok.eos_id]).encode()
+    r = chat(client, [{"role": "user", "content": "hi"}], max_tokens=6, logprobs=True, top_logprobs=2)
+    lp = r.choices[0].logprobs.content
+    gen = Engine(setup["model"]).generate([tok.encode(tok.apply_chat_template([{"role": "user", "content": "hi"}]))],
+                                          SamplingParams(max_tokens=6, temperature=0, stop_token_ids=[tok.eos_id]))[0]
+    assert [e.bytes for e in lp] == [list(token_bytes(tok, i)) for i in gen.token_ids]
+    chunks = list(client.completions.create(model=NAME, prompt="Question: 12 + 7", max_tokens=8, temperature=0,
+                                            stream=True, logprobs=1))
+    toks = [t for ch in chunks if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens]
+    offsets = [o for ch in chunks if ch.choices and ch.choices[0].logprobs for o in ch.choices[0].logprobs.text_offset]
+    assert len(toks) == 8 and offsets == [sum(map(len, toks[:k])) for k in range(8)]
+
+
+def test_tokenization_runs_off_the_event_loop(setup, monkeypatch):
+    """While one prompt is being tokenized, the server keeps answering (fails before the fix: a 4 MB
+    prompt's encode blocked every stream)."""
+    tok = setup["tok"]
+    real, gate, inside = tok.encode, threading.Event(), threading.Event()
+
+    def encode(text, *a, **kw):
+        if "SLOW" in text:
+            inside.set()
+            assert gate.wait(30)
+        return real(text, *a, **kw)
+
+    monkeypatch.setattr(tok, "encode", encode)
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(post, setup, "/v1/completions", {"model": NAME, "prompt": "SLOW 1 + 1", "max_tokens": 2})
+        assert inside.wait(30)
+        try:
+            assert httpx.get(setup["url"] + "/health", timeout=10).status_code == 200
+        finally:
+            gate.set()
+        assert fut.result().status_code == 200
+
+
+def test_request_limits_and_refused_fields(setup):
+    """Each limit is a 4xx naming it; OpenAI fields minke cannot honour are refused by name (they were
+    silently ignored, and a 50 x 128 request became 6,400 engine sequences)."""
+    body = lambda **kw: {"model": NAME, "prompt": "1", "max_tokens": 1, **kw}
+    cases = [
+        (body(prompt=["1"] * 65), 400, "prompt", "max_prompts"),
+        (body(n=129), 400, "n", "max_n"),
+        (body(prompt=["1"] * 50, n=128), 400, "n", "max_sequences"),
+        (body(stop=["a", "b", "c", "d", "e"]), 400, "stop", "at most 4"),
+        (body(stop=["x" * 257]), 400, "stop", "max_stop_chars"),
+        (body(response_format={"type": "json_object"}), 400, None, "response_format"),
+        (body(best_of=2), 400, None, "best_of"),
+        (body(tool_choice="auto"), 400, None, "tool_choice"),
+        (body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, None, "tools"),
+        (body(prompt="1 " * (5 << 20)), 413, None, "max_body_bytes"),
+    ]
+    for b, status, param, words in cases:
+        r = post(setup, "/v1/completions", b)
+        assert r.status_code == status, (b.get("prompt", "")[:20], r.text[:200])
+        err = r.json()["error"]
+        assert err["param"] == param and words in err["message"], err
+    ok = post(setup, "/v1/completions", body(best_of=1, response_format={"type": "text"}, tool_choice="none"))
+    assert ok.status_code == 200
+    # a body without Content-Length (chunked) is counted as it arrives
+    big = (b'{"model": "%s", "prompt": "' % NAME.encode()) + b"1 " * (5 << 20) + b'"}'
+    r = httpx.post(setup["url"] + "/v1/completions", content=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    healthy(setup)

@@ -26,8 +26,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", action="store_true", help="draft with the MTP module and verify")
 
 
-def open_model(a: argparse.Namespace, max_batch: int):
-    """(Engine, Tokenizer, model name) for a checkpoint directory holding its tokenizer files."""
+def open_model(a: argparse.Namespace, max_batch: int, **engine_kw):
+    """(Engine, Tokenizer, model name) for a checkpoint directory holding its tokenizer files;
+    ``engine_kw`` go to the Engine (e.g. max_prefill_tokens)."""
     import minke
     from minke.data.tokenizer import Tokenizer
     from .engine import Engine
@@ -40,7 +41,7 @@ def open_model(a: argparse.Namespace, max_batch: int):
     tokenizer = Tokenizer.load(path)
     model = minke.load(path, dtype=dtype, device=device)
     engine = Engine(model, max_batch=max_batch, decode_fn=tokenizer.decode, speculative=a.speculative,
-                    num_draft=getattr(a, "num_draft", 1))
+                    num_draft=getattr(a, "num_draft", 1), **engine_kw)
     return engine, tokenizer, path.resolve().name
 
 
@@ -66,8 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    from minke.serve.protocol import TextStream
-
+    from ..text import TextStream
     from .sampling import SamplingParams
 
     engine, tok, _ = open_model(a, max_batch=1)

@@ -18,7 +18,7 @@ from contextlib import closing
 
 from ..data.tokenizer import THINK
 from ..inference.generate import add_model_args, open_model
-from .protocol import TextStream
+from ..text import TextStream
 
 DIM, RESET = "\x1b[2m", "\x1b[0m"
 

@@ -1,26 +1,29 @@
-"""The OpenAI wire format (request and response models) and the text layer between the engine's token
-ids and it.
+"""The OpenAI wire format: request and response models (the text itself is minke/text.py's).
 
 Requests are pydantic models: a field out of range becomes a 400 naming it (server.py). Unknown
 fields are ignored as OpenAI's optional extras (``user``, ``metadata``…), except those whose meaning
-minke would silently drop (``UNSUPPORTED``): a non-default value of one of them is a 400.
-
-`TextStream` turns one choice's token ids into text deltas: incremental detokenization that holds
-back an unfinished UTF-8 sequence, stop strings (the text is cut before the string; a string still
-forming is held back), and DeepSeek-R1's split of the ``<think>…</think>`` block into
-``reasoning_content`` and ``content`` (as DeepSeek's API returns them).
+minke would silently drop (``UNSUPPORTED``): a value of one of them other than None or its "off"
+value is a 400 naming it. vLLM's extensions minke implements: ``top_k``, ``min_tokens``,
+``ignore_eos``, ``repetition_penalty``, ``stop_token_ids``.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Sequence
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..data.tokenizer import END_THINK, THINK
+from ..inference.sampling import MAX_TOP_LOGPROBS
 
-UNSUPPORTED = ("presence_penalty", "frequency_penalty", "logit_bias", "tools", "functions", "suffix", "echo")
-MAX_TOP_LOGPROBS = 20
+MAX_STOP = 4  # OpenAI's bound on the number of stop strings
+# field → the values that mean "off" (None always does): anything else would be silently ignored
+UNSUPPORTED = {
+    "presence_penalty": (0,), "frequency_penalty": (0,), "logit_bias": ({},), "suffix": ("",), "echo": (False,),
+    "tools": ([],), "functions": ([],), "tool_choice": ("none",), "function_call": ("none",),
+    "response_format": ({"type": "text"},), "best_of": (1,), "use_beam_search": (False,), "prompt_logprobs": (0,),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
+    "prediction": (), "audio": (), "modalities": (["text"],),
+}
 
 
 # ---- requests ----------------------------------------------------------------------------------
@@ -36,7 +39,11 @@ class _Sampling(BaseModel):
     top_k: int = Field(0, ge=0)  # vLLM's extension; 0 = off
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = Field(default_factory=list)  # a list after validation
-    n: int = Field(1, ge=1, le=128)
+    stop_token_ids: list[int] | None = None  # stop on these too (the model's eos stops unless ignore_eos)
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
+    repetition_penalty: float = Field(1.0, gt=0)
+    n: int = Field(1, ge=1)  # the server's limits bound it
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -46,13 +53,15 @@ class _Sampling(BaseModel):
         v = [v] if isinstance(v, str) else v or []
         if not all(v):
             raise ValueError("stop strings must not be empty")
+        if len(v) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(v)}")
         return v
 
     @model_validator(mode="after")
     def _unsupported(self):
         for k, v in (self.model_extra or {}).items():
-            if k in UNSUPPORTED and v not in (None, 0, False, [], {}, ""):
-                raise ValueError(f"{k} is not supported by minke (got {v!r})")
+            if k in UNSUPPORTED and v is not None and v not in UNSUPPORTED[k]:
+                raise ValueError(f"{k} is not supported by minke (got {repr(v)[:80]})")
         return self
 
 
@@ -187,91 +196,3 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
-
-
-# ---- text --------------------------------------------------------------------------------------
-def _partial(text: str, patterns: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of one of ``patterns``."""
-    for k in range(min(len(text), max(map(len, patterns), default=1) - 1), 0, -1):
-        if any(p.startswith(text[-k:]) for p in patterns):
-            return k
-    return 0
-
-
-class TextStream:
-    """One choice's token ids → (reasoning, content) text deltas.
-
-    ``think``: the prompt opened a ``<think>`` block (R1's generation prompt ends with "<think>\\n"),
-    so the text is reasoning until ``</think>``; with ``think=False`` a response that itself opens
-    with ``<think>`` is split too. ``split=False`` (plain completions) keeps all text as content.
-    After ``add`` returns, ``stopped`` says a stop string ended the text (abort the sequence).
-    """
-
-    def __init__(self, decode: Callable[..., str], stop: Sequence[str] = (), think: bool = False,
-                 split: bool = True):
-        self.decode, self.stop = decode, list(stop)
-        self.ids: list[int] = []
-        self.prefix = self.read = 0  # ids[prefix:read] is context already emitted; ids[read:] is new
-        self.text, self.sent = "", 0  # text decoded so far; how much of it passed the stop check
-        self.stopped = False
-        self.state = ("think" if think else "start") if split else "content"
-        self.pending = ""  # released text still waiting for the reasoning split
-        self.reasoning, self.content = "", ""
-
-    def add(self, ids: Sequence[int], final: bool = False) -> tuple[str, str]:
-        if self.stopped:
-            return "", ""
-        self.ids.extend(ids)
-        # Decode a short window so each step costs O(new tokens): the window's first tokens are context
-        # (sentencepiece-style decoders treat a leading space differently at the start of a text).
-        context = self.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
-        window = self.decode(self.ids[self.prefix:], skip_special_tokens=True)
-        if window.endswith("\ufffd") and not final:
-            return "", ""  # an unfinished UTF-8 sequence: wait for its other bytes
-        self.text += window[len(context):]
-        self.prefix, self.read = self.read, len(self.ids)
-        hits = [i for i in (self.text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
-        if hits:
-            self.stopped, end = True, min(hits)
-        else:
-            end = len(self.text) - (0 if final else _partial(self.text[self.sent:], self.stop))
-        new, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return self._split(new, final or self.stopped)
-
-    def finish(self) -> tuple[str, str]:
-        """The text held back, once the sequence has ended."""
-        return self.add([], final=True)
-
-    def _split(self, new: str, final: bool) -> tuple[str, str]:
-        s = self.pending + new
-        reasoning = content = ""
-        if self.state == "start":  # nothing released yet: does the response open a <think> block?
-            head = s.lstrip()
-            if head.startswith(THINK):
-                self.state, s = "think", head[len(THINK):]
-            elif THINK.startswith(head) and not final:
-                self.pending = s
-                return "", ""
-            else:
-                self.state = "content"
-        if self.state == "think":
-            i = s.find(END_THINK)
-            if i >= 0:
-                reasoning, content, self.state = s[:i], s[i + len(END_THINK):], "content"
-                s = ""
-            else:
-                k = 0 if final else _partial(s, [END_THINK])
-                reasoning, s = s[:len(s) - k], s[len(s) - k:]
-        else:
-            content, s = s, ""
-        self.pending = s
-        self.reasoning += reasoning
-        self.content += content
-        return reasoning, content
-
-
-def split_reasoning(text: str, think: bool = True) -> tuple[str, str]:
-    """(reasoning, content) of a whole response; the streaming split gives the same."""
-    t = TextStream(lambda ids, **_: "", think=think)
-    t._split(text, final=True)
-    return t.reasoning, t.content

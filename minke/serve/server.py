@@ -1,6 +1,6 @@
 """`minke serve`: an OpenAI-compatible HTTP server over the engine.
 
-    minke serve --model out/ckpt --port 8000 [--api-key KEY]
+    minke serve --model out/ckpt --port 8000 [--api-key-file FILE]   # or MINKE_API_KEY=... in the environment
     curl localhost:8000/v1/chat/completions -H 'content-type: application/json' \\
          -d '{"model": "ckpt", "messages": [{"role": "user", "content": "What is 2 + 3?"}]}'
 
@@ -15,6 +15,15 @@ away, or a stop string, aborts the engine request, which frees its cache blocks.
 engine group per prompt: the prompt is prefilled once and forked into the n choices (choice j seeded
 ``seed + j``), as vLLM's parallel sampling. Every error is an
 OpenAI-style body ``{"error": {"message", "type", "param", "code"}}``.
+
+No request can hurt another: what one request may ask is bounded (``Limits``: prompts, n, sequences,
+stop strings, body bytes; a 4xx names the limit); tokenization and the chat template run in a worker
+thread, never on the event loop; the engine thread survives any exception (the engine fails only the
+requests that raised, those get a 500; a request whose failure the engine cannot attribute fails with
+its batch, never the thread); a non-streaming request whose client hangs up is aborted like a stream;
+each HTTP request is its own tenant of the engine's round-robin admission, so a 6,400-sequence request
+does not starve a small one; ``/health`` answers 503 when the engine thread is dead or one step has run
+longer than ``stuck_after`` seconds.
 """
 
 from __future__ import annotations
@@ -22,12 +31,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import secrets
 import threading
 import time
 import uuid
 from collections import defaultdict
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -38,10 +49,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data.tokenizer import THINK
 from ..inference.sampling import SamplingParams
+from ..text import TextStream, token_bytes
 from . import protocol as P
 
 log = logging.getLogger("minke.serve")
 PAGE = Path(__file__).with_name("static") / "index.html"  # the web chat page, served at /
+
+
+@dataclass
+class Limits:
+    """What one HTTP request may ask for (a 400 or 413 names the limit it passes)."""
+    max_prompts: int = 64  # prompts in one /v1/completions request
+    max_n: int = 128  # samples per prompt
+    max_sequences: int = 256  # prompts × n: the engine sequences one request becomes
+    max_stop_chars: int = 256  # the length of each stop string (at most protocol.MAX_STOP of them)
+    max_body_bytes: int = 8 << 20  # the request body
+
+
+class EngineFailed(Exception):
+    """The engine failed a request (its message says why)."""
 
 
 class APIError(Exception):
@@ -58,13 +84,24 @@ class APIError(Exception):
 class EngineLoop:
     """Runs ``engine.step()`` in a background thread and posts each request's events to its queue."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, engine, stuck_after: float = 120.0):
+        self.engine, self.stuck_after = engine, stuck_after
         self.queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self.aborts: list[str] = []
         self.wake = threading.Condition()
         self.thread: threading.Thread | None = None
         self.stopping = False
+        self.step_started: float | None = None  # monotonic start of the step running now
+        self.loop_errors = 0  # exceptions that escaped engine.step() (the loop survived them)
+
+    def health(self) -> tuple[str, str | None]:
+        """("ok" | "dead" | "stuck", why)."""
+        if self.thread is None or not self.thread.is_alive():
+            return "dead", "the engine thread is not running"
+        started = self.step_started
+        if started is not None and time.monotonic() - started > self.stuck_after:
+            return "stuck", f"one engine step has run for {time.monotonic() - started:.0f} s (> {self.stuck_after:g} s)"
+        return "ok", None
 
     def start(self) -> None:
         self.stopping = False
@@ -79,7 +116,7 @@ class EngineLoop:
             self.thread.join(timeout=30)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, queue: asyncio.Queue,
-               loop: asyncio.AbstractEventLoop, n: int = 1) -> list:
+               loop: asyncio.AbstractEventLoop, n: int = 1, tenant=None) -> list:
         """Queue n samples of one prompt whose events go to ``queue`` (n > 1: one engine group, the
         prompt prefilled once and forked, sample j seeded params.seed + j); returns their engine
         request ids. ValueError on a bad prompt or params. Blocking (the engine's lock is held during a
@@ -90,7 +127,7 @@ class EngineLoop:
             for rid in rids:  # before add_request, so no event can precede it
                 self.queues[rid] = (loop, queue)
         try:
-            self.engine.add_request(prompt_ids, params, request_id=gid, n=n)
+            self.engine.add_request(prompt_ids, params, request_id=gid, n=n, tenant=tenant)
         except BaseException:
             with self.wake:
                 for rid in rids:
@@ -115,28 +152,40 @@ class EngineLoop:
                     return
                 aborts, self.aborts = self.aborts, []
             try:
-                for rid in aborts:
-                    self.engine.abort(rid)
-                events = self.engine.step()
-            except Exception as e:  # the engine's state is suspect: end everything in flight
-                log.exception("engine step failed")
-                with self.wake:
-                    queues, self.queues = self.queues, {}
-                for rid, (loop, q) in queues.items():
-                    try:
-                        self.engine.abort(rid)
-                    finally:
-                        self._post(loop, q, e)
-                continue
-            by_rid = defaultdict(list)
-            for ev in events:
-                by_rid[ev.request_id].append(ev)
+                self._step(aborts)
+            except Exception:  # never let the thread die: /health would say ok while nothing runs
+                self.loop_errors += 1
+                log.exception("engine loop: unexpected error (the loop goes on)")
+
+    def _step(self, aborts: list) -> None:
+        self.step_started = time.monotonic()
+        try:
+            for rid in aborts:
+                self.engine.abort(rid)
+            events = self.engine.step()  # fails only the requests that raise (their events say "error")
+        except Exception as e:  # the engine could not contain it: end everything in flight
+            self.loop_errors += 1
+            log.exception("engine step failed")
             with self.wake:
-                targets = [(self.queues.pop(rid) if evs[-1].finished else self.queues.get(rid), evs)
-                           for rid, evs in by_rid.items()]
-            for target, evs in targets:
-                if target is not None:
-                    self._post(*target, evs)
+                queues, self.queues = self.queues, {}
+            for rid, (loop, q) in queues.items():
+                try:
+                    self.engine.abort(rid)
+                except Exception:
+                    log.exception("engine: abort of %r failed", rid)
+                self._post(loop, q, EngineFailed(f"{type(e).__name__}: {e}"))
+            return
+        finally:
+            self.step_started = None
+        by_rid = defaultdict(list)
+        for ev in events:
+            by_rid[ev.request_id].append(ev)
+        with self.wake:  # a request whose queue is gone (its client left, an error) is skipped
+            targets = [(self.queues.pop(rid, None) if evs[-1].finished else self.queues.get(rid), evs)
+                       for rid, evs in by_rid.items()]
+        for target, evs in targets:
+            if target is not None:
+                self._post(*target, evs)
 
     @staticmethod
     def _post(loop, queue, item) -> None:
@@ -147,26 +196,30 @@ class EngineLoop:
 
 
 class _Choice:
-    def __init__(self, index: int, rid: str, text: P.TextStream):
+    def __init__(self, index: int, rid: str, text: TextStream):
         self.index, self.rid, self.text = index, rid, text
         self.tokens, self.finish_reason = 0, None
         self.logprobs: list = []  # (token_id, logprob, top [(id, logprob)] or None)
+        self.text_offset = 0  # completions' logprobs: characters of the token strings so far
 
 
 class Generation:
     """The engine requests (choices) of one HTTP request, fed by one asyncio queue. ``requests``: per
-    prompt (ids, params, one TextStream per sample); the choices are numbered prompt-major."""
+    prompt (ids, params, one TextStream per sample); the choices are numbered prompt-major. The HTTP
+    request is one tenant of the engine's fair admission."""
 
-    def __init__(self, runner: EngineLoop, requests: list[tuple[list[int], SamplingParams, list[P.TextStream]]]):
+    def __init__(self, runner: EngineLoop, requests: list[tuple[list[int], SamplingParams, list[TextStream]]]):
         self.runner, self.requests = runner, requests
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices: list[_Choice] = []
+        self.tenant = uuid.uuid4().hex
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         try:
             for ids, params, texts in self.requests:
-                rids = await run_in_threadpool(self.runner.submit, ids, params, self.queue, loop, len(texts))
+                rids = await run_in_threadpool(self.runner.submit, ids, params, self.queue, loop, len(texts),
+                                               self.tenant)
                 self.choices += [_Choice(len(self.choices) + j, rid, t) for j, (rid, t) in enumerate(zip(rids, texts))]
         except BaseException:
             self.close()
@@ -174,7 +227,7 @@ class Generation:
 
     async def updates(self):
         """Yields (choice, reasoning delta, content delta, new logprob entries) as tokens arrive; a
-        choice's last update has its finish_reason set."""
+        choice's last update has its finish_reason set. Raises EngineFailed when the engine failed one."""
         by_rid = {c.rid: c for c in self.choices}
         while any(c.finish_reason is None for c in self.choices):
             item = await self.queue.get()
@@ -183,6 +236,9 @@ class Generation:
             c = by_rid[item[0].request_id]
             if c.finish_reason is not None:
                 continue  # events after a stop string ended it
+            if item[-1].finish_reason == "error":
+                c.finish_reason = "error"
+                raise EngineFailed(item[-1].error or "the engine failed this request")
             ids = [e.token_id for e in item if e.token_id is not None]
             c.tokens += len(ids)
             lps = [(e.token_id, e.logprob, e.top_logprobs) for e in item if e.logprob is not None]
@@ -213,13 +269,47 @@ class Generation:
 
 
 # ---- the app -----------------------------------------------------------------------------------
-def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None = None) -> FastAPI:
+class _BodyLimit:
+    """A 413 for a request body over ``limit`` bytes: a declared Content-Length before anything is read,
+    a chunked body as it arrives (the endpoint's body read raises; the handlers answer OpenAI style)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def _error(self, n: str) -> str:
+        return f"the request body has {n} bytes; this server accepts at most {self.limit} (Limits.max_body_bytes)"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        n = dict(scope["headers"]).get(b"content-length", b"")
+        if n.isdigit() and int(n) > self.limit:
+            e = APIError(413, self._error(n.decode()), code="body_too_large")
+            return await e.response()(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            m = await receive()
+            if m["type"] == "http.request":
+                seen += len(m.get("body", b""))
+                if seen > self.limit:
+                    raise StarletteHTTPException(413, self._error(f"more than {self.limit}"))
+            return m
+
+        await self.app(scope, counted, send)
+
+
+def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None = None,
+               limits: Limits | None = None, stuck_after: float = 120.0) -> FastAPI:
     """The FastAPI app over ``engine`` (minke.inference.engine.Engine); its lifespan runs the engine thread."""
-    runner = EngineLoop(engine)
+    limits = limits or Limits()
+    runner = EngineLoop(engine, stuck_after=stuck_after)
     context = engine.context
-    stop_ids = sorted({*engine.eos_ids, tokenizer.eos_id} - {None})
+    eos_ids = {*engine.eos_ids, tokenizer.eos_id} - {None}
     decode = tokenizer.decode
     created = int(time.time())
+    key = None if api_key is None else api_key.encode()
 
     @asynccontextmanager
     async def lifespan(app):
@@ -231,6 +321,7 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
 
     app = FastAPI(title="minke", lifespan=lifespan)
     app.state.engine_loop = runner
+    app.add_middleware(_BodyLimit, limit=limits.max_body_bytes)
 
     # ---- errors, OpenAI style
     @app.exception_handler(APIError)
@@ -251,7 +342,7 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, e: StarletteHTTPException):
-        code = "not_found" if e.status_code == 404 else None
+        code = {404: "not_found", 413: "body_too_large"}.get(e.status_code)
         return APIError(e.status_code, str(e.detail), code=code).response()
 
     @app.exception_handler(Exception)
@@ -260,10 +351,13 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
         return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
 
     def authorize(request: Request) -> None:
-        if api_key is None:
+        if key is None:
             return
         given = request.headers.get("authorization", "")
-        if not given.lower().startswith("bearer ") or not secrets.compare_digest(given[7:].strip(), api_key):
+        # compare bytes: a str with non-ASCII characters makes compare_digest raise (a 500, not a 401);
+        # header values arrive decoded as latin-1, so encoding back gives the bytes the client sent
+        token = given[7:].strip().encode("latin-1") if given[:7].lower() == "bearer " else b""
+        if not token or not secrets.compare_digest(token, key):
             raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
                            code="invalid_api_key")
 
@@ -281,11 +375,30 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
                                 f"has {len(ids)} tokens (one position must remain to generate).",
                            param=param, code="context_length_exceeded")
 
+    def check_limits(req, prompts: int) -> None:
+        def over(param, msg):
+            raise APIError(400, f"{param}: {msg}", param=param, code="limit_exceeded")
+
+        if prompts > limits.max_prompts:
+            over("prompt", f"{prompts} prompts in one request; this server accepts at most {limits.max_prompts} "
+                           f"(Limits.max_prompts)")
+        if req.n > limits.max_n:
+            over("n", f"n = {req.n}; this server accepts at most {limits.max_n} (Limits.max_n)")
+        if prompts * req.n > limits.max_sequences:
+            over("n", f"{prompts} prompts x n = {req.n} is {prompts * req.n} sequences; this server accepts at "
+                      f"most {limits.max_sequences} per request (Limits.max_sequences)")
+        long = next((s for s in req.stop if len(s) > limits.max_stop_chars), None)
+        if long is not None:
+            over("stop", f"a stop string of {len(long)} characters; at most {limits.max_stop_chars} "
+                         f"(Limits.max_stop_chars)")
+
     def sampling(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        # with n > 1 the engine seeds sample j with seed + j
+        # with n > 1 the engine seeds sample j with seed + j; the eos stops unless ignore_eos (vLLM)
+        stop_ids = set(req.stop_token_ids or ()) | (set() if req.ignore_eos else eos_ids)
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               top_k=req.top_k, seed=None if req.seed is None else req.seed % 2**63,
-                              stop_token_ids=stop_ids, logprobs=logprobs is not None,
+                              stop_token_ids=sorted(stop_ids), min_tokens=min(req.min_tokens, max_tokens),
+                              repetition_penalty=req.repetition_penalty, logprobs=logprobs is not None,
                               top_logprobs=logprobs or 0)
 
     async def start(requests, param: str) -> Generation:
@@ -306,31 +419,40 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting)}
+        status, why = runner.health()
+        body = {"status": status, "running": len(engine.running), "waiting": len(engine.waiting),
+                "failed_requests": engine.stats.failed_requests, "loop_errors": runner.loop_errors}
+        if why:
+            body["reason"] = why
+        return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @v1.get("/models")
     async def models():
         return P.ModelList(data=[P.ModelCard(id=model_name, created=created, max_model_len=context)])
 
-    @v1.post("/chat/completions")
-    async def chat(req: P.ChatCompletionRequest):
-        check_model(req.model)
+    def chat_ids(messages: list[dict]) -> tuple[list[int], str]:
         try:
-            text = tokenizer.apply_chat_template(req.template_messages())
+            text = tokenizer.apply_chat_template(messages)
         except Exception as e:  # the template's raise_exception, or a template error
             raise APIError(400, f"messages: the chat template rejected them: {e}", param="messages") from None
-        ids = tokenizer.encode(text)
+        return tokenizer.encode(text), text
+
+    @v1.post("/chat/completions")
+    async def chat(req: P.ChatCompletionRequest, request: Request):
+        check_model(req.model)
+        check_limits(req, 1)
+        ids, text = await run_in_threadpool(chat_ids, req.template_messages())  # never on the event loop
         check_prompt(ids, "messages")
         think = text.rstrip().endswith(THINK)
         max_tokens = req.max_completion_tokens or req.max_tokens or context  # the engine caps at the context
         top = (req.top_logprobs or 0) if req.logprobs else None
         gen = await start([(ids, sampling(req, max_tokens, top),
-                            [P.TextStream(decode, req.stop, think) for _ in range(req.n)])], "messages")
+                            [TextStream(decode, req.stop, think) for _ in range(req.n)])], "messages")
 
         def logprobs(entries):
             if not req.logprobs:
                 return None
-            item = lambda i, lp: {"token": decode([i]), "logprob": lp, "bytes": list(decode([i]).encode())}
+            item = lambda i, lp: {"token": decode([i]), "logprob": lp, "bytes": list(token_bytes(tokenizer, i))}
             return {"content": [{**item(i, lp), "top_logprobs": [item(*t) for t in best or []]}
                                 for i, lp, best in entries]}
 
@@ -359,33 +481,42 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
                     yield chunk([], gen.usage())
 
             return sse(gen, events())
-        await drain(gen)
+        await drain(gen, request)
         messages = [P.AssistantMessage(content=c.text.content, reasoning_content=c.text.reasoning or
                                        ("" if think else None)) for c in gen.choices]
         choices = [P.ChatChoice(index=c.index, message=m, finish_reason=c.finish_reason, logprobs=logprobs(c.logprobs))
                    for c, m in zip(gen.choices, messages)]
         return P.ChatCompletion(id=rid, created=int(time.time()), model=model, choices=choices, usage=gen.usage())
 
+    def encode_prompts(prompts: list) -> list[list[int]]:
+        return [q if isinstance(q, list) else tokenizer.encode(q, add_bos=tokenizer.bos_id is not None)
+                for q in prompts]
+
     @v1.post("/completions")
-    async def completions(req: P.CompletionRequest):
+    async def completions(req: P.CompletionRequest, request: Request):
         check_model(req.model)
         p = req.prompt
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
-        prompts = [q if isinstance(q, list) else tokenizer.encode(q, add_bos=tokenizer.bos_id is not None)
-                   for q in prompts]
+        check_limits(req, len(prompts))
+        prompts = await run_in_threadpool(encode_prompts, prompts)  # never on the event loop
         for q in prompts:
             check_prompt(q, "prompt")
         gen = await start([(q, sampling(req, req.max_tokens, req.logprobs),
-                            [P.TextStream(decode, req.stop, split=False) for _ in range(req.n)])
+                            [TextStream(decode, req.stop, split=False) for _ in range(req.n)])
                            for q in prompts], "prompt")
 
-        def logprobs(entries):
+        def logprobs(c: _Choice, entries):
+            """OpenAI's legacy logprobs; text_offset counts from the start of the choice's text."""
             if req.logprobs is None:
                 return None
             toks = [decode([i]) for i, _, _ in entries]
+            offsets = []
+            for t in toks:
+                offsets.append(c.text_offset)
+                c.text_offset += len(t)
             return {"tokens": toks, "token_logprobs": [lp for _, lp, _ in entries],
                     "top_logprobs": [{decode([i]): v for i, v in top or []} for _, _, top in entries],
-                    "text_offset": [sum(map(len, toks[:k])) for k in range(len(toks))]}
+                    "text_offset": offsets}
 
         rid, model = f"cmpl-{uuid.uuid4().hex}", model_name
         if req.stream:
@@ -396,27 +527,50 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
                     if content or lps or c.finish_reason:
                         yield P.Completion(id=rid, created=int(time.time()), model=model, choices=[
                             P.CompletionChoice(index=c.index, text=content, finish_reason=c.finish_reason,
-                                               logprobs=logprobs(lps))])
+                                               logprobs=logprobs(c, lps))])
                 if include_usage:
                     yield P.Completion(id=rid, created=int(time.time()), model=model, choices=[], usage=gen.usage())
 
             return sse(gen, events())
-        await drain(gen)
+        await drain(gen, request)
         return P.Completion(id=rid, created=int(time.time()), model=model, usage=gen.usage(), choices=[
             P.CompletionChoice(index=c.index, text=c.text.content, finish_reason=c.finish_reason,
-                               logprobs=logprobs(c.logprobs)) for c in gen.choices])
+                               logprobs=logprobs(c, c.logprobs)) for c in gen.choices])
 
     app.include_router(v1)
     return app
 
 
-async def drain(gen: Generation) -> None:
-    try:
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up (the body has been read: the next ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def drain(gen: Generation, request: Request | None = None) -> None:
+    """Run a non-streaming generation to its end; abort it when the client disconnects first."""
+    async def consume():
         async for _ in gen.updates():
             pass
+
+    work = asyncio.ensure_future(consume())
+    gone = asyncio.ensure_future(_disconnected(request)) if request is not None else None
+    try:
+        done, _ = await asyncio.wait({work} | ({gone} if gone else set()), return_when=asyncio.FIRST_COMPLETED)
+        if work not in done:  # the client is gone: nobody will read the answer
+            gen.close()
+            raise APIError(499, "the client closed the connection; the request was aborted", code="client_closed")
+        work.result()
+    except EngineFailed as e:
+        raise APIError(500, f"generation failed: {e}", type="server_error") from None
+    except APIError:
+        raise
     except Exception as e:
         raise APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error") from None
     finally:
+        for t in (work, gone):
+            if t is not None and not t.done():
+                t.cancel()
         gen.close()
 
 
@@ -444,14 +598,47 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minke serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
+    d = Limits()
     # ---- server
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (visible in ps: prefer --api-key-file "
+                        "or the MINKE_API_KEY environment variable)")
+    p.add_argument("--api-key-file", default=None, help="read the API key from this file (its first line)")
     p.add_argument("--name", default=None, help="the model name clients send (default: the directory's name)")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together at most")
+    p.add_argument("--max-prefill-tokens", type=int, default=8192,
+                   help="prompt tokens prefilled per engine step; longer prompts are prefilled in chunks "
+                        "between decode steps")
+    p.add_argument("--stuck-after", type=float, default=120.0,
+                   help="/health answers 503 when one engine step has run longer than this many seconds")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
+    # ---- limits per request
+    p.add_argument("--max-prompts", type=int, default=d.max_prompts, help="prompts in one /v1/completions request")
+    p.add_argument("--max-n", type=int, default=d.max_n, help="samples per prompt (n)")
+    p.add_argument("--max-sequences", type=int, default=d.max_sequences, help="prompts x n in one request")
+    p.add_argument("--max-stop-chars", type=int, default=d.max_stop_chars, help="characters in one stop string")
+    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes, help="bytes in one request body")
     return p
+
+
+def api_key(a: argparse.Namespace) -> str | None:
+    """The key from --api-key, else --api-key-file, else $MINKE_API_KEY; None: no key required."""
+    if a.api_key is not None and a.api_key_file is not None:
+        raise SystemExit("minke serve: give --api-key or --api-key-file, not both")
+    if a.api_key_file is not None:
+        try:
+            lines = Path(a.api_key_file).read_text(encoding="utf-8").splitlines()
+        except OSError as e:
+            raise SystemExit(f"minke serve: --api-key-file {a.api_key_file}: {e.strerror}") from None
+        key = lines[0].strip() if lines else ""
+        if not key:
+            raise SystemExit(f"minke serve: --api-key-file {a.api_key_file}: the file's first line is empty")
+        return key
+    if a.api_key is not None:
+        return a.api_key
+    return os.environ.get("MINKE_API_KEY") or None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -460,10 +647,15 @@ def main(argv: list[str] | None = None) -> int:
     from ..inference.generate import open_model
 
     a = _parser().parse_args(argv)
-    engine, tokenizer, name = open_model(a, max_batch=a.max_batch)
-    app = create_app(engine, tokenizer, model_name=a.name or name, api_key=a.api_key)
+    key = api_key(a)
+    engine, tokenizer, name = open_model(a, max_batch=a.max_batch, max_prefill_tokens=a.max_prefill_tokens)
+    limits = Limits(max_prompts=a.max_prompts, max_n=a.max_n, max_sequences=a.max_sequences,
+                    max_stop_chars=a.max_stop_chars, max_body_bytes=a.max_body_bytes)
+    app = create_app(engine, tokenizer, model_name=a.name or name, api_key=key, limits=limits,
+                     stuck_after=a.stuck_after)
     print(f"minke serve: model '{a.name or name}' on http://{a.host}:{a.port}/v1 "
-          f"(context {engine.context}, max batch {a.max_batch}, {engine.device}, {engine.dtype})", flush=True)
+          f"(context {engine.context}, max batch {a.max_batch}, {engine.device}, {engine.dtype}"
+          f"{', API key required' if key else ''})", flush=True)
     uvicorn.run(app, host=a.host, port=a.port, log_level=a.log_level)
     return 0
 
