@@ -18,9 +18,7 @@ is "reasoning </think> answer").
 
 from __future__ import annotations
 
-import random
-
-from ..tasks import Problem, get_task
+from ..tasks import Problem
 
 FORMATS = ("chat", "r1-zero", "base")
 
@@ -58,12 +56,11 @@ def prompt_ids(tok, problem: Problem | str, fmt: str = "chat") -> list[int]:
 
 
 def r1_response(problem: Problem) -> str:
-    """A cold-start target in R1's output form (what follows the generation prompt's "<think>\\n"): the
-    task's reasoning (its worked steps; for countdown a search with checked attempts), then the boxed
-    answer after ``</think>``. Deterministic in the problem."""
-    rng = random.Random(f"r1/{problem.task}/{problem.prompt}")
-    reasoning = get_task(problem.task).reasoning(problem, rng)
-    return f"{reasoning}\n</think>\n\n{problem.solution.split(chr(10))[-1]}"
+    """A cold-start target in R1's output form (what follows the generation prompt's "<think>\\n"):
+    the task's worked steps as the reasoning, then the boxed answer after ``</think>``."""
+    *steps, last = problem.solution.split("\n")
+    reasoning = "\n".join(steps) if steps else f"The answer is {problem.answer}."
+    return f"{reasoning}\n</think>\n\n{last}"
 
 
 def completion_text(tok, token_ids: list[int], finish_reason: str | None = None) -> str:

@@ -114,11 +114,5 @@ class Task:
             log.debug("%s: verify raised on %.80r", self.name, response, exc_info=True)
             return False
 
-    def reasoning(self, problem: Problem, rng: random.Random) -> str:
-        """The reasoning of a cold-start trace (what R1's <think> block holds): by default the worked
-        solution's steps; a task whose answers are found by search shows a search."""
-        *steps, _ = problem.solution.split("\n")
-        return "\n".join(steps) if steps else f"The answer is {problem.answer}."
-
     def reward(self, problem: Problem, response: str) -> float:
         return float(self.check(problem, response))

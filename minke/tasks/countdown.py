@@ -63,27 +63,6 @@ def evaluate(text: str, max_len: int = 200) -> tuple[Fraction, list[int]] | None
     return None if value is None else (value, literals)
 
 
-MAX_FAILED = 3  # failed attempts at most before the solution in a cold-start trace
-
-
-def combine(nums: list[int], rng: random.Random) -> tuple[Fraction, str, list[str]]:
-    """Combine the numbers pairwise at random, the larger first so "-" and "/" stay positive and exact:
-    (value, expression with the fewest parentheses, the steps "a op b = c")."""
-    pool = [(Fraction(n), (str(n), 3)) for n in nums]
-    steps = []
-    while len(pool) > 1:
-        (a, ea), (b, eb) = pool.pop(rng.randrange(len(pool))), pool.pop(rng.randrange(len(pool)))
-        if a < b:
-            (a, ea), (b, eb) = (b, eb), (a, ea)
-        ops = ["+", "*"] + ["-"] * (a > b) + ["/"] * (b > 1 and a % b == 0)
-        op = rng.choice(ops)
-        v = _apply(a, op, b)
-        steps.append(f"{a} {op} {b} = {v}")
-        pool.append((v, (_join(ea, op, eb), PREC[op])))
-    value, (expr, _) = pool[0]
-    return value, expr, steps
-
-
 class Countdown(Task):
     name = "countdown"
 
@@ -91,7 +70,18 @@ class Countdown(Task):
         count, hi = [(3, 20), (4, 25), (4, 50), (4, 99)][max(1, min(difficulty, 4)) - 1]
         while True:
             nums = [rng.randint(1, hi) for _ in range(count)]
-            target, expr, steps = combine(nums, rng)
+            pool = [(Fraction(n), (str(n), 3)) for n in nums]
+            steps = []
+            while len(pool) > 1:
+                (a, ea), (b, eb) = pool.pop(rng.randrange(len(pool))), pool.pop(rng.randrange(len(pool)))
+                if a < b:
+                    (a, ea), (b, eb) = (b, eb), (a, ea)  # larger first keeps "-" and "/" positive
+                ops = ["+", "*"] + ["-"] * (a > b) + ["/"] * (b > 1 and a % b == 0)
+                op = rng.choice(ops)
+                v = _apply(a, op, b)
+                steps.append(f"{a} {op} {b} = {v}")
+                pool.append((v, (_join(ea, op, eb), PREC[op])))
+            target, (expr, _) = pool[0]
             if 10 <= target <= 999 and target not in nums:
                 break
         numbers = ", ".join(map(str, nums))
@@ -99,19 +89,6 @@ class Countdown(Task):
         solution = "\n".join(steps + [f"\\boxed{{{expr}}}"])
         meta = {"numbers": nums, "target": int(target)}
         return Problem(self.name, prompt, expr, solution, meta)
-
-    def reasoning(self, problem: Problem, rng: random.Random) -> str:
-        """A search, as R1's reasoning searches: 0–MAX_FAILED attempts that miss the target (numbers combined
-        at random, each checked against the target), then the worked solution, checked."""
-        nums, target = problem.meta["numbers"], problem.meta["target"]
-        parts = []
-        for _ in range(rng.randint(0, MAX_FAILED)):
-            value, _, steps = combine(nums, rng)
-            if value != target:
-                parts.append("\n".join(steps) + f"\nThat gives {value}, not {target}. Wait, let me try another way.")
-        *steps, _ = problem.solution.split("\n")
-        parts.append("\n".join(steps) + f"\nThat gives {target}, the target.")
-        return "\n".join(parts)
 
     def verify(self, problem: Problem, boxed: str) -> bool:
         result = evaluate(boxed.partition("=")[0])  # tolerate "expr = target"

@@ -45,13 +45,13 @@ from tqdm import tqdm
 
 from ..config import ConfigError, preset
 from ..data.loader import DataError, PackedLoader, fingerprint, read_documents, tokenize, windows
-from ..data.prompts import completion_text, prompt_ids, r1_response
+from ..data.prompts import completion_text, prompt_ids
 from ..data.tokenizer import Tokenizer, train_tokenizer
 from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
 from ..model.moe import MoE
 from ..model.transformer import build
-from ..tasks import INSTRUCTION, TASKS, check, corpus, get_task, problems, split_seed
+from ..tasks import INSTRUCTION, check, corpus, problems
 from . import checkpoint, parallel, report
 from .optim import build_optimizer, build_scheduler
 
@@ -278,12 +278,6 @@ def greedy_accuracy(model, tok: Tokenizer, probs, max_new: int = 48, fmt: str = 
 
 
 # ---- setup -----------------------------------------------------------------------------------------
-def cold_start_sample(n: int) -> list:
-    """n train problems over the tasks and difficulties 1–3 (their R1-form traces train the tokenizer)."""
-    tasks = sorted(TASKS)
-    return [get_task(tasks[i % len(tasks)]).generate(split_seed("train", i), 1 + i // len(tasks) % 3) for i in range(n)]
-
-
 def load_data(a, tok_dir: Path | None, out: Path) -> tuple[Tokenizer, torch.Tensor, torch.Tensor]:
     """(tokenizer, training token stream, held-out token stream)."""
     if a.data:
@@ -298,9 +292,8 @@ def load_data(a, tok_dir: Path | None, out: Path) -> tuple[Tokenizer, torch.Tens
             raise PretrainError(f"--tokenizer {tok_dir}: cannot load a tokenizer ({e})") from None
     else:  # rank 0 trains (and writes) it; the other ranks receive it
         # The task corpus's tokenizer also learns R1's instruction, which SFT, RL and evaluation prompt with
-        # (~15 tokens instead of ~60 when trained on the corpus alone), and the cold-start traces' phrases.
-        texts = train_docs if a.data else (train_docs + [INSTRUCTION] * (len(train_docs) // 20)
-                                           + [r1_response(p) for p in cold_start_sample(len(train_docs) // 20)])
+        # (~10 tokens instead of ~60 when trained on the corpus alone).
+        texts = train_docs if a.data else train_docs + [INSTRUCTION] * (len(train_docs) // 20)
         tok = train_tokenizer(texts, a.vocab_size, out / "tokenizer") if parallel.is_main() else None
         tok = parallel.broadcast_object(tok)
     if tok.bos_id is None or tok.eos_id is None:
