@@ -384,7 +384,7 @@ def test_bad_prompts_and_engine_args(model):
     with pytest.raises(ValueError, match="request_id"):
         e.add_request([1], request_id="a")
         e.add_request([1], request_id="a")
-    assert not e.waiting or e.waiting[-1].id == "a"
+    assert [r.id for r in e.waiting] == ["a"]
 
 
 def test_generate_cli(tmp_path, capsys):

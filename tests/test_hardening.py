@@ -279,3 +279,123 @@ def test_paged_cache_allocates_mtp_layers_only_for_speculative(model):
     assert Engine(model, cache_bytes=budget, speculative=True).cache.num_slots == 64
     more = 64 * (L + N) // L // 16 * 16  # more tokens (whole blocks of 16) without the MTP layers
     assert Engine(model, cache_bytes=budget).cache.num_slots == more > 64
+
+
+# ---- item 3: chunked prefill, fair admission -----------------------------------------------------------
+def prefill_sizes(engine, monkeypatch):
+    """Record, per engine step, the padded tokens (B·T) of its prefill forward (T > 1) and the rows decoded."""
+    real, log = engine.model.forward, []
+
+    def forward(ids, *a, **kw):
+        if ids.shape[1] > 1:
+            log[-1]["prefill"] += ids.numel()
+        else:
+            log[-1]["decoded"] = ids.shape[0]
+        return real(ids, *a, **kw)
+
+    real_step = engine.step
+
+    def step():
+        log.append({"prefill": 0, "decoded": 0})
+        return real_step()
+
+    monkeypatch.setattr(engine.model, "forward", forward)
+    monkeypatch.setattr(engine, "step", step)
+    return log
+
+
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_chunked_prefill_equals_full_recompute(model, block_size):
+    """Prompts longer than max_prefill_tokens are prefilled in chunks over the cached prefix (MHA mode
+    with history) and give the full recompute's greedy tokens; groups too (fails with each chunk
+    attending only to itself, or with the chunk's positions restarting at 0)."""
+    ps = prompts([50, 7, 33])
+    e = Engine(model, max_batch=4, block_size=block_size, max_prefill_tokens=16)
+    out = e.generate(ps, SamplingParams(max_tokens=6, **GREEDY))
+    assert [c.token_ids for c in out] == [greedy_ref(model, p, 6) for p in ps]
+    assert e.stats.prefill_chunks > e.stats.prefills == 3 and e.stats.max_prefill_batch_tokens <= 16
+    sampled = SamplingParams(max_tokens=5, temperature=1.0, seed=3, stop_token_ids=[])
+    whole = Engine(model, max_batch=4, block_size=block_size).generate(ps[:1], sampled, n=3)
+    chunked = Engine(model, max_batch=4, block_size=block_size, max_prefill_tokens=16).generate(ps[:1], sampled, n=3)
+    assert [c.token_ids for c in chunked] == [c.token_ids for c in whole]
+    assert e.cache.num_free_blocks == e.cache.num_blocks
+
+
+def test_long_prompt_does_not_stall_running_streams(model, monkeypatch):
+    """A 120-token prompt arriving while 3 streams decode: no step's prefill exceeds max_prefill_tokens
+    and every stream gets a token in every step (fails before the fix: one 120-token prefill forward)."""
+    e = Engine(model, max_batch=4, block_size=4, max_prefill_tokens=16)
+    log = prefill_sizes(e, monkeypatch)
+    ps = prompts([5, 6, 7, 120])
+    streams = [e.add_request(p, SamplingParams(max_tokens=20, **GREEDY)) for p in ps[:3]]
+    first = e.step()  # the streams' first two tokens
+    long = e.add_request(ps[3], SamplingParams(max_tokens=3, **GREEDY))
+    tokens = {r: [ev.token_id for ev in first if ev.request_id == r] for r in streams + [long]}
+    while e.has_unfinished():
+        for ev in e.step():
+            if ev.token_id is not None:
+                tokens[ev.request_id].append(ev.token_id)
+    assert max(s["prefill"] for s in log) <= 16
+    chunked = [s for s in log[1:] if s["prefill"]]
+    assert len(chunked) >= 120 // 16 and all(s["decoded"] >= 3 for s in chunked[:-1])  # streams never paused
+    assert [tokens[r] for r in streams] == [greedy_ref(model, p, 20) for p in ps[:3]]
+    assert tokens[long] == greedy_ref(model, ps[3], 3)
+
+
+def test_chunked_prefill_gives_way_to_running_streams(model):
+    """When the pool runs dry a prompt part-way through its chunked prefill is preempted (and redone
+    later) before any running stream; every output stays the full recompute's."""
+    ps = prompts([6, 7, 40])
+    e = Engine(model, max_batch=3, block_size=4, num_blocks=16, max_prefill_tokens=8)
+    dropped, make_room = [], e._make_room
+
+    def watch(events):
+        before = len(e.prefilling)
+        rows = make_room(events)
+        dropped.append(before - len(e.prefilling))
+        return rows
+
+    e._make_room = watch
+    out = e.generate(ps, SamplingParams(max_tokens=12, **GREEDY))
+    assert [c.token_ids for c in out] == [greedy_ref(model, p, 12) for p in ps]
+    assert any(dropped) and e.stats.preemptions == sum(dropped)  # only the part-prefilled prompt gave way
+    assert e.cache.num_free_blocks == e.cache.num_blocks
+
+
+def test_small_request_beside_a_6400_sequence_request(model):
+    """50 prompts x n=128 from one tenant, then one small request: the small one is admitted at the
+    next free row and finishes within a few steps, while the big one is still running (fails before the
+    fix: first come first served, it waited for all 6,400 sequences, ~1,600 steps here)."""
+    e = Engine(model, max_batch=8, block_size=4, num_blocks=64)
+    ps = prompts([4] * 50 + [5], seed=1)
+    big = SamplingParams(max_tokens=2, temperature=1.0, seed=0, stop_token_ids=[])
+    for i, p in enumerate(ps[:50]):
+        e.add_request(p, big, request_id=f"big{i}", n=128, tenant="big")
+    e.step()
+    e.add_request(ps[50], SamplingParams(max_tokens=3, **GREEDY), request_id="small", tenant="small")
+    small = []
+    for steps in range(1, 12):
+        for ev in e.step():
+            if ev.request_id == "small" and ev.token_id is not None:
+                small.append(ev.token_id)
+        if "small" not in e.requests:
+            break
+    assert "small" not in e.requests and steps <= 6, f"the small request still waits after {steps} steps"
+    assert small == greedy_ref(model, ps[50], 3)
+    assert len(e.waiting) > 6000  # the big request is far from done
+    for i in range(50):
+        e.abort(f"big{i}")
+    e.step()
+    assert not e.has_unfinished() and e.cache.num_free_blocks == e.cache.num_blocks
+
+
+def test_tenants_take_turns(model):
+    """Admission order across tenants: round-robin, least recently served first; FCFS within one."""
+    e = Engine(model, max_batch=1, block_size=4)
+    order = []
+    p = prompts([3])[0]
+    for rid, tenant in [("a1", "A"), ("a2", "A"), ("a3", "A"), ("b1", "B"), ("c1", "C"), ("b2", "B")]:
+        e.add_request(p, SamplingParams(max_tokens=1, **GREEDY), request_id=rid, tenant=tenant)
+    while e.has_unfinished():
+        order += [ev.request_id for ev in e.step() if ev.finished]
+    assert order == ["a1", "b1", "c1", "a2", "b2", "a3"]

@@ -4,13 +4,23 @@ it). It knows token ids, not text.
 - Prefill runs in MLA's MHA mode, decode in the absorbed MQA mode over a paged latent cache
   (paged.py: c_kv + k_pe only, fixed-size blocks, a block table per sequence, one free pool).
 - Continuous batching: requests join (``add_request``) and leave (finish, ``abort``) between steps.
-  ``step()`` (a) admits waiting requests first-come first-served while a batch row, enough free
-  blocks (prompt + lookahead) and the prefill token budget remain, and prefills them in one forward
-  (right-padded to the longest), then (b) runs one batched decode forward for every running sequence
-  (the just-prefilled ones included). A running sequence that needs a block when the pool is empty
-  preempts the newest running request back to the head of the queue (its blocks freed; it is
-  recomputed from prompt + generated tokens when re-admitted, with its random stream intact, so
-  preemption does not change its output).
+  ``step()`` (a) builds one prefill forward within ``max_prefill_tokens`` padded tokens: first the
+  next chunk of each prompt being prefilled in chunks, then waiting requests while a batch row and
+  enough free blocks (prompt + lookahead) remain, and (b) runs one batched decode forward for every
+  running sequence (the just-prefilled ones included). A prompt longer than the budget left is
+  prefilled in chunks over several steps (MHA mode over the cached prefix), so running sequences
+  keep decoding every step (with speculative decoding a prompt is prefilled whole, alone if need be).
+- Fair admission: every request has a tenant (``add_request(..., tenant=)``; the server uses one per
+  HTTP request; default: the request, or the group, itself). Tenants take turns, those not yet served
+  first, then the least recently served, FCFS within a tenant (``_Waiting``), so a request of 6,400
+  sequences does not starve a small one. A running sequence that needs a block when the pool is empty
+  preempts a part-prefilled prompt, else the newest running request, back to the head of the queue
+  (its blocks freed; it is recomputed from prompt + generated tokens when re-admitted, with its random
+  stream intact, so preemption does not change its output).
+- Failures stay with their request: a forward that raises is retried over halves of its rows until
+  the row that raises fails alone (finish_reason "error", ``Event.error``); a row whose logits are not
+  finite fails alone (sampling.py); a fault outside a forward fails the in-flight batch; ``step()``
+  itself does not raise.
 - Parallel sampling (``n > 1``, vLLM's fork): the n samples of a prompt form a group whose prompt is
   prefilled once, as one row of the prefill batch, under the group's own cache entry; each child then
   forks it (shares its blocks, copying the partly filled last one before writing into it, paged.py)
@@ -37,7 +47,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Sequence
 
@@ -82,6 +92,8 @@ class EngineStats:
     steps: int = 0
     prefills: int = 0
     prefill_tokens: int = 0  # a group's prompt counts once
+    prefill_chunks: int = 0  # rows of prefill forwards (a prompt prefilled in chunks counts each chunk)
+    max_prefill_batch_tokens: int = 0  # the largest prefill forward, in padded tokens (rows × chunk)
     forks: int = 0  # children of groups started from their prompt's shared prefill
     generated_tokens: int = 0
     decode_forwards: int = 0
@@ -111,8 +123,10 @@ class _Request:
         self.drafts: list[int] = []  # speculative: draft tokens after out[-1]
         self.draft_q: list = []  # their draft distributions (V,) when sampling
         self.draft_logits = None  # the first draft's MTP logits (V,), kept for tests
+        self.tenant = rid  # admission takes turns between tenants (engine.add_request)
         self.group: _Group | None = None  # parallel sampling: the child's group
         self.forked = False  # a child that has started from the group's prompt
+        self.queued = False  # in engine.waiting
 
     @property
     def unforked(self) -> bool:
@@ -147,6 +161,85 @@ class _Group:
     @property
     def tokens(self) -> list[int]:
         return self.prompt
+
+
+class _Waiting:
+    """Requests waiting for admission. Preempted ones come first (they ran before; FCFS among them);
+    then tenants take turns: tenants not yet served first, in arrival order, then the least recently
+    served; FCFS within a tenant. A tenant counts as served while any of its requests is in the engine,
+    so a huge request (one tenant) cannot starve a small one behind it, nor jump ahead by refilling."""
+
+    def __init__(self):
+        self.preempted: deque[_Request] = deque()
+        self.fresh: OrderedDict = OrderedDict()  # tenant → deque of its waiting requests, never served
+        self.served: OrderedDict = OrderedDict()  # the same, least recently served first
+        self.live: dict = {}  # tenant → its requests in the engine (waiting or not)
+        self.n = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        yield from self.preempted
+        for d in itertools.chain(self.fresh.values(), self.served.values()):
+            yield from d
+
+    def add(self, r: _Request) -> None:
+        """A new request (its tenant's turn comes as described above)."""
+        t = r.tenant
+        self.live[t] = self.live.get(t, 0) + 1
+        d = self.fresh.get(t) if t in self.fresh else self.served.get(t)
+        if d is None:
+            d = (self.served if self.live[t] > 1 else self.fresh)[t] = deque()  # still live: it was served
+        d.append(r)
+        r.queued = True
+        self.n += 1
+
+    def requeue(self, r: _Request) -> None:
+        """A preempted request: ahead of everyone."""
+        self.preempted.appendleft(r)
+        r.queued = True
+        self.n += 1
+
+    def gone(self, r: _Request) -> None:
+        """``r`` has finished: its tenant's count drops."""
+        t = r.tenant
+        self.live[t] -= 1
+        if not self.live[t]:
+            del self.live[t]
+
+    def head(self, skip=()):
+        """(request, the deque it heads) whose turn it is, passing over tenants in ``skip``; (None, None)."""
+        if self.preempted:
+            return self.preempted[0], self.preempted
+        for d in itertools.chain(self.fresh.values(), self.served.values()):
+            if d[0].tenant not in skip:
+                return d[0], d
+        return None, None
+
+    def take(self, d: deque, k: int = 1) -> None:
+        """Admit the first k requests of ``d`` (one turn of its tenant, which goes to the back)."""
+        for _ in range(k):
+            r = d.popleft()
+            r.queued = False
+        self.n -= k
+        if d is not self.preempted:
+            t = r.tenant
+            (self.fresh if t in self.fresh else self.served).pop(t)
+            if d:
+                self.served[t] = d
+
+    def remove(self, r: _Request) -> None:
+        if r in self.preempted:
+            self.preempted.remove(r)
+        else:
+            table = self.fresh if r.tenant in self.fresh else self.served
+            d = table[r.tenant]
+            d.remove(r)
+            if not d:
+                del table[r.tenant]
+        r.queued = False
+        self.n -= 1
 
 
 class Engine:
@@ -191,8 +284,9 @@ class Engine:
         self.cache = PagedLatentCache(cfg, num_blocks, block_size, self.dtype, self.device, mtp=speculative)
 
         self.lock = threading.RLock()
-        self.waiting: deque[_Request] = deque()
+        self.waiting = _Waiting()
         self.running: list[_Request] = []
+        self.prefilling: list = []  # requests and groups part-way through a chunked prefill (admitted)
         self.requests: dict = {}
         self.groups: dict = {}  # group id → _Group, while any child is unfinished
         self._pending: list[Event] = []  # final events of aborted requests, returned by the next step()
@@ -241,7 +335,7 @@ class Engine:
         if r.id in self.requests or r.id in self.groups:
             raise ValueError(f"request_id {r.id!r} is already in use")
         self.requests[r.id] = r
-        self.waiting.append(r)
+        self.waiting.add(r)
 
     def _make_group(self, prompt_ids, params: SamplingParams | None, gid, n: int) -> _Group:
         """n children ``(gid, j)``; child j's seed is ``params.seed + j`` (fresh random seeds when None)."""
@@ -252,6 +346,8 @@ class Engine:
         kids = [self._make_request(prompt_ids, params if params.seed is None
                                    else replace(params, seed=(params.seed + j) % 2**63), (gid, j))
                 for j in range(n)]
+        for k in kids:
+            k.tenant = gid
         return _Group(gid, kids[0].prompt, kids)
 
     def _enqueue_group(self, g: _Group) -> None:
@@ -265,19 +361,24 @@ class Engine:
             self._enqueue(c)
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams | None = None,
-                    request_id=None, n: int = 1):
+                    request_id=None, n: int = 1, tenant=None):
         """Queue a request; returns its id (an int unless ``request_id`` is given). Thread-safe.
 
         ``n > 1`` queues a group of n samples sharing the prompt's prefill and returns the children's
         ids ``[(request_id, 0), …, (request_id, n - 1)]`` (``request_id`` generated when None); events
-        carry the child ids; ``abort(request_id)`` aborts every child, ``abort((request_id, j))`` one."""
+        carry the child ids; ``abort(request_id)`` aborts every child, ``abort((request_id, j))`` one.
+        ``tenant``: who the request is for (e.g. one HTTP request's prompts): admission takes turns between
+        tenants (default: the request, or the group, is its own)."""
         _check_n(n)
         with self.lock:
             if n == 1:
                 r = self._make_request(prompt_ids, params, request_id)
+                r.tenant = r.id if tenant is None else tenant
                 self._enqueue(r)
                 return r.id
             g = self._make_group(prompt_ids, params, request_id, n)
+            for c in g.children:
+                c.tenant = g.gid if tenant is None else tenant
             self._enqueue_group(g)
             return [c.id for c in g.children]
 
@@ -299,7 +400,7 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         with self.lock:
-            return bool(self.waiting or self.running or self._pending)
+            return bool(self.waiting or self.running or self.prefilling or self._pending)
 
     # ---- the step ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -335,8 +436,9 @@ class Engine:
         """``run(rows, events)``; when it raises, retry each half of the rows apart, down to single rows,
         which then fail alone: a deterministic fault in one row's forward fails that row only. Safe
         because a run commits nothing before its forward and sampling succeeded (cache lengths are
-        restored here; a retried sampling row draws from where its generator stopped)."""
-        lengths = {q.id: self.cache.lengths.get(q.id) for q in rows}
+        restored here; a retried sampling row draws from where its generator stopped). A row is a
+        request, a group, or a prefill row (row, start, end)."""
+        lengths = {q.id: self.cache.lengths.get(q.id) for q in map(_row, rows)}
         try:
             run(rows, events)
         except Exception as e:
@@ -345,13 +447,13 @@ class Engine:
                 if n is not None and sid in self.cache.lengths:
                     self.cache.lengths[sid] = n
             if len(rows) == 1:
-                self._failed(rows, e, events)
+                self._failed([_row(rows[0])], e, events)
                 return
             log.warning("engine: a forward over %d rows failed (%s: %s); retrying its halves apart",
                         len(rows), type(e).__name__, e)
             h = len(rows) // 2
             self._isolate(rows[:h], run, events)
-            self._isolate([q for q in rows[h:] if self._live(q)], run, events)
+            self._isolate([q for q in rows[h:] if self._live(_row(q))], run, events)
 
     @staticmethod
     def _live(q) -> bool:
@@ -376,68 +478,110 @@ class Engine:
     def _fail_in_flight(self, e: BaseException, events: list[Event]) -> None:
         """The step failed outside a forward we can attribute: fail every request that holds cache
         blocks or runs (the in-flight batch), drop held prompts; waiting requests stay queued."""
-        waiting = set(map(id, self.waiting))
-        self._failed([r for r in list(self.requests.values())
-                      if id(r) not in waiting or r.id in self.cache.tables], e, events)
+        self._failed([r for r in list(self.requests.values()) if not r.queued or r.id in self.cache.tables],
+                     e, events)
         for g in list(self.groups.values()):
             self._release_group(g)
+        self.prefilling = []
 
     def _admit(self, events: list[Event]) -> None:
-        """Admit the head of the queue while a batch row, the prefill budget (padded tokens) and free
-        blocks allow; then prefill the admitted requests and groups together, and fork the admitted
-        children of groups from their prompts."""
-        batch: list = []  # prefill rows: _Request, or _Group (its prompt once)
+        """Build this step's prefill batch within the token budget (``max_prefill_tokens`` padded tokens:
+        rows × the longest chunk): first the next chunk of each prompt being prefilled in chunks, then
+        waiting requests in turn order (``_Waiting``) while a batch row and free blocks (the whole prompt
+        + lookahead) remain. A prompt longer than what the budget leaves is prefilled in chunks over
+        several steps, while the running sequences keep decoding (not with speculative decoding: its
+        MTP pass needs the whole prompt, which is then prefilled alone). Then prefill the batch in one
+        forward and fork the admitted children of groups whose prompt is in the cache."""
+        batch: list[tuple] = []  # (row, start, end): a _Request or a _Group (its prompt once), tokens [start, end)
         forks: list[tuple[_Group, list[_Request]]] = []
         rows = 0  # running rows taken this step (requests and forked children)
-        T = 0  # the batch's longest sequence: every row is padded to it
+        T = 0  # the batch's longest chunk: every row is padded to it
         promised = 0  # free blocks the forks after this prefill will take
-        cache = self.cache
-        while self.waiting and len(self.running) + rows < self.max_batch:
-            r = self.waiting[0]
+        cache, budget, chunkable = self.cache, self.max_prefill_tokens, not self.speculative
+
+        def chunk(m: int) -> int:
+            """How many of a row's m remaining tokens this batch can take (0: none)."""
+            k = len(batch) + 1
+            if not batch:
+                return min(m, budget) if chunkable else m
+            if k * max(T, m) <= budget:
+                return m
+            return T if chunkable and k * T <= budget else 0
+
+        def pad(T_new: int) -> int:
+            """Blocks the rows already in the batch lack to be padded to T_new."""
+            return sum(max(0, cache.blocks_for(s + T_new) - len(cache.tables[q.id])) for q, s, _ in batch)
+
+        def grow(T_new: int) -> None:
+            for q, s, _ in batch:
+                self._reserve([q.id], s + T_new)
+
+        for q in list(self.prefilling):  # prompts part-way through their prefill go on first
+            start = cache.lengths[q.id]
+            c = chunk(len(q.tokens) - start)
+            T_new = max(T, c)
+            if not c or cache.blocks_for(start + T_new) - len(cache.tables[q.id]) + pad(T_new) > cache.num_free_blocks:
+                break
+            grow(T_new)
+            self._reserve([q.id], start + T_new)
+            batch.append((q, start, start + c))
+            T = T_new
+        finishing = {id(q) for q, s, e in batch if e == len(q.tokens)}
+        skip = set()  # tenants whose head cannot go this step (its group's prompt is still being prefilled)
+        while len(self.running) + self._prefilling_rows() + rows < self.max_batch:
+            r, d = self.waiting.head(skip)
+            if r is None:
+                break
             g = r.group if r.unforked else None
-            n = len(r.prompt) + len(r.out)
+            n = len(r.tokens)
             if g is None and n + self.lookahead > cache.num_slots:  # a preempted request that outgrew the cache
                 self._finish(r, "length", events=events)
                 continue
-            prefill = g is None or not (g.held or g in batch)
-            T_new = max(T, n) if prefill else T
-            if prefill and batch and T_new * (len(batch) + 1) > self.max_prefill_tokens:
+            if g is not None and g in self.prefilling and id(g) not in finishing:
+                skip.add(r.tenant)
+                continue
+            prefill = g is None or not (g.held or id(g) in finishing)
+            c = chunk(n) if prefill else 0
+            if prefill and not c:
                 break  # prefill budget spent: the rest waits for the next step
-            # room to pad the rows already in the batch to T_new
-            pad = sum(max(0, cache.blocks_for(T_new) - len(cache.tables[q.id])) for q in batch)
-            avail = cache.num_free_blocks - promised - pad
+            T_new = max(T, c)
+            avail = cache.num_free_blocks - promised - pad(T_new)
             if g is None:
-                # first come, first served: nobody overtakes the head of the queue
+                # nobody overtakes the head for lack of blocks (no starvation of long prompts)
                 if cache.blocks_for(max(n + self.lookahead, T_new)) > avail:
                     if self._drop_prefixes(batch, forks):
                         continue
                     break
-                self._reserve([q.id for q in batch], T_new)
+                grow(T_new)
                 self._reserve([r.id], max(n + self.lookahead, T_new))
-                self.waiting.popleft()
-                batch.append(r)
+                self.waiting.take(d)
+                batch.append((r, 0, c))
                 rows += 1
             else:
-                kids = list(itertools.takewhile(lambda q: q.group is g and q.unforked, self.waiting))
-                kids = kids[:self.max_batch - len(self.running) - rows]
-                parent = cache.blocks_for(T_new) if prefill else 0
+                kids = list(itertools.takewhile(lambda q: q.group is g and q.unforked, d))
+                kids = kids[:self.max_batch - len(self.running) - self._prefilling_rows() - rows]
+                parent = cache.blocks_for(max(n, T_new)) if prefill else 0
+                whole = not prefill or c == n  # its children fork this step
                 k = next((k for k in range(len(kids), 0, -1)
-                          if parent + self._fork_blocks(g, k) <= avail), 0)
+                          if parent + (self._fork_blocks(g, k) if whole else 0) <= avail), 0)
                 if not k:
                     if self._drop_prefixes(batch, forks):
                         continue
                     break
-                self._reserve([q.id for q in batch] + ([g] if prefill else []), T_new)
+                grow(T_new)
                 if prefill:
-                    batch.append(g)
-                for _ in range(k):
-                    self.waiting.popleft()
+                    self._reserve([g], max(n, T_new))
+                    batch.append((g, 0, c))
+                if not whole:  # its prompt is prefilled in chunks: the children wait for the last one
+                    skip.add(r.tenant)
+                    T = T_new
+                    continue
+                self.waiting.take(d, k)
                 forks.append((g, kids[:k]))
                 promised += self._fork_blocks(g, k)
                 rows += k
             T = T_new
         if batch:
-            self.running.extend(q for q in batch if not isinstance(q, _Group))
             self._isolate(batch, self._prefill, events)
         for g, kids in forks:
             kids = [c for c in kids if c.finish_reason is None]
@@ -451,10 +595,13 @@ class Engine:
             except Exception as e:  # half-forked: no retry
                 self._failed(kids, e, events)
 
+    def _prefilling_rows(self) -> int:
+        return sum(not isinstance(q, _Group) for q in self.prefilling)
+
     def _drop_prefixes(self, batch: list, forks: list) -> bool:
         """When nothing runs or is being admitted, no blocks will come back by waiting: drop the prompts
         groups hold for their unforked children (they are prefilled again when admitted). True if any."""
-        if self.running or batch or forks:
+        if self.running or self.prefilling or batch or forks:
             return False
         held = [g for g in self.groups.values() if g.held]
         for g in held:
@@ -477,38 +624,54 @@ class Engine:
         cow = self.cache.blocks_for(P) - first_write // bs  # 0 or 1
         return k * ext + (k - (k == g.to_fork)) * cow
 
-    def _prefill(self, rows: list, events: list[Event]) -> None:
-        """One MHA-mode forward over the rows' whole sequences (prompt, plus output when recomputing a
-        preempted one; a group's prompt once), right-padded to the longest: under the causal mask no
-        real token sees the padding, whose cache entries are then rolled back. Requests draw their
-        first token; groups keep the last position's logits (and hidden state) for their children."""
-        seqs = [r.tokens for r in rows]
-        lens = [len(s) for s in seqs]
+    def _prefill(self, rows: list[tuple], events: list[Event]) -> None:
+        """One MHA-mode forward over each row's tokens [start, end) (its prompt, plus its output when
+        recomputing a preempted request; a group's prompt once), over the row's cached history, right-
+        padded to the longest chunk: under the causal mask no real token sees the padding, whose cache
+        entries are then rolled back. Rows whose prefill is complete draw their first token (requests)
+        or keep the last position's logits and hidden state for their children (groups); the others
+        wait in ``prefilling`` for their next chunk."""
+        lens = [e - s for _, s, e in rows]
         B, T = len(rows), max(lens)
-        ids = torch.tensor([s + [0] * (T - len(s)) for s in seqs], device=self.device)  # (B, T)
-        self.cache.begin([r.id for r in rows], T)
-        out = self.model(ids, positions=self.cache.positions(T), cache=self.cache, logits=False)
-        last = torch.tensor(lens, device=self.device) - 1
-        h = out.hidden[torch.arange(B, device=self.device), last]  # (B, D)
-        logits = self.model.head(h)  # (B, V): only the last positions' logits
-        req = [i for i, r in enumerate(rows) if not isinstance(r, _Group)]
-        reqs = [rows[i] for i in req]
+        ids = torch.tensor([q.tokens[s:e] + [0] * (T - e + s) for q, s, e in rows], device=self.device)  # (B, T)
+        self.cache.begin([q.id for q, _, _ in rows], T)
+        out = self.model(ids, positions=self.cache.positions(T), cache=self.cache, absorb=False, logits=False)
+        done = [i for i, (q, _, e) in enumerate(rows) if e == len(q.tokens)]
+        last = torch.tensor([lens[i] - 1 for i in done], device=self.device, dtype=torch.long)
+        h = out.hidden[torch.tensor(done, device=self.device, dtype=torch.long), last]  # (b, D)
+        logits = self.model.head(h)  # (b, V): only the finished rows' last positions
+        req = [j for j, i in enumerate(done) if not isinstance(rows[i][0], _Group)]
+        reqs = [rows[done[j]][0] for j in req]
         toks, lps, tops = self._choose(reqs, logits[req]) if reqs else ([], [], [])
         g = None
-        if self.speculative:
-            nxt = dict(zip(req, toks))  # a group's row (or a row that failed to sample): a placeholder token
-            g = spec.prefill_drafts(self, rows, out.hidden, [nxt.get(i) or 0 for i in range(B)], lens, draft=req)
+        if self.speculative:  # every row is a whole sequence here (no chunks)
+            nxt = {done[j]: t for j, t in zip(req, toks)}  # a group's row (or one that failed): a placeholder
+            g = spec.prefill_drafts(self, [q for q, _, _ in rows], out.hidden, [nxt.get(i) or 0 for i in range(B)],
+                                    lens, draft=[done[j] for j in req])
         self.cache.advance(T)
-        for r, n in zip(rows, lens):
-            self.cache.truncate(r.id, n)
-            self.cache.shrink(r.id, n if isinstance(r, _Group) else n + self.lookahead)
-        for i, q in enumerate(rows):
+        for (q, s, e), n in zip(rows, lens):
+            self.cache.truncate(q.id, e)
+            whole = len(q.tokens) + (0 if isinstance(q, _Group) else self.lookahead)
+            self.cache.shrink(q.id, whole)
+        for i in done:
+            q = rows[i][0]
+            if q in self.prefilling:
+                self.prefilling.remove(q)
+        for j, i in enumerate(done):
+            q = rows[i][0]
             if isinstance(q, _Group):
-                q.logits, q.hidden, q.held = logits[i].clone(), h[i].clone(), True
+                q.logits, q.hidden, q.held = logits[j].clone(), h[j].clone(), True
+            elif q not in self.running:
+                self.running.append(q)
+        for q, _, e in rows:
+            if e < len(q.tokens) and q not in self.prefilling:
+                self.prefilling.append(q)
         if g is not None:
             spec.chain(self, reqs, g)
-        self.stats.prefills += B
+        self.stats.prefills += len(done)
+        self.stats.prefill_chunks += B
         self.stats.prefill_tokens += sum(lens)
+        self.stats.max_prefill_batch_tokens = max(self.stats.max_prefill_batch_tokens, B * T)
         for r, t, lp, top in zip(reqs, toks, lps, tops):
             self._append(r, t, lp, top, events)
 
@@ -538,7 +701,11 @@ class Engine:
             self._append(c, t, lp, top, events)
 
     def _release_group(self, g: _Group) -> None:
-        """No child will fork any more: the group's own hold on the prompt's blocks goes."""
+        """No child will fork any more (or its prompt must make room): the group's hold on the prompt's
+        blocks goes, also part-way through a chunked prefill."""
+        if g in self.prefilling:
+            self.prefilling.remove(g)
+            self.cache.free(g)
         if g.held:
             self.cache.free(g)
             g.held, g.logits, g.hidden = False, None, None
@@ -555,12 +722,20 @@ class Engine:
 
     def _make_room(self, events: list[Event]) -> list[_Request]:
         """Reserve ``lookahead`` slots past each running sequence, oldest first; when the pool runs dry
-        preempt the newest running request (recomputed later), or, when a sequence is alone and still
-        short, finish it with "length" (it has outgrown the whole cache)."""
+        preempt a prompt part-way through a chunked prefill, else the newest running request (recomputed
+        later), or, when a sequence is alone and still short, finish it with "length" (it has outgrown
+        the whole cache)."""
         for r in sorted(self.running, key=lambda q: q.arrival):
             if r.finish_reason is not None or r not in self.running:
                 continue
             while not self.cache.reserve(r.id, self.cache.lengths[r.id] + self.lookahead):
+                if self.prefilling:  # a prompt part-way through its prefill makes room first
+                    q = self.prefilling.pop()
+                    self.cache.free(q.id)
+                    if not isinstance(q, _Group):
+                        self.waiting.requeue(q)
+                        self.stats.preemptions += 1
+                    continue
                 if len(self.running) == 1:
                     self._finish(r, "length", events=events)
                     break
@@ -574,7 +749,7 @@ class Engine:
         self.cache.free(r.id)
         self.running.remove(r)
         r.drafts, r.draft_q = [], []
-        self.waiting.appendleft(r)
+        self.waiting.requeue(r)
         self.stats.preemptions += 1
 
     # ---- tokens --------------------------------------------------------------------------------
@@ -664,10 +839,13 @@ class Engine:
                 self.groups.pop(g.gid, None)
         if r in self.running:
             self.running.remove(r)
-        elif r in self.waiting:
+        elif r.queued:
             self.waiting.remove(r)
+        elif r in self.prefilling:
+            self.prefilling.remove(r)
         self.cache.free(r.id)
-        self.requests.pop(r.id, None)
+        if self.requests.pop(r.id, None) is not None:
+            self.waiting.gone(r)
         r.drafts, r.draft_q = [], []
         if events is not None:
             events.append(Event(r.id, None, finished=True, finish_reason=reason, stop_reason=stop, error=r.error))
@@ -695,7 +873,7 @@ class Engine:
                     self._enqueue_group(g)
                 reqs = [c for g in groups for c in g.children]
         while any(r.finish_reason is None for r in reqs):
-            if not self.step() and not self.running and self.waiting:
+            if not self.step() and not self.running and not self.prefilling and self.waiting:
                 raise RuntimeError("engine made no progress: the head of the queue cannot be admitted")
         failed = [r for r in reqs if r.finish_reason == "error"]
         if failed:
@@ -718,6 +896,10 @@ class Engine:
                 r = self.requests.get(rid)
                 if r is not None:
                     self._finish(r, "abort")
+
+
+def _row(q):
+    return q[0] if isinstance(q, tuple) else q
 
 
 def _check_n(n) -> None:
