@@ -1,6 +1,7 @@
 """minke grpo end to end on a tiny model: the reward rises, resume is exact, bad input stops cleanly."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,22 @@ def test_bad_input_is_named(ckpt, tmp_path, capsys):
     (tmp_path / "e").mkdir()
     assert grpo_train.main(["--model", str(tmp_path / "e"), "--out", str(tmp_path / "f")]) == 1
     assert "no tokenizer.json" in capsys.readouterr().err
+
+
+def test_torchrun_two_ranks_match_one_process(ckpt, tmp_path, monkeypatch):
+    """Data parallel GRPO: 2 gloo ranks, each rolling out half of the step's prompts (with the seeds one
+    process gives them), the loss normalisers summed over ranks and the gradients all-reduced, follow the
+    one-process run. Fails when the ranks' gradients are not summed (each rank steps on its half)."""
+    from test_parallel import one_thread, torchrun
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the workers import grpo_toy
+    # lr 1e-4: Adam's first step moves every weight by ~±lr whatever its gradient's size, so gradients that
+    # are rounding noise (summed in another order over two ranks) make ±lr differences; small here.
+    with one_thread():
+        assert grpo_train.main(_args(ckpt, tmp_path / "one", 3, "--lr", "1e-4")) == 0
+    torchrun("-m", "minke.cli", "grpo", *_args(ckpt, tmp_path / "two", 3, "--lr", "1e-4"), "--device", "cpu")
+    one, two = _train(tmp_path / "one"), _train(tmp_path / "two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for k in ("reward", "length_mean", "grad_norm", "entropy"):
+            assert b[k] == pytest.approx(a[k], rel=1e-3), (a["step"], k)

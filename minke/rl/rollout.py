@@ -43,12 +43,14 @@ class Rollout:
 
 
 def rollout(engine, tok, problems: Sequence[Problem], group_size: int, params: SamplingParams,
-            fmt: str = "chat") -> Rollout:
-    """``group_size`` samples per problem; ``params.seed`` seeds the batch (problem i: seed + i·G, its
-    sample j: seed + i·G + j, the engine's n-sampling contract)."""
+            fmt: str = "chat", index: Sequence[int] | None = None) -> Rollout:
+    """``group_size`` samples per problem; ``params.seed`` seeds the batch: problem i (``index[i]``,
+    default i: its place in the whole batch, so a rank's share samples what one process would) gets
+    seed + index·G, its sample j seed + index·G + j (the engine's n-sampling contract)."""
     prompts = [prompt_ids(tok, p, fmt) for p in problems]
     seed = params.seed
-    per = [replace(params, seed=None if seed is None else (seed + i * group_size) % 2**63) for i in range(len(prompts))]
+    index = range(len(prompts)) if index is None else index
+    per = [replace(params, seed=None if seed is None else (seed + i * group_size) % 2**63) for i in index]
     t0 = time.perf_counter()
     done = engine.generate(prompts, per, n=group_size)
     seconds = time.perf_counter() - t0

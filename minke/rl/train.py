@@ -191,10 +191,15 @@ def optimize(model, ref, opt, sched, inputs, targets, mask, adv, a, d: parallel.
                 if k != "tokens":
                     sums[k] = sums.get(k, 0.0) + v * st["tokens"]
             sums["tokens"] = sums.get("tokens", 0.0) + st["tokens"]
-        if d.world > 1:
-            for p in model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
+        if d.world > 1:  # sum the ranks' gradients in one collective (an expert no token reached has none yet)
+            params = [p for p in model.parameters() if p.requires_grad]
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            flat = torch.cat([p.grad.flatten() for p in params])
+            dist.all_reduce(flat)
+            for p, g in zip(params, flat.split([p.numel() for p in params])):
+                p.grad.copy_(g.view_as(p))
             loss_total = float(parallel.all_reduce_sum(torch.tensor(loss_total, device=d.device)))
         gnorm = parallel.clip_grad_norm_(model.parameters(), a.clip)
         if not (math.isfinite(loss_total) and math.isfinite(gnorm)):
@@ -222,11 +227,11 @@ def train_step(model, ref, engine, tok, rewards: Rewards, opt, sched, a, d: para
     samples = []
     for draw in range(draws):
         need = a.prompts - groups_kept if a.dynamic_sampling else a.prompts
-        mine = list(range(position, position + need))[d.rank::d.world]
+        start, position = position, position + need
+        mine = list(range(start, position))[d.rank::d.world]  # this rank's share of the draw
         probs = prompt_stream(a.tasks, a.difficulties, a.seed, mine)
-        position += need
         r = rollout(engine, tok, probs, a.group_size, replace(params, seed=(params.seed + draw * 104_729) % 2**63),
-                    a.format)
+                    a.format, index=[i - start for i in mine])
         rollout_tokens += r.tokens
         rollout_s += r.seconds
         lengths = [len(c) for c in r.completions]
@@ -252,6 +257,14 @@ def train_step(model, ref, engine, tok, rewards: Rewards, opt, sched, a, d: para
         if not a.dynamic_sampling or groups_kept >= a.prompts // d.world:
             break
 
+    if d.world > 1:  # the step's figures over every rank's samples (rank order = one process's order)
+        parts = parallel.all_gather_object((torch.cat(all_rewards).tolist(), comps_all, texts_all, lengths_all,
+                                            finishes, groups_drawn, groups_kept, rollout_tokens, rollout_s))
+        all_rewards = [torch.tensor(sum((p[0] for p in parts), []))]
+        comps_all = {k: sum((p[1][k] for p in parts), []) for k in comps_all}
+        texts_all, lengths_all, finishes = (sum((p[i] for p in parts), []) for i in (2, 3, 4))
+        groups_drawn, groups_kept = sum(p[5] for p in parts), sum(p[6] for p in parts)
+        rollout_tokens, rollout_s = sum(p[7] for p in parts), max(p[8] for p in parts)
     t_train = time.perf_counter()
     stats: dict = {}
     if kept_inputs:

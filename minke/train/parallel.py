@@ -1,7 +1,7 @@
 """Scale-out under ``torchrun``: expert parallelism for the routed experts, FSDP2 for everything else.
 
-The model code stays single-device math (DESIGN principle 2); this file changes a built model from
-outside:
+The model code stays single-device math (parallelism is applied from outside it); this file changes a
+built model from outside:
 
 - **Expert parallelism** (V3 §3.2 trains with EP across nodes). Each rank keeps E/W of every MoE
   layer's routed experts. ``MoE.forward`` is untouched: ``grouped_moe`` still sorts the local
@@ -108,6 +108,15 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, …] on every rank (``[obj]`` with one process)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
