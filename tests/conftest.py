@@ -82,8 +82,8 @@ def hf_v2_lite_config(**over):
 
 @torch.no_grad()
 def randomize_hf(model, seed=0):
-    """Random weights everywhere, including norms and a positive routing bias (so the official -inf
-    group mask and transformers' agree; see REFERENCE.md)."""
+    """Random weights everywhere, including norms and a positive routing bias (DeepSeek's code masks the
+    dropped expert groups with -inf, transformers with 0.0: they agree while biased scores stay positive)."""
     g = torch.Generator().manual_seed(seed)
     for _, p in model.named_parameters():
         if p.dim() == 1:

@@ -399,3 +399,22 @@ def test_tenants_take_turns(model):
     while e.has_unfinished():
         order += [ev.request_id for ev in e.step() if ev.finished]
     assert order == ["a1", "b1", "c1", "a2", "b2", "a3"]
+
+
+# ---- item 11: one text layer under inference and serve ---------------------------------------------------
+def test_text_layer_sits_below_inference_and_serve():
+    """inference no longer imports serve (generate.py imported serve.protocol's TextStream); the one
+    stop-string search serves the engine and the TextStream alike."""
+    import subprocess
+    import sys
+
+    code = ("import sys, minke.inference.engine, minke.inference.generate, minke.text; "
+            "print([m for m in sys.modules if m.startswith('minke.serve')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:]
+    from minke.text import first_stop
+
+    assert first_stop("abcXYdefXY", ["def", "XY"]) == (3, "XY")  # the earliest occurrence, whichever string
+    assert first_stop("abcXYdef", ["XY"], since=5) is None  # wholly inside text already searched
+    assert first_stop("abcXYdef", ["XY"], since=4) == (3, "XY")  # ends after `since`
+    assert first_stop("abc", []) is None

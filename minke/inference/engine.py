@@ -53,6 +53,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..text import first_stop
 from . import sampling, speculative as spec
 from .paged import PagedLatentCache, bytes_per_token
 from .sampling import SamplingParams
@@ -823,7 +824,8 @@ class Engine:
             events.append(Event(r.id, r.out[-1], finished=False))
             self._failed([r], e, events)
             return False
-        return next((s for s in r.params.stop if s in text), None)
+        hit = first_stop(text, r.params.stop)
+        return None if hit is None else hit[1]
 
     def _finish(self, r: _Request, reason: str, stop=None, events: list[Event] | None = None) -> None:
         r.finish_reason, r.stop_reason = reason, stop
