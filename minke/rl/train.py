@@ -162,7 +162,8 @@ def sequence_logprobs(model, inputs, targets, temperature: float):
 def optimize(model, ref, opt, sched, inputs, targets, mask, adv, a, d: parallel.Dist, step: int) -> dict:
     """μ optimizer steps on one rollout batch; returns the stats of the first pass (the on-policy one)."""
     B = inputs.shape[0]
-    totals = parallel.all_reduce_sum(torch.tensor([float(mask.sum()), float(B)], device=d.device))
+    # the whole batch's normalisers, over ranks (a row without completion tokens counts for nothing)
+    totals = parallel.all_reduce_sum(torch.tensor([float(mask.sum()), float(mask.any(-1).sum())], device=d.device))
     total_tokens, total_seqs = totals[0], int(totals[1])
     chunks = [slice(s, min(B, s + a.micro_batch)) for s in range(0, B, a.micro_batch)]
     old = [None] * len(chunks)  # filled on the first pass: the training forward's own log-probs
@@ -267,8 +268,15 @@ def train_step(model, ref, engine, tok, rewards: Rewards, opt, sched, a, d: para
         rollout_tokens, rollout_s = sum(p[7] for p in parts), max(p[8] for p in parts)
     t_train = time.perf_counter()
     stats: dict = {}
-    if kept_inputs:
-        inputs, targets, mask, adv = _assemble(kept_inputs, a, tok.pad_id or 0)
+    learn = bool(kept_inputs)
+    if d.world > 1:  # every rank steps, or none: a rank without a kept group joins with no tokens
+        learn = float(parallel.all_reduce_sum(torch.tensor(float(learn), device=d.device))) > 0
+    if learn:
+        if kept_inputs:
+            inputs, targets, mask, adv = _assemble(kept_inputs, a, tok.pad_id or 0)
+        else:
+            inputs = targets = torch.full((1, 1), tok.pad_id or 0, dtype=torch.long)
+            mask, adv = torch.zeros(1, 1, dtype=torch.bool), torch.zeros(1)
         stats = optimize(model, ref, opt, sched, inputs.to(d.device), targets.to(d.device), mask.to(d.device),
                          adv.to(d.device), a, d, step)
         train_tokens = int(mask.sum()) + int((~mask).sum())
