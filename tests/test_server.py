@@ -544,3 +544,46 @@ def test_request_limits_and_refused_fields(setup):
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=60)
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     healthy(setup)
+
+
+def test_small_request_beside_a_6400_sequence_request():
+    """One HTTP request of 50 prompts x n=128 (limits raised to allow it) is one tenant of the engine's
+    fair admission: a small chat request sent while it runs is answered within a few engine steps (it
+    waited behind all 6,400 sequences before the fix), and hanging up on the big one frees everything."""
+    model, tok = make()
+    engine = Engine(model, max_batch=32, decode_fn=tok.decode)
+    limits = server.Limits(max_prompts=50, max_n=128, max_sequences=6400)
+    with serving(server.create_app(engine, tok, model_name=NAME, limits=limits)) as url:
+        started, hang_up = threading.Event(), threading.Event()
+
+        def big():
+            body = {"model": NAME, "prompt": [f"{i} + {i}" for i in range(50)], "n": 128, "max_tokens": 4,
+                    "temperature": 1.0, "seed": 0, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                for _ in r.iter_lines():
+                    started.set()
+                    if hang_up.is_set():
+                        return r.status_code
+            return r.status_code
+
+        with ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(big)
+            assert started.wait(60)
+            before = engine.stats.steps
+            r = httpx.post(url + "/v1/chat/completions", json={"model": NAME, **GREEDY,
+                                                               "messages": [{"role": "user", "content": "hi"}]},
+                           timeout=60)
+            steps = engine.stats.steps - before
+            left = len(engine.waiting)
+            hang_up.set()
+            assert fut.result() == 200
+        assert r.status_code == 200 and (r.json()["choices"][0]["message"]["reasoning_content"],
+                                         r.json()["choices"][0]["message"]["content"]) == HI
+        # first come first served, the small one would wait for all 6,400 (~800 steps of 32 rows x 4 tokens):
+        # it takes its ~20 decode steps plus the HTTP hops, while most of the big one still waits
+        assert left > 1000 and steps < 400, (left, steps)
+        for _ in range(1000):
+            if not engine.has_unfinished():
+                break
+            time.sleep(0.01)
+        assert not engine.has_unfinished() and engine.cache.num_free_blocks == engine.cache.num_blocks

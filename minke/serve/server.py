@@ -93,6 +93,8 @@ class EngineLoop:
         self.stopping = False
         self.step_started: float | None = None  # monotonic start of the step running now
         self.loop_errors = 0  # exceptions that escaped engine.step() (the loop survived them)
+        self.submitting = 0  # threads waiting to add requests: Python's locks are not fair, and a busy
+        # loop re-taking the engine's lock at once would keep a new request out for hundreds of steps
 
     def health(self) -> tuple[str, str | None]:
         """("ok" | "dead" | "stuck", why)."""
@@ -126,6 +128,7 @@ class EngineLoop:
         with self.wake:
             for rid in rids:  # before add_request, so no event can precede it
                 self.queues[rid] = (loop, queue)
+            self.submitting += 1  # the loop lets us take the engine's lock between two steps
         try:
             self.engine.add_request(prompt_ids, params, request_id=gid, n=n, tenant=tenant)
         except BaseException:
@@ -133,8 +136,10 @@ class EngineLoop:
                 for rid in rids:
                     self.queues.pop(rid, None)
             raise
-        with self.wake:
-            self.wake.notify()
+        finally:
+            with self.wake:
+                self.submitting -= 1
+                self.wake.notify_all()
         return rids
 
     def abort(self, rid: str) -> None:
@@ -146,8 +151,8 @@ class EngineLoop:
     def _run(self) -> None:
         while True:
             with self.wake:
-                while not (self.stopping or self.aborts or self.engine.has_unfinished()):
-                    self.wake.wait()
+                while not self.stopping and (self.submitting or not (self.aborts or self.engine.has_unfinished())):
+                    self.wake.wait(0.05 if self.submitting else None)  # a submit holds the engine briefly
                 if self.stopping:
                     return
                 aborts, self.aborts = self.aborts, []
@@ -183,9 +188,17 @@ class EngineLoop:
         with self.wake:  # a request whose queue is gone (its client left, an error) is skipped
             targets = [(self.queues.pop(rid, None) if evs[-1].finished else self.queues.get(rid), evs)
                        for rid, evs in by_rid.items()]
+        # one callback per event loop and step, not one per request: with thousands of sequences the
+        # loop's ready queue would fill with them, and every step of a new request waits behind the queue
+        per_loop = defaultdict(list)
         for target, evs in targets:
             if target is not None:
-                self._post(*target, evs)
+                per_loop[target[0]].append((target[1], evs))
+        for loop, items in per_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # that event loop is closed
+                pass
 
     @staticmethod
     def _post(loop, queue, item) -> None:
@@ -193,6 +206,11 @@ class EngineLoop:
             loop.call_soon_threadsafe(queue.put_nowait, item)
         except RuntimeError:  # the request's event loop is closed
             pass
+
+
+def _deliver(items) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
 
 
 class _Choice:
