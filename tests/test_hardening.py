@@ -418,3 +418,22 @@ def test_text_layer_sits_below_inference_and_serve():
     assert first_stop("abcXYdef", ["XY"], since=5) is None  # wholly inside text already searched
     assert first_stop("abcXYdef", ["XY"], since=4) == (3, "XY")  # ends after `since`
     assert first_stop("abc", []) is None
+
+
+def test_abort_part_way_through_a_chunked_prefill(model):
+    """Aborting a request, or a group's parent, whose prompt is part-way through its chunked prefill
+    frees its blocks at once; the engine then serves others as before."""
+    e = Engine(model, max_batch=4, block_size=4, max_prefill_tokens=8)
+    long = prompts([40])[0]
+    e.add_request(long, SamplingParams(max_tokens=4, **GREEDY), request_id="r")
+    e.add_request(long, SamplingParams(max_tokens=4, temperature=1.0, seed=0, stop_token_ids=[]), request_id="g", n=3)
+    e.step()
+    e.step()
+    assert e.prefilling and e.cache.num_free_blocks < e.cache.num_blocks
+    assert e.abort("r") and e.abort("g")
+    final = [ev for ev in e.step() if ev.finished]
+    assert sorted(map(str, (ev.request_id for ev in final))) == ["('g', 0)", "('g', 1)", "('g', 2)", "r"]
+    assert all(ev.finish_reason == "abort" for ev in final)
+    assert not e.has_unfinished() and not e.prefilling and e.cache.num_free_blocks == e.cache.num_blocks
+    p = prompts([5])[0]
+    assert e.generate([p], SamplingParams(max_tokens=3, **GREEDY))[0].token_ids == greedy_ref(model, p, 3)
