@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# minke speedrun: the DeepSeek-V3/R1 recipe end to end at toy scale, on a 2-core CPU.
+# minke speedrun: the DeepSeek-R1 recipe end to end at toy scale, on a 2-core CPU:
+#   pretrain (MLA + MoE + MTP) → cold-start SFT (R1-form traces) → GRPO (accuracy + format rewards)
+#   → every stage's checkpoint evaluated on the same held-out problems → report.md + PNGs + summary.json
 #
 #   bash runs/speedrun.sh            (what `make run` does; outputs under out/speedrun/)
 #
@@ -17,30 +19,72 @@ start=$SECONDS
 # little when the cores are free.
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
-# A stage resumes when its directory already holds a checkpoint.
+# A stage resumes when its directory already holds a checkpoint; a finished one is skipped.
 resume() { if compgen -G "$1/step-*" > /dev/null; then echo --resume "$1"; fi; }
+done_() { [ -e "$1/final" ]; }
+declare -A took
+timed() { local name=$1; shift; local t0=$SECONDS; "$@"; took[$name]=$((SECONDS - t0)); }
+
+# The model: MLA (4 heads, kv_lora_rank 64), 1 dense + 2 MoE layers of 8 routed experts (top-2 of 2
+# groups, 1 shared), 1 MTP module, hidden 128: ~0.8M parameters, 0.5M active per token. The tiny
+# preset (hidden 64, 0.23M) reaches only ~25% on two-operand sums after pretraining: too little for RL
+# to build on.
+MODEL="hidden_size=128 intermediate_size=256 moe_intermediate_size=64 q_lora_rank=64 kv_lora_rank=64
+       qk_nope_head_dim=24 v_head_dim=24"
+# Held-out evaluation of every stage: 34 test-split problems × 2 tasks × difficulties 1–3 = 204
+# problems, k = 4 samples each at R1's temperature 0.6 / top-p 0.95.
+EVAL="--problems 34 --k 4 --temperature 0.6 --top-p 0.95 --max-tokens 160 --greedy --batch 64"
 
 # ---- 1. tokenizer + pretraining -------------------------------------------------------------------
 # Data: 40,000 documents "Question: …\nAnswer: <worked steps> \boxed{…}" from the arithmetic and
 #   countdown tasks (difficulty 1–3, train split) ≈ 60 tokens each → 2.4M tokens; held-out loss on
 #   400 documents of the tasks' test split. A byte-level BPE (single digits) is trained on the same
-#   documents first: --vocab-size 512 asked, ~340 learned (the corpus has few distinct words); the
-#   model's vocab is that rounded up to a multiple of 64.
-# Model: the tiny preset (MLA, 1 dense + 2 MoE layers of 8 routed experts, top-2 of 2 groups, 1 shared
-#   expert, 1 MTP module): 0.23M parameters, 0.16M active per token, +0.08M in the MTP module.
+#   documents plus R1's instruction sentence (so a prompt costs ~15 tokens of it, not ~60).
 # Steps: 32 sequences × 128 tokens = 4,096 tokens/step; 1,500 steps = 6.1M tokens ≈ 2.6 epochs.
 #   LR 3e-3: 50 warmup steps, constant to step 750, cosine to 3e-4 (V3 §4.2's shape).
-# Time: fp32 (bf16 autocast is slower on CPU), ~16k tokens/s on one free core → 0.25 s/step → ~6.4 min
-#   of steps, plus ~25 s for corpus, tokenizer, 11 held-out evaluations, 3 checkpoints, the greedy
-#   accuracy check on 50 held-out problems and the plots. Measured: with one thread the whole script
-#   used 6m49s of CPU (= its wall time on an idle machine); with 2 threads on 2 cores shared with
-#   other jobs (load average ~5) it took 14m01s wall. Expect 5–7 min on an idle 2-core machine.
-$PY -m minke.cli pretrain --out "$OUT/pretrain" $(resume "$OUT/pretrain") \
-    --docs 40000 --eval-docs 400 --vocab-size 512 --preset tiny --seq-len 128 \
+if ! done_ "$OUT/pretrain"; then
+timed pretrain $PY -m minke.cli pretrain --out "$OUT/pretrain" $(resume "$OUT/pretrain") \
+    --docs 40000 --eval-docs 400 --vocab-size 512 --preset tiny --set $MODEL --seq-len 128 \
     --steps 1500 --batch-size 32 --lr 3e-3 --warmup 50 --decay-from 0.5 \
-    --eval-every 150 --save-every 500 --log-every 50
+    --eval-every 300 --save-every 500 --log-every 100
+fi
+
+# ---- 2. cold-start SFT ----------------------------------------------------------------------------
+# R1's cold start: chat-formatted examples whose response is R1's output form
+#   "<think>\n<worked steps>\n</think>\n\n\boxed{answer}", loss on the response only, whole examples
+#   packed into 256-token rows with per-example attention masks. 20,000 train problems over both tasks
+#   and difficulties 1–3 (~110 tokens each → ~8,600 rows); 300 steps × 16 rows ≈ 0.55 epoch.
+if ! done_ "$OUT/sft"; then
+timed sft $PY -m minke.cli sft --model "$OUT/pretrain/final" --out "$OUT/sft" $(resume "$OUT/sft") \
+    --examples 20000 --seq-len 256 --steps 300 --batch-size 16 --lr 1e-3 --warmup 20 \
+    --eval-every 100 --save-every 100 --log-every 50 --eval-problems 0
+fi
+
+# ---- 3. GRPO --------------------------------------------------------------------------------------
+# Each step: 16 train problems × 8 samples at temperature 1 through the engine (one prefill per
+#   problem, forked; ~40 tokens per response); reward = accuracy (the task's checker) + format
+#   (<think>…</think> then \boxed{}); group-normalised advantages; one clipped-ratio AdamW step at a constant
+#   2e-4 (ε 0.2, no KL: β = 0 keeps no reference model). 200 steps = 25,600 rollouts; ~3 s a step.
+if ! done_ "$OUT/grpo"; then
+timed grpo $PY -m minke.cli grpo --model "$OUT/sft/final" --out "$OUT/grpo" $(resume "$OUT/grpo") \
+    --steps ${GRPO_STEPS:-200} --prompts 16 --group-size 8 --temperature 1.0 --max-tokens 160 --lr 2e-4 \
+    --eval-every 50 --eval-problems 6 --eval-k 2 --save-every 50 --log-every 10
+fi
+
+# ---- 4. evaluation of every stage on the same held-out problems -----------------------------------
+# The pretrained model is prompted in its own corpus format ("Question: …\nAnswer:"), the chat
+# stages through the chat template their tokenizer_config.json carries.
+mkdir -p "$OUT/eval"
+timed eval_pretrain $PY -m minke.cli eval --model "$OUT/pretrain/final" --format base $EVAL --out "$OUT/eval/pretrain.json"
+timed eval_sft $PY -m minke.cli eval --model "$OUT/sft/final" --format chat $EVAL --out "$OUT/eval/sft.json"
+timed eval_grpo $PY -m minke.cli eval --model "$OUT/grpo/final" --format chat $EVAL --out "$OUT/eval/grpo.json"
+
+secs=()
+for k in "${!took[@]}"; do secs+=(--seconds "$k" "${took[$k]}"); done
+$PY -m minke.cli report --out "$OUT" --stage pretrain "$OUT/eval/pretrain.json" --stage sft "$OUT/eval/sft.json" \
+    --stage grpo "$OUT/eval/grpo.json" --grpo "$OUT/grpo" "${secs[@]}"
 
 echo
 echo "speedrun done in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"
-echo "  pretrained model: $OUT/pretrain/final   (minke chat --model $OUT/pretrain/final)"
-echo "  report:           $OUT/pretrain/report.md"
+echo "  checkpoints: $OUT/{pretrain,sft,grpo}/final   (minke chat --model $OUT/grpo/final)"
+echo "  report:      $OUT/report.md   summary: $OUT/summary.json"
