@@ -141,3 +141,16 @@ def token_bytes(tokenizer, token_id: int) -> bytes:
         if isinstance(tok.decoder, tokenizers.decoders.ByteLevel) and piece is not None and all(c in table for c in piece):
             return bytes(table[c] for c in piece)
     return tokenizer.decode([token_id]).encode()
+
+
+def max_token_bytes(tokenizer) -> int | None:
+    """The most bytes one token stands for, when the tokenizer is byte-level BPE without a normalizer
+    (then a text of B bytes has at least B / max_token_bytes tokens); None otherwise."""
+    import tokenizers
+
+    tok = getattr(tokenizer, "tok", None)
+    if not isinstance(tok, tokenizers.Tokenizer) or tok.normalizer is not None \
+            or not isinstance(tok.decoder, tokenizers.decoders.ByteLevel):
+        return None
+    added = [len(t.content.encode()) for t in tok.get_added_tokens_decoder().values()]
+    return max([len(p) for p in tok.get_vocab(with_added_tokens=False)] + added)

@@ -587,3 +587,35 @@ def test_small_request_beside_a_6400_sequence_request():
                 break
             time.sleep(0.01)
         assert not engine.has_unfinished() and engine.cache.num_free_blocks == engine.cache.num_blocks
+
+
+def test_hopeless_prompt_refused_before_tokenizing_and_encode_releases_the_gil(setup, monkeypatch):
+    """A text with more bytes than context x the longest token's bytes cannot fit: refused without
+    tokenizing it (a 4 MB prompt took 19 s of CPU to tokenize here); and the tokenizer's encode lets
+    other threads run (tokenizers' encode holds the GIL, encode_batch releases it: a stream beside a
+    4 MB prompt stalled 12 s, now 30 ms)."""
+    tok = setup["tok"]
+    monkeypatch.setattr(tok, "encode", lambda *a, **k: pytest.fail("tokenized a hopeless prompt"))
+    for path, body in (("/v1/completions", {"model": NAME, "prompt": "12 + 7 = 19. " * 20000, "max_tokens": 1}),
+                       ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": "é" * 200000}]))):
+        r = post(setup, path, body)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
+        assert "at least" in r.json()["error"]["message"]
+    monkeypatch.undo()
+
+    text, ticks, done = "12 + 7 = 19. " * 60000, [], threading.Event()
+
+    def ticker():
+        while not done.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.002)
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    t0 = time.perf_counter()
+    tok.encode(text)
+    took = time.perf_counter() - t0
+    done.set()
+    t.join()
+    gap = max(b - a for a, b in zip(ticks, ticks[1:]))
+    assert gap < max(took / 3, 0.05), f"another thread waited {gap:.2f} s of a {took:.2f} s encode"

@@ -49,7 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data.tokenizer import THINK
 from ..inference.sampling import SamplingParams
-from ..text import TextStream, token_bytes
+from ..text import TextStream, max_token_bytes, token_bytes
 from . import protocol as P
 
 log = logging.getLogger("minke.serve")
@@ -393,6 +393,20 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
                                 f"has {len(ids)} tokens (one position must remain to generate).",
                            param=param, code="context_length_exceeded")
 
+    per_token = max_token_bytes(tokenizer)
+
+    def check_text(texts: list[str], param: str) -> None:
+        """Before tokenizing: a text of B bytes has at least B / per_token tokens (byte-level BPE), so a
+        text far beyond the context is refused without spending seconds of CPU on it."""
+        if per_token is None:
+            return
+        for t in texts:
+            least = len(t.encode("utf-8", "replace")) // per_token
+            if least >= context:
+                raise APIError(400, f"This model's maximum context length is {context} tokens, but the {param} "
+                                    f"has at least {least} tokens ({len(t)} characters).",
+                               param=param, code="context_length_exceeded")
+
     def check_limits(req, prompts: int) -> None:
         def over(param, msg):
             raise APIError(400, f"{param}: {msg}", param=param, code="limit_exceeded")
@@ -459,7 +473,9 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
     async def chat(req: P.ChatCompletionRequest, request: Request):
         check_model(req.model)
         check_limits(req, 1)
-        ids, text = await run_in_threadpool(chat_ids, req.template_messages())  # never on the event loop
+        messages = req.template_messages()
+        check_text(["".join(m["content"] for m in messages)], "messages")
+        ids, text = await run_in_threadpool(chat_ids, messages)  # never on the event loop
         check_prompt(ids, "messages")
         think = text.rstrip().endswith(THINK)
         max_tokens = req.max_completion_tokens or req.max_tokens or context  # the engine caps at the context
@@ -516,6 +532,7 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
         p = req.prompt
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
         check_limits(req, len(prompts))
+        check_text([q for q in prompts if isinstance(q, str)], "prompt")
         prompts = await run_in_threadpool(encode_prompts, prompts)  # never on the event loop
         for q in prompts:
             check_prompt(q, "prompt")
