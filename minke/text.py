@@ -115,7 +115,7 @@ def split_reasoning(text: str, think: bool = True) -> tuple[str, str]:
 @lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet, reversed: the printable character each byte is spelled with → byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = list(bs)
     n = 0
     for b in range(256):
@@ -138,7 +138,8 @@ def token_bytes(tokenizer, token_id: int) -> bytes:
             return added.content.encode()
         piece = tok.id_to_token(token_id)
         table = _byte_decoder()
-        if isinstance(tok.decoder, tokenizers.decoders.ByteLevel) and piece is not None and all(c in table for c in piece):
+        byte_level = isinstance(tok.decoder, tokenizers.decoders.ByteLevel)
+        if byte_level and piece is not None and all(c in table for c in piece):
             return bytes(table[c] for c in piece)
     return tokenizer.decode([token_id]).encode()
 

@@ -92,7 +92,8 @@ def test_load_and_faults(served, monkeypatch):
         (b'{"model": "ckpt", "messages": [', 400), (json.dumps(chat_body("x", temperature=-1)).encode(), 400),
         (json.dumps({**chat_body("x"), "model": "other"}).encode(), 404),
         (json.dumps(chat_body("x", stop=["a", "b", "c", "d", "e"])).encode(), 400),
-        (json.dumps(chat_body("x", n=10**6)).encode(), 400), (json.dumps(chat_body("x", tools=[{"a": 1}])).encode(), 400),
+        (json.dumps(chat_body("x", n=10**6)).encode(), 400),
+        (json.dumps(chat_body("x", tools=[{"a": 1}])).encode(), 400),
     ]
 
     def run(job):
@@ -112,7 +113,8 @@ def test_load_and_faults(served, monkeypatch):
                             content += d.get("content") or ""
                 return kind, q, r.status_code, (reasoning, content)
             if kind in ("completion", "completion_stream"):
-                body = {"model": "ckpt", "prompt": q, "max_tokens": 8, "temperature": 0, "stream": kind.endswith("stream")}
+                body = {"model": "ckpt", "prompt": q, "max_tokens": 8, "temperature": 0,
+                        "stream": kind.endswith("stream")}
                 if not body["stream"]:
                     r = c.post("/v1/completions", json=body)
                     return kind, q, r.status_code, r.json()["choices"][0]["text"]

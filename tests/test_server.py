@@ -455,8 +455,8 @@ def test_vllm_sampling_fields(setup):
     r = extra(ignore_eos=True, max_tokens=natural + 3)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == natural + 3
     r = extra(min_tokens=natural + 2, max_tokens=natural + 6)
-    want = Engine(setup["model"]).generate([ids], SamplingParams(max_tokens=natural + 6, temperature=0,
-                                                                 stop_token_ids=[tok.eos_id], min_tokens=natural + 2))[0]
+    want = Engine(setup["model"]).generate([ids], SamplingParams(
+        max_tokens=natural + 6, temperature=0, stop_token_ids=[tok.eos_id], min_tokens=natural + 2))[0]
     assert r.usage.completion_tokens == len(want.token_ids) >= natural + 2
     assert r.choices[0].finish_reason == want.finish_reason
     second = tok.encode(reply(HI))[1]
@@ -540,7 +540,8 @@ def test_request_limits_and_refused_fields(setup):
     assert ok.status_code == 200
     # a body without Content-Length (chunked) is counted as it arrives
     big = (b'{"model": "%s", "prompt": "' % NAME.encode()) + b"1 " * (5 << 20) + b'"}'
-    r = httpx.post(setup["url"] + "/v1/completions", content=iter([big[i:i + 65536] for i in range(0, len(big), 65536)]),
+    parts = [big[i:i + 65536] for i in range(0, len(big), 65536)]
+    r = httpx.post(setup["url"] + "/v1/completions", content=iter(parts),
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=60)
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     healthy(setup)

@@ -1,12 +1,13 @@
 """Per-request sampling: parameters, their validation, and logits → token.
 
 Order of the logits processors (as vLLM and transformers apply them): temperature, then top-k, then
-top-p (nucleus, always keeping the most likely token). A temperature below ``GREEDY_TEMPERATURE``
-(1e-5, vLLM's threshold too) means greedy (argmax, no randomness): dividing by a smaller one overflows
-fp32 for any logit gap above ~3e33·T, and its distribution is the argmax's anyway. Sampling runs in
-fp32 on logits minus each row's maximum, so every finite row gives a proper distribution; a row whose
-logits hold a nan or +inf, or no finite value, gets no token (None) and fails alone. Each request owns a ``torch.Generator`` seeded from its ``seed``, and rows are sampled
-one by one with their own generator, so a request's tokens do not depend on its batch mates.
+top-p (nucleus, always keeping the most likely token). A temperature below ``GREEDY_TEMPERATURE`` (1e-5,
+vLLM's threshold too) means greedy (argmax, no randomness): dividing by a smaller one overflows fp32
+(1e-40 turned every logit into ±inf and the softmax into nan), and its distribution is the argmax's
+anyway. Sampling runs in fp32 on logits minus each row's maximum, so every finite row gives a proper
+distribution; a row whose logits hold a nan or +inf, or no finite value, gets no token (None) and fails
+alone. Each request owns a ``torch.Generator`` seeded from its ``seed``, and rows are sampled one by one
+with their own generator, so a request's tokens do not depend on its batch mates.
 
 Logprobs are those of the model's raw distribution, ``log_softmax(logits)`` before temperature,
 top-k and top-p (what an RL trainer compares its policy against at temperature 1).
