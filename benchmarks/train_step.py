@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 import minke
 from minke.train.optim import build_optimizer
-from minke.train.pretrain import balance_step, loss_function, moe_layers
+from minke.train.pretrain import balance_step, loss_function
 
 # A V3-shaped model small enough for two CPU cores, big enough that the matmuls (not Python) dominate:
 # q LoRA, noaux_tc routing over 4 groups, YaRN, 1 dense + 3 MoE layers of 16 routed experts (top-4)
@@ -147,7 +147,7 @@ def main(argv=None):
     runners = {}  # name -> one training step
     opt = build_optimizer(model, lr=1e-4)  # minke's: AdamW β (0.9, 0.95), decay 0.1 on matrices
     for name, mtp in (("minke", False), ("minke_mtp", True)):
-        moes = moe_layers(model, mtp)
+        moes = model.named_moe_layers(mtp)
         loss_fn = loss_function(model, moes, MTP_LAMBDA if mtp else 0.0, BALANCE_ALPHA, args.compile)
         runners[name] = lambda loss_fn=loss_fn, moes=moes: minke_step(model, loss_fn, moes, opt, batch)
     if hf is not None:

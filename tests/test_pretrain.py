@@ -216,7 +216,7 @@ def test_bias_update_balances_a_skewed_router():
 def test_mtp_loss_is_part_of_the_loss_and_trains_the_mtp_module():
     model = minke.build(minke.preset("tiny", vocab_size=256), seed=0).train()
     batch = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))
-    moes = pretrain.moe_layers(model, mtp=True)
+    moes = model.named_moe_layers(mtp=True)
     loss, parts = pretrain.lm_loss(model, batch, moes, mtp_lambda=0.3, balance_alpha=1e-4)
     assert parts["mtp"] is not None and parts["balance"] is not None
     assert torch.allclose(loss, parts["ce"] + 0.3 * parts["mtp"] + 1e-4 * parts["balance"])
@@ -229,7 +229,7 @@ def test_mtp_loss_is_part_of_the_loss_and_trains_the_mtp_module():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mtp.parameters())
 
     model.zero_grad(set_to_none=True)
-    loss, parts = pretrain.lm_loss(model, batch, pretrain.moe_layers(model, mtp=False), 0.0, 1e-4)
+    loss, parts = pretrain.lm_loss(model, batch, model.named_moe_layers(mtp=False), 0.0, 1e-4)
     loss.backward()
     assert parts["mtp"] is None and all(p.grad is None for p in model.mtp.parameters())
     assert torch.allclose(loss, parts["ce"] + 1e-4 * parts["balance"])

@@ -11,7 +11,7 @@ import minke
 from minke.data.tokenizer import train_tokenizer
 from minke.tasks import corpus
 from minke.train import sft
-from minke.train.pretrain import IGNORE, lm_loss, moe_layers
+from minke.train.pretrain import IGNORE, lm_loss
 
 
 @pytest.fixture(scope="module")

@@ -97,8 +97,15 @@ class Transformer(nn.Module):
                 m.e_score_correction_bias.zero_()
         return self
 
-    def moe_layers(self):
-        return [m for m in self.modules() if isinstance(m, MoE)]
+    def named_moe_layers(self, mtp: bool = True) -> list[tuple[str, MoE]]:
+        """("layer i" / "MTP k", MoE) of the main blocks, then of the MTP modules (when ``mtp``)."""
+        named = [(f"layer {b.layer}", b.mlp) for b in self.layers if isinstance(b.mlp, MoE)]
+        if mtp:
+            named += [(f"MTP {k + 1}", m.mlp) for k, m in enumerate(self.mtp) if isinstance(m.mlp, MoE)]
+        return named
+
+    def moe_layers(self, mtp: bool = True) -> list[MoE]:
+        return [m for _, m in self.named_moe_layers(mtp)]
 
     # ---- forward -------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,

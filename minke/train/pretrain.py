@@ -49,7 +49,6 @@ from ..data.prompts import completion_text, prompt_ids
 from ..data.tokenizer import Tokenizer, train_tokenizer
 from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
-from ..model.moe import MoE
 from ..model.transformer import build
 from ..tasks import INSTRUCTION, check, corpus, problems
 from . import checkpoint, parallel, report
@@ -145,14 +144,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ---- the loss ------------------------------------------------------------------------------------
-def moe_layers(model, mtp: bool) -> list[tuple[str, MoE]]:
-    """(name, MoE) of the layers a training forward runs: main blocks, then MTP modules when used."""
-    named = [(f"layer {b.layer}", b.mlp) for b in model.layers if isinstance(b.mlp, MoE)]
-    if mtp:
-        named += [(f"MTP {k + 1}", m.mlp) for k, m in enumerate(model.mtp) if isinstance(m.mlp, MoE)]
-    return named
-
-
 def lm_loss(model, batch: torch.Tensor, moes, mtp_lambda: float, balance_alpha: float):
     """batch → (loss, parts): loss = ce + λ·mtp + α·balance; parts detached (mtp None when off).
 
@@ -253,7 +244,7 @@ def train_step(model, loss_fn, moes, loader, opt, sched, a, amp, step: int, d: p
 def evaluate(model, eval_windows: torch.Tensor, a, amp, device) -> dict:
     """Mean held-out next-token CE (and MTP CE) over fixed batches (windows or packed examples)."""
     model.eval()
-    moes = moe_layers(model, a.mtp_lambda > 0)
+    moes = model.named_moe_layers(a.mtp_lambda > 0)
     ce, mtp, n = 0.0, 0.0, 0
     for batch in eval_windows.split(a.batch_size):
         with amp:
@@ -434,7 +425,7 @@ def fit(a, out: Path, d: parallel.Dist, amp, model, tok: Tokenizer, loader, held
     model = parallel.parallelize(model, d)  # expert parallel + FSDP2; the model itself with one process
     opt = build_optimizer(model, a.lr, a.weight_decay)  # after parallelize: it must hold the sharded parameters
     sched = build_scheduler(opt, a.steps, a.warmup, a.decay_from, a.min_lr_ratio)
-    moes = moe_layers(model, a.mtp_lambda > 0)
+    moes = model.named_moe_layers(a.mtp_lambda > 0)
     names = [n for n, _ in moes]
     loss_fn = loss_function(model, moes, a.mtp_lambda, a.balance_alpha, a.compile)
 
