@@ -6,8 +6,8 @@
 #   bash runs/speedrun.sh            (what `make run` does; outputs under out/speedrun/)
 #
 # Each stage is one `minke <stage>` command reading the previous stage's output directory. Run it
-# again after an interruption and each stage continues from its newest checkpoint (a finished stage
-# only redoes its report); delete out/speedrun/ to start over.
+# again after an interruption and each stage continues from its newest checkpoint (a finished stage is
+# skipped; the evaluations and the report are redone); delete out/speedrun/ to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -21,7 +21,7 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 
 # A stage resumes when its directory already holds a checkpoint; a finished one is skipped.
 resume() { if compgen -G "$1/step-*" > /dev/null; then echo --resume "$1"; fi; }
-done_() { [ -e "$1/final" ]; }
+done_() { [ -e "$1/final" ] && [ -e "$1/report.md" ]; }  # final is linked before the report is written
 declare -A took
 timed() { local name=$1; shift; local t0=$SECONDS; "$@"; took[$name]=$((SECONDS - t0)); }
 

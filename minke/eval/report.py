@@ -20,7 +20,7 @@ import shutil
 import sys
 from pathlib import Path
 
-SAME = ("k", "temperature", "top_p", "problems")
+SAME = ("k", "temperature", "top_p", "problems", "max_tokens", "seed")
 
 
 def load_stage(path: str | Path) -> dict:
@@ -58,7 +58,10 @@ def write(out: Path, stages: dict[str, dict], grpo_dir: Path | None, seconds: di
     first = stages[names[0]]["config"]
     for n in names[1:]:
         c = stages[n]["config"]
-        diff = [f"{k}: {first[k]} vs {c[k]}" for k in SAME if first.get(k) != c.get(k)]
+        diff = [f"{k}: {first.get(k)} vs {c.get(k)}" for k in SAME if first.get(k) != c.get(k)]
+        cells = lambda s: [(r["task"], r["difficulty"], r["n"]) for r in s["rows"]]  # noqa: E731
+        if cells(stages[n]) != cells(stages[names[0]]):
+            diff.append(f"problems per task/difficulty {cells(stages[names[0]])} vs {cells(stages[n])}")
         if diff:
             raise SystemExit(f"minke report: stage {n} was evaluated differently from {names[0]}: {'; '.join(diff)}")
     out.mkdir(parents=True, exist_ok=True)

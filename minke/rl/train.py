@@ -57,6 +57,9 @@ RESUMABLE = {"out", "resume", "device", "eval_every", "eval_problems", "eval_k",
              "inject_nan"}
 
 
+CLIP_STATS = ("clip", "clip_low", "clip_high", "ratio")
+
+
 class GRPOError(RuntimeError):
     """Bad input or a stopped run; the message says what, where, and what was kept."""
 
@@ -160,7 +163,8 @@ def sequence_logprobs(model, inputs, targets, temperature: float):
 
 
 def optimize(model, ref, opt, sched, inputs, targets, mask, adv, a, d: parallel.Dist, step: int) -> dict:
-    """μ optimizer steps on one rollout batch; returns the stats of the first pass (the on-policy one)."""
+    """μ optimizer steps on one rollout batch; returns the first (on-policy) pass's stats, with the clip
+    fractions and mean ratio of the last pass when μ > 1 (this rank's tokens)."""
     B = inputs.shape[0]
     # the whole batch's normalisers, over ranks (a row without completion tokens counts for nothing)
     totals = parallel.all_reduce_sum(torch.tensor([float(mask.sum()), float(mask.any(-1).sum())], device=d.device))
@@ -209,10 +213,12 @@ def optimize(model, ref, opt, sched, inputs, targets, mask, adv, a, d: parallel.
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
-        if inner == 0:
-            n = max(1.0, sums.pop("tokens"))
-            first = {k: v / n for k, v in sums.items()}
+        n = max(1.0, sums.pop("tokens"))
+        if inner == 0:  # ρ = 1 exactly here: its clip and ratio figures say nothing
+            first = {k: v / n for k, v in sums.items() if k not in CLIP_STATS}
             first.update(loss=loss_total, grad_norm=gnorm, lr=lr)
+        elif inner == a.mu - 1:  # the last pass's ratios show how far the μ steps moved the policy
+            first.update({k: v / n for k, v in sums.items() if k in CLIP_STATS})
     return first
 
 
@@ -226,8 +232,9 @@ def train_step(model, ref, engine, tok, rewards: Rewards, opt, sched, a, d: para
     groups_drawn = groups_kept = 0
     draws = 4 if a.dynamic_sampling else 1
     samples = []
+    kept_all = 0  # groups kept so far over every rank (each rank's draws must match: same positions)
     for draw in range(draws):
-        need = a.prompts - groups_kept if a.dynamic_sampling else a.prompts
+        need = a.prompts - kept_all if a.dynamic_sampling else a.prompts
         start, position = position, position + need
         mine = list(range(start, position))[d.rank::d.world]  # this rank's share of the draw
         probs = prompt_stream(a.tasks, a.difficulties, a.seed, mine)
@@ -236,10 +243,14 @@ def train_step(model, ref, engine, tok, rewards: Rewards, opt, sched, a, d: para
         rollout_tokens += r.tokens
         rollout_s += r.seconds
         lengths = [len(c) for c in r.completions]
+        error = None
         try:
             total, comps = rewards.score([p for p in r.problems for _ in range(a.group_size)], r.texts, lengths)
         except RewardError as e:
-            raise GRPOError(f"step {step + 1}: {e}") from None
+            error = str(e)
+        errors = [e for e in parallel.all_gather_object(error) if e]  # every rank stops, naming the cause
+        if errors:
+            raise GRPOError(f"step {step + 1}: {errors[0]}")
         R = total.view(len(probs), a.group_size)
         keep = grpo.informative_groups(R) if a.dynamic_sampling else torch.ones(len(probs), dtype=torch.bool)
         groups_drawn += len(probs)
@@ -255,7 +266,8 @@ def train_step(model, ref, engine, tok, rewards: Rewards, opt, sched, a, d: para
         if keep.any():
             kept_inputs.append((r, R, keep))
             groups_kept += int(keep.sum())
-        if not a.dynamic_sampling or groups_kept >= a.prompts // d.world:
+        kept_all = int(parallel.all_reduce_sum(torch.tensor(groups_kept, device=d.device)))
+        if not a.dynamic_sampling or kept_all >= a.prompts:
             break
 
     if d.world > 1:  # the step's figures over every rank's samples (rank order = one process's order)
@@ -279,7 +291,7 @@ def train_step(model, ref, engine, tok, rewards: Rewards, opt, sched, a, d: para
             mask, adv = torch.zeros(1, 1, dtype=torch.bool), torch.zeros(1)
         stats = optimize(model, ref, opt, sched, inputs.to(d.device), targets.to(d.device), mask.to(d.device),
                          adv.to(d.device), a, d, step)
-        train_tokens = int(mask.sum()) + int((~mask).sum())
+        train_tokens = mask.numel()
     else:  # every group all-equal: nothing to learn from this step (dynamic sampling ran out of draws)
         train_tokens = 0
         for _ in range(a.mu):

@@ -16,9 +16,9 @@ Data (one of):
   ``--eval-fraction`` of the examples.
 
 Packing (V3 "with sample masking"): examples are packed whole into rows of ``--seq-len`` tokens (in a
-seeded order, first fit), each row a (4, T) tensor of inputs, targets (IGNORE off the target), example
-index and position within its example; attention stays inside an example (lm_loss builds the mask) and
-every example starts at position 0, as at inference.
+seeded order, first fit over the 8 newest rows), each row a (4, T) tensor of inputs, targets (IGNORE off
+the target), example index and position within its example; attention stays inside an example (lm_loss
+builds the mask) and every example starts at position 0, as at inference.
 
 Model: ``--model DIR`` continues a checkpoint (pretrained, or an earlier SFT/RL stage) with its
 tokenizer; or ``--preset``/``--set`` with ``--tokenizer DIR`` trains a fresh student from scratch
@@ -37,7 +37,7 @@ import torch
 
 from ..config import ConfigError, preset
 from ..data.loader import DataError, PackedLoader, jsonl_records
-from ..data.prompts import prompt_ids, r1_response
+from ..data.prompts import r1_response
 from ..data.tokenizer import THINK, Tokenizer
 from ..model.transformer import build
 from ..tasks import TASKS, problems
@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
               "save_every", "keep", "log_every"):
         if getattr(a, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(a, k)}")
+    if not 0 <= a.eval_fraction < 1:
+        p.error(f"--eval-fraction must lie in [0, 1), got {a.eval_fraction}")
     if (a.model is None) == (a.preset is None):
         p.error("give --model DIR (continue a checkpoint) or --preset NAME with --tokenizer DIR (a fresh student)")
     if a.preset and not a.tokenizer:
