@@ -79,3 +79,11 @@ def test_torchrun_two_ranks_match_one_process(ckpt, tmp_path, monkeypatch):
     for a, b in zip(one, two):
         for k in ("reward", "length_mean", "grad_norm", "entropy"):
             assert b[k] == pytest.approx(a[k], rel=1e-3), (a["step"], k)
+
+
+def test_mu_steps_report_the_last_pass_clip_and_ratio(ckpt, tmp_path):
+    """With μ = 2 the logged ratio and clip fraction are the second pass's (the first has ρ = 1 exactly;
+    fails when the first pass's figures are logged: ratio 1.0, clip 0)."""
+    assert grpo_train.main(_args(ckpt, tmp_path / "m", 2, "--mu", "2", "--eps-low", "0.01", "--eps-high", "0.01")) == 0
+    rows = _train(tmp_path / "m")
+    assert all(m["ratio"] != 1.0 and 0 < m["clip"] <= 1 for m in rows), rows
