@@ -2,15 +2,11 @@
 the tokens of n separate requests seeded seed + j, while the prompt's blocks are held once; preemption,
 abort, speculative decoding and the server's n > 1 keep working, and the pool is full at the end."""
 
-import threading
-import time
-from contextlib import contextmanager
 from dataclasses import replace
 
 import httpx
 import pytest
 import torch
-import uvicorn
 
 import minke
 from minke.inference.engine import Engine
@@ -294,21 +290,8 @@ def test_bad_n_and_reused_ids(model):
 
 
 # ---- the server --------------------------------------------------------------------------------
-@contextmanager
-def serving(app):
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    for _ in range(1000):
-        if srv.started or not thread.is_alive():
-            break
-        time.sleep(0.01)
-    assert srv.started, "uvicorn did not start"
-    try:
-        yield f"http://127.0.0.1:{srv.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=15)
+from test_server import serving  # noqa: E402  (uvicorn in a thread on a free loopback port)
+
 
 
 def test_server_n_goes_through_the_fork():

@@ -25,15 +25,20 @@ class DataError(ValueError):
     """A data file is missing, unreadable, empty or malformed, or holds too few tokens."""
 
 
-def jsonl_records(path: str | Path) -> list[tuple[str, dict]]:
-    """("FILE:LINE", object) for each non-blank line of a JSONL file; an unreadable file, a line that is
-    not JSON or not an object is a DataError naming the file (and line)."""
+def read_text(path: str | Path) -> str:
+    """A UTF-8 file's text; a missing, unreadable or non-UTF-8 file is a DataError naming it."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def jsonl_records(path: str | Path) -> list[tuple[str, dict]]:
+    """("FILE:LINE", object) for each non-blank line of a JSONL file; an unreadable file, a line that is
+    not JSON or not an object is a DataError naming the file (and line)."""
+    text = read_text(path)
     out = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -62,12 +67,7 @@ def read_documents(paths: list[str]) -> list[str]:
                 if rec["text"].strip():
                     found.append(rec["text"])
         else:
-            try:
-                text = Path(path).read_text(encoding="utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            except OSError as e:
-                raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+            text = read_text(path)
             found = [text] if text.strip() else []
         if not found:
             raise DataError(f"{path}: no text in file (empty data file)")
