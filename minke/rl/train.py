@@ -40,14 +40,17 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from ..data.prompts import FORMATS, think_opened
 from ..data.tokenizer import Tokenizer
+from ..eval.data import builtin
 from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
 from ..tasks import TASKS, Problem, get_task, split_seed
 from ..train import checkpoint, parallel
 from ..train.optim import build_optimizer, build_scheduler
+from ..train.report import metrics_log, read_metrics
 from ..train.pretrain import PretrainError, _Help, config_diff, find_resume, fmt_time, rng_state, say, set_rng_state
 from . import grpo
 from .rewards import RewardError, Rewards, reflection_rate
@@ -147,12 +150,6 @@ def prompt_stream(tasks, difficulties, seed: int, indices) -> list[Problem]:
         p.meta["difficulty"] = d
         out.append(p)
     return out
-
-
-def held_out(tasks, difficulties, n: int) -> list[Problem]:
-    from ..eval.data import builtin
-
-    return builtin(tasks, difficulties, n, "test")
 
 
 # ---- one step -----------------------------------------------------------------------------------
@@ -456,23 +453,10 @@ def run(a: argparse.Namespace) -> Path:
             ref.load_state_dict(state["reference"])
         set_rng_state(state["rng"])
         step, position = state["step"], state["position"]
-        from ..train.report import read_metrics
-
         metrics = [m for m in read_metrics(resume.parent / "metrics.jsonl") if m["step"] <= step]
         print(f"resumed from {resume} at step {step}")
-    metrics_path = out / "metrics.jsonl"
-    if d.is_main:
-        tmp = metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-        os.replace(tmp, metrics_path)
-
-    def record(m: dict) -> None:
-        metrics.append(m)
-        if d.is_main:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(m) + "\n")
-
-    held = held_out(a.tasks, a.difficulties, a.eval_problems) if a.eval_problems > 0 else []
+    record = metrics_log(out / "metrics.jsonl", metrics, d.is_main)
+    held = builtin(a.tasks, a.difficulties, a.eval_problems, "test") if a.eval_problems > 0 else []
 
     def eval_now(s: int) -> None:
         if not held or not d.is_main:
@@ -490,7 +474,7 @@ def run(a: argparse.Namespace) -> Path:
         eval_now(0)
     last = checkpoint.latest(out) or resume
     times: deque[float] = deque(maxlen=10)
-    bar = tqdm_bar(a.steps, step)
+    bar = tqdm(total=a.steps, initial=step, unit="step", disable=None, dynamic_ncols=True, leave=False)
     try:
         while step < a.steps:
             t0 = time.perf_counter()
@@ -530,12 +514,6 @@ def run(a: argparse.Namespace) -> Path:
     print(f"checkpoint: {final} -> {last.name}\nreport:     {path}")
     parallel.shutdown()
     return final
-
-
-def tqdm_bar(total: int, initial: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, initial=initial, unit="step", disable=None, dynamic_ncols=True, leave=False)
 
 
 def main(argv=None) -> int:

@@ -430,18 +430,7 @@ def fit(a, out: Path, d: parallel.Dist, amp, model, tok: Tokenizer, loader, held
     loss_fn = loss_function(model, moes, a.mtp_lambda, a.balance_alpha, a.compile)
 
     step, metrics = restore(resume, run_cfg, model, opt, sched, loader) if resume else (0, [])
-    metrics_path = out / "metrics.jsonl"
-    if d.is_main:
-        tmp = metrics_path.with_suffix(".tmp")  # drops records past the checkpoint; atomic, as a kill may come now
-        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-        os.replace(tmp, metrics_path)
-
-    def record(m: dict) -> None:
-        metrics.append(m)
-        if not d.is_main:
-            return
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(m) + "\n")
+    record = report.metrics_log(out / "metrics.jsonl", metrics, d.is_main)
 
     def eval_now(s: int) -> None:
         e = evaluate(model, held, a, amp, d.device)

@@ -11,6 +11,7 @@ Records, one JSON object a line: ``{"kind": "train", "step", "loss", "ce", "mtp"
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +40,25 @@ def read_metrics(path: str | Path) -> list[dict]:
             if i < len(lines) - 1:
                 raise ValueError(f"{path}:{i + 1}: not a JSON record") from None
     return out
+
+
+def metrics_log(path: str | Path, metrics: list[dict], write: bool):
+    """Rewrite ``path`` with ``metrics`` (the records up to the checkpoint a run resumes from: later ones
+    are dropped; atomic, as a kill may come now) and return ``record(m)``, which appends a record to
+    the list and, when ``write`` (rank 0), to the file."""
+    path = Path(path)
+    if write:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+        os.replace(tmp, path)
+
+    def record(m: dict) -> None:
+        metrics.append(m)
+        if write:
+            with path.open("a") as f:
+                f.write(json.dumps(m) + "\n")
+
+    return record
 
 
 def _smooth(ys: list[float], w: int) -> list[float]:

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, preset
-from ..data.loader import DataError, PackedLoader, jsonl_records
+from ..data.loader import DataError, PackedLoader, fingerprint, jsonl_records
 from ..data.prompts import r1_response
 from ..data.tokenizer import THINK, Tokenizer
 from ..model.transformer import build
@@ -238,7 +238,7 @@ def run(a: argparse.Namespace) -> Path:
     held = pack(encode_all(tok, held_ex, a.seq_len), a.seq_len, tok.pad_id or 0, a.seed)[: a.eval_batches * a.batch_size]
     target_tokens = int((train[:, 1] != IGNORE).sum())
     run_cfg = {k: v for k, v in sorted(vars(a).items()) if k not in RESUMABLE}
-    run_cfg.update(model_config=cfg.to_dict(), data_sha=_sha(train))
+    run_cfg.update(model_config=cfg.to_dict(), data_sha=fingerprint(train))
     loader = PackedLoader(train, None, a.batch_size, a.seed)
     params = cfg.param_counts()
     print(f"model: {a.model or 'preset ' + a.preset}, {params['total']:,} parameters ({params['active']:,} active) "
@@ -260,12 +260,6 @@ def run(a: argparse.Namespace) -> Path:
             print(f"greedy accuracy (chat format), {t} difficulty {dd}: {acc:.0%} of {len(probs)} held-out problems")
 
     return fit(a, out, d, amp, model, tok, loader, held, run_cfg, resume, finish)
-
-
-def _sha(t: torch.Tensor) -> str:
-    import hashlib
-
-    return hashlib.sha1(t.numpy().tobytes()).hexdigest()[:16]
 
 
 def main(argv=None) -> int:
