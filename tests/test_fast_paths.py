@@ -99,46 +99,6 @@ def test_padded_experts_compiled_and_eager_agree(monkeypatch):
             assert (a.float() - b.float()).abs().max().item() <= 2e-2 * b.float().abs().max().item()
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_math_attention_matches_fused(masked):
-    """The explicit attention (CPU under torch.compile, short sequences), whole and in causal query
-    blocks of 3 (the last one short), against torch's fused SDPA with the zero-padded v: output and the
-    gradients of q, k, v; causal, and a bool mask with T < S."""
-    from minke.model import mla
-    g = torch.Generator().manual_seed(0)
-    B, H, T, S, N, V = 2, 3, 5 if masked else 7, 7, 12, 8
-    q, k, v = (torch.randn(B, H, t, d, generator=g, requires_grad=True) for t, d in ((T, N), (S, N), (S, V)))
-    mask = torch.rand(B, 1, T, S, generator=g) < 0.7 if masked else None
-    if masked:
-        mask[..., 0] = True  # every query sees a key
-    go = torch.randn(B, H, T, V, generator=g)
-    results = []
-    for block in (None, None, 3):  # first: the fused kernel
-        o = mla.math_attention(q, k, v, mask, 0.3, block) if results else mla.fused_attention(q, k, v, mask, 0.3)
-        results.append([o.detach(), *torch.autograd.grad(o, (q, k, v), go)])
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5
-
-
-def test_causal_blocks_with_fewer_queries_than_keys():
-    """Causal with T < S (the queries are the last T keys, as in a chunked prefill): blocks of 2 and 3
-    against the whole (T, S) scores; SDPA's is_causal aligns the other way, so it is no reference here."""
-    from minke.model import mla
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(2, 3, 5, 8, generator=g, requires_grad=True)
-    k = torch.randn(2, 3, 9, 8, generator=g, requires_grad=True)
-    v = torch.randn(2, 3, 9, 6, generator=g, requires_grad=True)
-    go = torch.randn(2, 3, 5, 6, generator=g)
-    results = []
-    for block in (None, 2, 3):
-        o = mla.math_attention(q, k, v, None, 0.3, block)
-        results.append([o.detach(), *torch.autograd.grad(o, (q, k, v), go)])
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert (a - b).abs().max().item() <= 1e-6
-
-
 def test_experts_with_no_tokens(monkeypatch):
     cfg = minke.preset("tiny")
     m = minke.build(cfg).layers[1].mlp

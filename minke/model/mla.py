@@ -16,62 +16,11 @@ N qk_nope_head_dim, V v_head_dim, D hidden.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels.attention import absorbed_attention, attention
 from .layers import RMSNorm, apply_rope, softmax_scale
-
-
-MATH_ATTENTION_MAX_KEYS = 512  # CPU under torch.compile: explicit attention up to this many keys
-MATH_ATTENTION_BLOCK = 128  # causal explicit attention: queries in blocks of this many, each over its prefix
-
-
-def attention(q, k, v, mask, scale):
-    """q, k (B, H, T|S, N+R), v (B, H, S, V), mask None (causal, T == S) or bool (B, 1, T, S) → (B, H, T, V).
-
-    torch's fused SDPA, except on CPU under torch.compile with at most MATH_ATTENTION_MAX_KEYS keys:
-    there explicit scores → softmax → weighted sum, which inductor fuses, causal in query blocks that
-    skip the keys they cannot see. Forward + backward, bf16, 4×8 heads of 256 tokens: 10.9 ms against
-    19.0 for the fused kernel (24.3 against 29.5 at 512 tokens; the fused kernel wins from 1024 on).
-    Eager, the fused kernel stays: in a whole fp32 training step it was the faster by 3–5%.
-    ``math_attention`` is also the reference in tests."""
-    if q.device.type == "cpu" and torch.compiler.is_compiling() and k.shape[2] <= MATH_ATTENTION_MAX_KEYS:
-        return math_attention(q, k, v, mask, scale, MATH_ATTENTION_BLOCK)
-    return fused_attention(q, k, v, mask, scale)
-
-
-def fused_attention(q, k, v, mask, scale):
-    """torch's fused SDPA (same arguments as ``attention``)."""
-    # CPU's fused (flash) SDPA kernel needs v's head dim equal to q's; otherwise SDPA falls back to
-    # materialising the (T, S) scores, masked half included. Zero columns of v give zero output
-    # columns, dropped below (2.6x faster forward + backward at T = 1024, 1.25x at 256).
-    dv = v.shape[-1]
-    pad = max(0, q.shape[-1] - dv) if q.device.type == "cpu" else 0
-    v = F.pad(v, (0, pad)) if pad else v
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
-    return o[..., :dv]
-
-
-def math_attention(q, k, v, mask, scale, block: int | None = None):
-    """Attention with the (T, S) scores written out, softmax in fp32 (same arguments as ``attention``).
-    ``block``: when causal, queries go in blocks of this many, each over the keys up to its last query
-    only (the same result, without the scores above the diagonal blocks). Under torch.compile the
-    block loop fixes T, so each new sequence length compiles anew (pretraining uses one)."""
-    T, S = q.shape[2], k.shape[2]
-    if mask is None and block and block < T:
-        return torch.cat([math_attention(q[:, :, i:i + block], k[:, :, :S - T + i + block],
-                                         v[:, :, :S - T + i + block], None, scale)
-                          for i in range(0, T, block)], dim=2)
-    return masked_softmax((q @ k.transpose(-1, -2)).float() * scale, mask).to(v.dtype) @ v
-
-
-def masked_softmax(scores, mask):
-    """scores (..., T, S) → softmax over S where mask (None: causal, the T queries being the last T keys)."""
-    T, S = scores.shape[-2:]
-    if mask is None:
-        mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
-    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
 
 
 class MLA(nn.Module):
@@ -123,19 +72,14 @@ class MLA(nn.Module):
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attend in latent space: scores = (q_nope·W_uk)·c_kv + q_pe·k_pe; out = (p·c_kv)·W_uv.
-        Plain bmm over the head axis (weights) or the batch axis (cache) instead of einsum: decode runs
-        these on tiny tensors, where einsum's planning costs more than the arithmetic; no operand is
-        broadcast, so neither the cache nor the weights are ever copied."""
+        The weight folds are plain bmm over the head axis (einsum's planning costs more than decode's
+        tiny arithmetic); the attention over the cache is kernels.attention.absorbed_attention."""
         B, T, H, _ = q_nope.shape
-        S = c_kv.shape[1]
         w = self._kv_b()
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, N, C), (H, V, C)
         q_lat = q_nope.permute(2, 0, 1, 3).reshape(H, B * T, self.nope) @ w_uk  # (H, B·T, C)
-        q_lat = q_lat.view(H, B, T, -1).transpose(0, 1).reshape(B, H * T, self.kv_rank)
-        q_pe = q_pe.transpose(1, 2).reshape(B, H * T, self.rope)
-        scores = (q_lat @ c_kv.transpose(1, 2) + q_pe @ k_pe.transpose(1, 2)).view(B, H, T, S)
-        p = masked_softmax(scores.float() * self.scale, mask).to(c_kv.dtype)
-        o_lat = (p.view(B, H * T, S) @ c_kv).view(B, H, T, -1)  # (B, H, T, C)
+        q_lat = q_lat.view(H, B, T, -1).transpose(0, 1)  # (B, H, T, C)
+        o_lat = absorbed_attention(q_lat, q_pe.transpose(1, 2), c_kv, k_pe, mask, self.scale)  # (B, H, T, C)
         o = o_lat.transpose(0, 1).reshape(H, B * T, self.kv_rank) @ w_uv.transpose(1, 2)  # (H, B·T, V)
         return o.view(H, B, T, -1).permute(1, 2, 0, 3)  # (B, T, H, V)
 
