@@ -74,6 +74,9 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     error: str | None = None  # why the request failed (finish_reason "error")
+    # on a request's first token only, when SamplingParams.prompt_logprobs is set (see Completion)
+    prompt_logprobs: list | None = None
+    prompt_top_logprobs: list | None = None
 
 
 @dataclass
@@ -86,6 +89,11 @@ class Completion:
     logprobs: list | None = None  # one float per token
     top_logprobs: list | None = None  # per token: [(token_id, logprob)]
     error: str | None = None  # finish_reason "error": why
+    # SamplingParams.prompt_logprobs (vLLM's prompt_logprobs): per prompt token its log-prob given the
+    # tokens before it (the first token has none: None), and with prompt_logprobs = N > 0 the N most
+    # likely tokens there [(token_id, logprob)] (None for the first token)
+    prompt_logprobs: list | None = None
+    prompt_top_logprobs: list | None = None
 
 
 @dataclass
@@ -119,6 +127,7 @@ class _Request:
         self.out: list[int] = []
         self.logprobs = [] if params.logprobs else None
         self.top = [] if params.top_logprobs else None
+        self.prompt_lps, self.prompt_top = _prompt_logprob_lists(params)
         self.finish_reason = self.stop_reason = self.error = None
         self.stop_window = 4 * max(map(len, params.stop)) + 4 if params.stop else 0  # ≤ 4 tokens per char
         self.drafts: list[int] = []  # speculative: draft tokens after out[-1]
@@ -137,9 +146,15 @@ class _Request:
     def tokens(self) -> list[int]:
         return self.prompt + self.out
 
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Its prompt log-probs are not all computed yet: its prefill must forward every prompt position
+        (admission must not start it past cached prefix blocks)."""
+        return self.prompt_lps is not None and len(self.prompt_lps) < len(self.prompt)
+
     def completion(self) -> Completion:
         return Completion(self.id, list(self.prompt), list(self.out), self.finish_reason, self.stop_reason,
-                          self.logprobs, self.top, self.error)
+                          self.logprobs, self.top, self.error, self.prompt_lps, self.prompt_top)
 
 
 class _Group:
@@ -152,6 +167,8 @@ class _Group:
         self.unfinished = len(children)
         self.held = False  # its prompt is prefilled and in the cache
         self.logits = self.hidden = None  # after the prefill: last position's logits (V,), hidden (D,)
+        self.params = children[0].params  # the children differ in their seeds only
+        self.prompt_lps, self.prompt_top = _prompt_logprob_lists(self.params)  # handed to each child at its fork
         for c in children:
             c.group = self
 
@@ -162,6 +179,8 @@ class _Group:
     @property
     def tokens(self) -> list[int]:
         return self.prompt
+
+    needs_prompt_logprobs = _Request.needs_prompt_logprobs
 
 
 class _Waiting:
@@ -637,6 +656,9 @@ class Engine:
         ids = torch.tensor([q.tokens[s:e] + [0] * (T - e + s) for q, s, e in rows], device=self.device)  # (B, T)
         self.cache.begin([q.id for q, _, _ in rows], T)
         out = self.model(ids, positions=self.cache.positions(T), cache=self.cache, absorb=False, logits=False)
+        for i, (q, s, e) in enumerate(rows):
+            if q.needs_prompt_logprobs:
+                self._prompt_logprobs(q, s, e, out.hidden[i])
         done = [i for i, (q, _, e) in enumerate(rows) if e == len(q.tokens)]
         last = torch.tensor([lens[i] - 1 for i in done], device=self.device, dtype=torch.long)
         h = out.hidden[torch.tensor(done, device=self.device, dtype=torch.long), last]  # (b, D)
@@ -676,6 +698,29 @@ class Engine:
         for r, t, lp, top in zip(reqs, toks, lps, tops):
             self._append(r, t, lp, top, events)
 
+    def _prompt_logprobs(self, q, s: int, e: int, hidden: torch.Tensor) -> None:
+        """Append the log-probs of q's prompt tokens that the chunk [s, e) predicts: position j's logits
+        (float32 log_softmax) score token s + j + 1. hidden (T, D) is q's row of the prefill forward
+        (padding past e - s). Only tokens not yet scored are added (a preempted request recomputed
+        keeps its list; a retried forward does not add twice). The head runs over pieces of positions
+        so that (piece, V) float32 logits stay near 64 MB."""
+        lps, top, P = q.prompt_lps, q.prompt_top, len(q.prompt)
+        a, b = len(lps), min(e, P - 1) + 1  # the targets: prompt tokens [a, b)
+        if a >= b:
+            return
+        if a - 1 < s:
+            raise RuntimeError(f"prompt log-probs: positions {a - 1}..{s - 1} of the prompt were not forwarded "
+                               f"(a request with prompt_logprobs must not start past cached prefix blocks)")
+        n, ids = q.params.prompt_logprobs, torch.tensor(q.prompt[a:b], device=hidden.device)
+        piece = max(1, (1 << 24) // self.vocab_size)
+        for k in range(a, b, piece):
+            m = min(b, k + piece)
+            x = self.model.head(hidden[k - 1 - s:m - 1 - s]).float().log_softmax(-1)  # (m - k, V)
+            lps += x.gather(-1, ids[k - a:m - a, None])[:, 0].tolist()
+            if n:
+                v, i = x.topk(n, dim=-1)  # (m - k, n)
+                top += [list(zip(ii, vv)) for ii, vv in zip(i.tolist(), v.tolist())]
+
     def _fork(self, g: _Group, kids: list[_Request], events: list[Event]) -> None:
         """Start ``kids`` from the group's prefilled prompt: share its blocks, give each child private
         copies of those it writes into, draw each one's first token from the prompt's logits with its
@@ -686,6 +731,8 @@ class Engine:
             self.cache.fork(g, c.id)
             c.forked = True
             g.to_fork -= 1
+            if g.prompt_lps is not None:
+                c.prompt_lps, c.prompt_top = list(g.prompt_lps), g.prompt_top and list(g.prompt_top)
         logits, hidden = g.logits, g.hidden
         if g.to_fork == 0:
             self._release_group(g)
@@ -810,7 +857,10 @@ class Engine:
             reason, stop = "stop", s
         elif len(r.out) >= r.max_new:
             reason = "length"
-        events.append(Event(r.id, tok, lp, top, reason is not None, reason, stop))
+        first = len(r.out) == 1 and r.prompt_lps is not None  # the prompt's log-probs ride on the first token
+        events.append(Event(r.id, tok, lp, top, reason is not None, reason, stop,
+                            prompt_logprobs=r.prompt_lps if first else None,
+                            prompt_top_logprobs=r.prompt_top if first else None))
         if reason is not None:
             self._finish(r, reason, stop)
         return reason is not None
@@ -902,6 +952,13 @@ class Engine:
 
 def _row(q):
     return q[0] if isinstance(q, tuple) else q
+
+
+def _prompt_logprob_lists(params: SamplingParams) -> tuple[list | None, list | None]:
+    """The (log-prob, top) lists a request's prompt log-probs fill, the first token's entries None."""
+    if params.prompt_logprobs is None:
+        return None, None
+    return [None], [None] if params.prompt_logprobs else None
 
 
 def _check_n(n) -> None:

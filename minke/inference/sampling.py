@@ -41,6 +41,9 @@ class SamplingParams:
     stop: list[str] | None = None  # stop strings; need the engine's decode_fn
     logprobs: bool = False  # return the chosen token's logprob
     top_logprobs: int = 0  # and the n most likely tokens' logprobs (needs logprobs=True)
+    # log-probs of the prompt's tokens (vLLM's prompt_logprobs): None = off; 0 = each prompt token's own;
+    # N = also the N most likely tokens at each position (the first token has none: Completion carries None)
+    prompt_logprobs: int | None = None
 
     def validate(self, vocab_size: int | None = None) -> "SamplingParams":
         """Raise ValueError naming the first bad field; returns self."""
@@ -80,6 +83,9 @@ class SamplingParams:
             bad("top_logprobs", f"must be an integer in [0, {MAX_TOP_LOGPROBS}]")
         if self.top_logprobs and not self.logprobs:
             bad("top_logprobs", "needs logprobs=True")
+        if self.prompt_logprobs is not None and (not _is_int(self.prompt_logprobs)
+                                                 or not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS):
+            bad("prompt_logprobs", f"must be None or an integer in [0, {MAX_TOP_LOGPROBS}]")
         return self
 
     @property
