@@ -105,3 +105,87 @@ def test_first_event_carries_them_and_bad_values_are_refused(model):
     for bad in (-1, 21, True, 1.5):
         with pytest.raises(ValueError, match="SamplingParams.prompt_logprobs"):
             e.add_request(p, SamplingParams(prompt_logprobs=bad))
+
+
+# ---- /v1/completions: echo + logprobs ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served():
+    import openai
+
+    from chat_model import make
+    from minke.serve import server
+    from test_server import serving
+
+    tiny, tok = make()
+    engine = Engine(tiny, max_batch=8, block_size=4, num_blocks=256, max_prefill_tokens=16, decode_fn=tok.decode)
+    with serving(server.create_app(engine, tok, model_name="tiny")) as url:
+        yield dict(url=url, model=tiny, tok=tok, engine=engine,
+                   client=openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60))
+
+
+def test_echo_scores_the_prompt_with_max_tokens_zero(served):
+    """lm-evaluation-harness's request: token-id prompts, echo, logprobs 1-2, nothing generated. Each
+    choice returns its prompt's text and every prompt token's log-prob of one full forward."""
+    tok, client = served["tok"], served["client"]
+    ps = [tok.encode("12 + 30 = 42"), tok.encode("hi there, what is 7 * 6?")]
+    r = client.completions.create(model="tiny", prompt=ps, echo=True, logprobs=2, max_tokens=0, temperature=0)
+    assert r.usage.completion_tokens == 0 and r.usage.prompt_tokens == sum(map(len, ps))
+    for ch, p in zip(sorted(r.choices, key=lambda c: c.index), ps):
+        lp = ch.logprobs
+        assert ch.finish_reason == "length" and ch.text == tok.decode(p)
+        assert lp.tokens == [tok.decode([i]) for i in p]
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        ref = full_forward(served["model"], p)
+        want = ref.gather(-1, torch.tensor(p[1:])[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(lp.token_logprobs[1:]), want, atol=1e-5, rtol=0)
+        v, i = ref.topk(2, dim=-1)
+        for k, top in enumerate(lp.top_logprobs[1:]):
+            assert list(top) == [tok.decode([t]) for t in i[k].tolist()]
+            assert torch.allclose(torch.tensor(list(top.values())), v[k].float(), atol=1e-5, rtol=0)
+        assert lp.text_offset == [len("".join(lp.tokens[:k])) for k in range(len(p))]
+
+
+def test_echo_with_generation_and_streaming(served):
+    """echo before generated text; the generated part equals the request without echo; a stream's
+    pieces add up to the whole answer."""
+    client, prompt = served["client"], "7 * 6 ="
+    kw = dict(model="tiny", prompt=prompt, logprobs=1, max_tokens=4, temperature=0)
+    plain = client.completions.create(**kw).choices[0]
+    whole = client.completions.create(**kw, echo=True).choices[0]
+    P = len(whole.logprobs.tokens) - len(plain.logprobs.tokens)
+    assert P == len(served["tok"].encode(prompt, add_bos=served["tok"].bos_id is not None))
+    assert whole.text == prompt + plain.text
+    assert whole.logprobs.tokens[P:] == plain.logprobs.tokens
+    assert whole.logprobs.token_logprobs[P:] == plain.logprobs.token_logprobs
+    text, toks, lps, offsets = "", [], [], []
+    for chunk in client.completions.create(**kw, echo=True, stream=True):
+        for ch in chunk.choices:
+            text += ch.text
+            if ch.logprobs:
+                toks += ch.logprobs.tokens
+                lps += ch.logprobs.token_logprobs
+                offsets += ch.logprobs.text_offset
+    assert (text, toks, lps, offsets) == (whole.text, whole.logprobs.tokens, whole.logprobs.token_logprobs,
+                                          whole.logprobs.text_offset)
+    zero = list(client.completions.create(**{**kw, "max_tokens": 0}, echo=True, stream=True))
+    assert "".join(ch.text for c in zero for ch in c.choices) == prompt
+
+
+def test_bad_combinations_are_400_and_metrics(served):
+    url = served["url"]
+    body = dict(model="tiny", prompt="1 + 1", temperature=0)
+    for extra, needle in ((dict(max_tokens=0), "max_tokens: 0 generates nothing"),
+                          (dict(max_tokens=0, echo=False, logprobs=1), "allowed only with echo"),
+                          (dict(echo=True, logprobs=21), "logprobs"),
+                          (dict(echo="maybe"), "echo"),
+                          (dict(max_tokens=-1, echo=True), "max_tokens")):
+        r = httpx.post(url + "/v1/completions", json={**body, **extra})
+        assert r.status_code == 400 and needle in r.json()["error"]["message"], (extra, r.text)
+    chat = httpx.post(url + "/v1/chat/completions", json=dict(model="tiny", echo=True,
+                                                              messages=[{"role": "user", "content": "hi"}]))
+    assert chat.status_code == 400 and "echo is not supported" in chat.json()["error"]["message"]
+    before = httpx.get(url + "/metrics").json()
+    httpx.post(url + "/v1/completions", json={**body, "max_tokens": 2}).raise_for_status()
+    after = httpx.get(url + "/metrics").json()
+    assert after["prefill_tokens"] > before["prefill_tokens"] and after["generated_tokens"] == before["generated_tokens"] + 2
+    assert 0 < after["free_blocks"] <= after["num_blocks"] == served["engine"].cache.num_blocks

@@ -4,7 +4,8 @@ Requests are pydantic models: a field out of range becomes a 400 naming it (serv
 fields are ignored as OpenAI's optional extras (``user``, ``metadata``…), except those whose meaning
 minke would silently drop (``UNSUPPORTED``): a value of one of them other than None or its "off"
 value is a 400 naming it. vLLM's extensions minke implements: ``top_k``, ``min_tokens``,
-``ignore_eos``, ``repetition_penalty``, ``stop_token_ids``.
+``ignore_eos``, ``repetition_penalty``, ``stop_token_ids``. ``echo`` (with ``max_tokens: 0`` for scoring a
+prompt) exists on completions only.
 """
 
 from __future__ import annotations
@@ -98,8 +99,11 @@ class ChatCompletionRequest(_Sampling):
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=1)  # OpenAI's default for completions
+    max_tokens: int = Field(16, ge=0)  # OpenAI's default for completions; 0 only with echo (scoring)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # top-n per token; 0 = the chosen only
+    # the prompt comes back before the completion, and with logprobs its tokens' log-probs (the first
+    # token's None), as lm-evaluation-harness's local-completions model scores a continuation
+    echo: bool = False
 
     @field_validator("prompt")
     @classmethod
@@ -107,6 +111,13 @@ class CompletionRequest(_Sampling):
         if isinstance(v, list) and (not v or any(isinstance(p, list) and not p for p in v)):
             raise ValueError("prompt must not be empty")
         return v
+
+    @model_validator(mode="after")
+    def _nothing_to_generate(self):
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 generates nothing; it is allowed only with echo=true (to score "
+                             "the prompt with logprobs)")
+        return self
 
 
 # ---- responses ---------------------------------------------------------------------------------

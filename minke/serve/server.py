@@ -5,8 +5,12 @@
          -d '{"model": "ckpt", "messages": [{"role": "user", "content": "What is 2 + 3?"}]}'
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with ``stream: true`` as server-sent
-events ending in ``data: [DONE]``), GET /v1/models, GET /health, and a web chat page at /. Chat responses carry the
+events ending in ``data: [DONE]``), GET /v1/models, GET /health, GET /metrics (the engine's counters as
+JSON), and a web chat page at /. Chat responses carry the
 ``<think>`` block as ``reasoning_content`` and the answer as ``content``, as DeepSeek's API does.
+Completions take ``echo`` with ``logprobs`` (the prompt's tokens scored, from the engine's prompt
+log-probs) and ``max_tokens: 0`` with echo, so log-likelihood evaluations (lm-evaluation-harness's
+``local-completions``) score prompts through the server.
 
 Concurrency: one thread drives ``engine.step()`` (continuous batching: requests join and leave
 between steps) and sleeps on a condition while the engine is idle; each HTTP request owns an asyncio
@@ -216,9 +220,12 @@ def _deliver(items) -> None:
 class _Choice:
     def __init__(self, index: int, rid: str, text: TextStream):
         self.index, self.rid, self.text = index, rid, text
+        self.prompt: list[int] = []  # its prompt's token ids
         self.tokens, self.finish_reason = 0, None
         self.logprobs: list = []  # (token_id, logprob, top [(id, logprob)] or None)
+        self.prompt_logprobs: list = []  # the same for the prompt's tokens (the first one's logprob None)
         self.text_offset = 0  # completions' logprobs: characters of the token strings so far
+        self.echoed = False  # a completions stream has sent the prompt (echo)
 
 
 class Generation:
@@ -226,8 +233,11 @@ class Generation:
     prompt (ids, params, one TextStream per sample); the choices are numbered prompt-major. The HTTP
     request is one tenant of the engine's fair admission."""
 
-    def __init__(self, runner: EngineLoop, requests: list[tuple[list[int], SamplingParams, list[TextStream]]]):
-        self.runner, self.requests = runner, requests
+    def __init__(self, runner: EngineLoop, requests: list[tuple[list[int], SamplingParams, list[TextStream]]],
+                 score_only: bool = False):
+        """``score_only`` (completions' max_tokens 0 with echo): each choice ends with its first event,
+        which brings the prompt's log-probs; the token the engine drew with it is dropped."""
+        self.runner, self.requests, self.score_only = runner, requests, score_only
         self.queue: asyncio.Queue = asyncio.Queue()
         self.choices: list[_Choice] = []
         self.tenant = uuid.uuid4().hex
@@ -239,6 +249,8 @@ class Generation:
                 rids = await run_in_threadpool(self.runner.submit, ids, params, self.queue, loop, len(texts),
                                                self.tenant)
                 self.choices += [_Choice(len(self.choices) + j, rid, t) for j, (rid, t) in enumerate(zip(rids, texts))]
+                for c in self.choices[-len(texts):]:
+                    c.prompt = ids
         except BaseException:
             self.close()
             raise
@@ -257,6 +269,16 @@ class Generation:
             if item[-1].finish_reason == "error":
                 c.finish_reason = "error"
                 raise EngineFailed(item[-1].error or "the engine failed this request")
+            first = next((e for e in item if e.prompt_logprobs is not None), None)
+            if first is not None:
+                tops = first.prompt_top_logprobs or [None] * len(first.prompt_logprobs)
+                c.prompt_logprobs = list(zip(c.prompt, first.prompt_logprobs, tops))
+            if self.score_only:
+                c.finish_reason = "length"
+                if not item[-1].finished:
+                    self.runner.abort(c.rid)
+                yield c, "", "", []
+                continue
             ids = [e.token_id for e in item if e.token_id is not None]
             c.tokens += len(ids)
             lps = [(e.token_id, e.logprob, e.top_logprobs) for e in item if e.logprob is not None]
@@ -424,17 +446,17 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
             over("stop", f"a stop string of {len(long)} characters; at most {limits.max_stop_chars} "
                          f"(Limits.max_stop_chars)")
 
-    def sampling(req, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling(req, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None) -> SamplingParams:
         # with n > 1 the engine seeds sample j with seed + j; the eos stops unless ignore_eos (vLLM)
         stop_ids = set(req.stop_token_ids or ()) | (set() if req.ignore_eos else eos_ids)
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
                               top_k=req.top_k, seed=None if req.seed is None else req.seed % 2**63,
                               stop_token_ids=sorted(stop_ids), min_tokens=min(req.min_tokens, max_tokens),
                               repetition_penalty=req.repetition_penalty, logprobs=logprobs is not None,
-                              top_logprobs=logprobs or 0)
+                              top_logprobs=logprobs or 0, prompt_logprobs=prompt_logprobs)
 
-    async def start(requests, param: str) -> Generation:
-        gen = Generation(runner, requests)
+    async def start(requests, param: str, score_only: bool = False) -> Generation:
+        gen = Generation(runner, requests, score_only)
         try:
             await gen.start()
         except ValueError as e:  # the engine's own checks (prompt ids, cache size, params)
@@ -457,6 +479,13 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
         if why:
             body["reason"] = why
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        """The engine's counters since it started, as JSON (EngineStats: prefill and generated tokens,
+        preemptions, prefix-cache figures…; benchmarks/serve.py reads its deltas), and the pool now."""
+        return {**engine.stats.as_dict(), "running": len(engine.running), "waiting": len(engine.waiting),
+                "num_blocks": engine.cache.num_blocks, "free_blocks": engine.cache.num_free_blocks}
 
     @v1.get("/models")
     async def models():
@@ -533,15 +562,21 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
         prompts = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else p
         check_limits(req, len(prompts))
         check_text([q for q in prompts if isinstance(q, str)], "prompt")
+        texts = list(prompts)
         prompts = await run_in_threadpool(encode_prompts, prompts)  # never on the event loop
         for q in prompts:
             check_prompt(q, "prompt")
-        gen = await start([(q, sampling(req, req.max_tokens, req.logprobs),
+        # echo: the prompt as sent (token ids: decoded), before each of its choices' text
+        echo = [(t if isinstance(t, str) else decode(q)) if req.echo else "" for t, q in zip(texts, prompts)]
+        # max_tokens 0 (echo only): the engine draws one token, which the Generation drops (vLLM does the same)
+        gen = await start([(q, sampling(req, max(req.max_tokens, 1), req.logprobs,
+                                        req.logprobs if req.echo else None),
                             [TextStream(decode, req.stop, split=False) for _ in range(req.n)])
-                           for q in prompts], "prompt")
+                           for q in prompts], "prompt", score_only=req.max_tokens == 0)
 
         def logprobs(c: _Choice, entries):
-            """OpenAI's legacy logprobs; text_offset counts from the start of the choice's text."""
+            """OpenAI's legacy logprobs; text_offset counts from the start of the choice's text (the
+            echoed prompt's tokens first, as their token strings' lengths)."""
             if req.logprobs is None:
                 return None
             toks = [decode([i]) for i, _, _ in entries]
@@ -550,8 +585,16 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
                 offsets.append(c.text_offset)
                 c.text_offset += len(t)
             return {"tokens": toks, "token_logprobs": [lp for _, lp, _ in entries],
-                    "top_logprobs": [{decode([i]): v for i, v in top or []} for _, _, top in entries],
+                    "top_logprobs": [None if lp is None else {decode([i]): v for i, v in top or []}
+                                     for _, lp, top in entries],
                     "text_offset": offsets}
+
+        def echoed(c: _Choice, content: str, entries: list) -> tuple[str, list]:
+            """A choice's text and logprob entries with the prompt in front, the first time (echo)."""
+            if not req.echo or c.echoed:
+                return content, entries
+            c.echoed = True
+            return echo[c.index // req.n] + content, c.prompt_logprobs + entries
 
         rid, model = f"cmpl-{uuid.uuid4().hex}", model_name
         if req.stream:
@@ -559,6 +602,7 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
 
             async def events():
                 async for c, _, content, lps in gen.updates():
+                    content, lps = echoed(c, content, lps)
                     if content or lps or c.finish_reason:
                         yield P.Completion(id=rid, created=int(time.time()), model=model, choices=[
                             P.CompletionChoice(index=c.index, text=content, finish_reason=c.finish_reason,
@@ -568,9 +612,10 @@ def create_app(engine, tokenizer, model_name: str = "minke", api_key: str | None
 
             return sse(gen, events())
         await drain(gen, request)
+        whole = [echoed(c, c.text.content, c.logprobs) for c in gen.choices]
         return P.Completion(id=rid, created=int(time.time()), model=model, usage=gen.usage(), choices=[
-            P.CompletionChoice(index=c.index, text=c.text.content, finish_reason=c.finish_reason,
-                               logprobs=logprobs(c, c.logprobs)) for c in gen.choices])
+            P.CompletionChoice(index=c.index, text=text, finish_reason=c.finish_reason,
+                               logprobs=logprobs(c, lps)) for c, (text, lps) in zip(gen.choices, whole)])
 
     app.include_router(v1)
     return app
