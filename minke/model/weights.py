@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..quant.fp8 import BLOCK, dequantize_weight, quantize_weight
+from ..quant.modules import holds_fp8, to_fp8_inference
 from .transformer import Transformer
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -32,6 +33,7 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 # Old checkpoints carry RoPE tables; minke computes them from the config.
 _IGNORED = re.compile(r"\.rotary_emb\.inv_freq$")
 SHARED = "shared"  # an MTP copy of the main embedding/head
+FP8_CONFIG = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
 
 
 class CheckpointError(ValueError):
@@ -85,10 +87,10 @@ def minke_to_hf(model: Transformer):
             hf = name
         else:
             hf = "model." + name
-        m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)$", hf)
-        if m:
+        m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)(_scale_inv)?$", hf)
+        if m:  # (an FP8 model in memory also holds <proj>_scale_inv stacks)
             for j in range(t.shape[0]):
-                yield f"{m.group(1)}.{j}.{m.group(2)}.weight", t[j]
+                yield f"{m.group(1)}.{j}.{m.group(2)}.weight{m.group(3) or ''}", t[j]
         else:
             yield hf, t
     sd = model.state_dict()
@@ -161,6 +163,7 @@ def load_state(model: Transformer, path: str, drop_layers: int = 0) -> None:
                 t = f.get_tensor(key)
             except Exception as e:
                 raise CheckpointError(f"{fn}: cannot read tensor {key!r} ({e})") from None
+            scale = None
             if t.dtype == torch.float8_e4m3fn:
                 skey = key[: -len("weight")] + "weight_scale_inv"
                 if skey in keyset:
@@ -169,10 +172,15 @@ def load_state(model: Transformer, path: str, drop_layers: int = 0) -> None:
                     scale = _open(os.path.join(path, weight_map[skey])).get_tensor(skey)
                 else:
                     raise CheckpointError(f"{fn}: FP8 tensor {key!r} has no {skey!r}")
-                try:
-                    t = dequantize_weight(t, scale)
-                except ValueError as e:
-                    raise CheckpointError(f"{fn}: {key!r}: {e}") from None
+                want = (-(-t.shape[0] // BLOCK), -(-t.shape[1] // BLOCK)) if t.dim() == 2 else None
+                if tuple(scale.shape) != want:
+                    raise CheckpointError(f"{fn}: {skey!r} has shape {tuple(scale.shape)}, expected {want} for "
+                                          f"{key!r} of shape {tuple(t.shape)} in {BLOCK}x{BLOCK} blocks")
+            fp8_dst = name + "_scale_inv" in targets  # kept FP8 in memory (load(..., fp8=True))
+            if scale is not None and not fp8_dst:
+                t = dequantize_weight(t, scale)
+            elif fp8_dst and scale is None:  # a BF16/FP32 checkpoint loaded as FP8: quantized here
+                t, scale = quantize_weight(t)
             if shared is not None:
                 ref = targets[shared]
                 if tuple(t.shape) != tuple(ref.shape):
@@ -187,10 +195,14 @@ def load_state(model: Transformer, path: str, drop_layers: int = 0) -> None:
                 raise CheckpointError(f"{fn}: {key!r} has shape {tuple(t.shape)}, expected {tuple(dst.shape)}")
             with torch.no_grad():
                 dst.copy_(t)
-            if j is None:
-                filled.add(name)
-            else:
-                experts_filled[name].add(j)
+                if fp8_dst:
+                    sdst = targets[name + "_scale_inv"]
+                    (sdst if j is None else sdst[j]).copy_(scale)
+            for n in (name, name + "_scale_inv") if fp8_dst else (name,):
+                if j is None:
+                    filled.add(n)
+                else:
+                    experts_filled[n].add(j)
     for name, got in experts_filled.items():
         if len(got) == targets[name].shape[0]:
             filled.add(name)
@@ -222,10 +234,12 @@ def _hf_names(model: Transformer):
 
 
 def load(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-         config: ModelConfig | None = None, drop_mtp: bool = False) -> Transformer:
+         config: ModelConfig | None = None, drop_mtp: bool = False, fp8: bool = False) -> Transformer:
     """Load a Hugging Face DeepSeek-V2/V3 directory (FP8 weights dequantized to ``dtype``).
     ``drop_mtp=True`` loads the main model only, skipping the checkpoint's MTP layers (memory for
-    inference without speculative decoding); every main-model tensor must still be there."""
+    inference without speculative decoding); every main-model tensor must still be there.
+    ``fp8=True`` keeps the attention and FFN weights in E4M3 with their 128×128 block scales in memory
+    (minke.quant.modules; a BF16/FP32 checkpoint is quantized as it loads); the rest is in ``dtype``."""
     path = str(path)
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: not a directory")
@@ -237,14 +251,19 @@ def load(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, device: s
         cfg = cfg.replace(num_nextn_predict_layers=0)
     with torch.device("meta"):
         model = Transformer(cfg)
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    if fp8:
+        to_fp8_inference(model, dtype)
+    model = model.to_empty(device=device)
     for m in model.moe_layers():
         if m.gate.e_score_correction_bias is not None:  # fp32, see Gate
             m.gate.e_score_correction_bias = torch.zeros_like(m.gate.e_score_correction_bias, dtype=torch.float32)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     load_state(model, path, drop)
-    if model.config.quantization_config:  # dequantized at load: what is in memory is no longer FP8
+    if fp8:  # what is in memory is DeepSeek's FP8 block format
+        model.config = model.config.replace(quantization_config=FP8_CONFIG)
+    elif model.config.quantization_config:  # dequantized at load: what is in memory is no longer FP8
         model.config = model.config.replace(quantization_config=None)
     model.eval()
     return model
@@ -255,32 +274,43 @@ def _written(key: str, t: torch.Tensor, dtype: torch.dtype, fp8: bool) -> dict[s
     """One checkpoint tensor as it is written: {name: CPU tensor with its own storage} (FP8: the E4M3
     weight and its weight_scale_inv). The routing bias stays fp32."""
     t = t.detach()
-    if not key.endswith("e_score_correction_bias"):
+    if not _kept(key, t):
         t = t.to(dtype)
     out = {key: t}
-    if fp8 and _fp8_candidate(key, t):
+    if fp8 and _fp8_candidate(key, t) and t.dtype != torch.float8_e4m3fn:
         q, s = quantize_weight(t)
         out = {key: q, key[: -len("weight")] + "weight_scale_inv": s}
     return {k: v.to("cpu").contiguous().clone() for k, v in out.items()}  # safetensors refuses shared views
 
 
+def _kept(key: str, t: torch.Tensor) -> bool:
+    """Written in its own dtype: the routing bias (fp32), and an FP8 model's E4M3 weights and scales."""
+    return key.endswith(("e_score_correction_bias", "weight_scale_inv")) or t.dtype == torch.float8_e4m3fn
+
+
 def _written_bytes(key: str, t: torch.Tensor, dtype: torch.dtype, fp8: bool) -> int:
     """What ``_written`` will produce, in bytes, without producing it."""
-    if fp8 and _fp8_candidate(key, t):
+    if fp8 and _fp8_candidate(key, t) and t.dtype != torch.float8_e4m3fn:
         O, I = t.shape
         return O * I + 4 * -(-O // BLOCK) * -(-I // BLOCK)  # E4M3 + one fp32 scale per block
-    kept = key.endswith("e_score_correction_bias")  # written in its own dtype (fp32)
-    return t.numel() * (t.element_size() if kept else torch.empty((), dtype=dtype).element_size())
+    return t.numel() * (t.element_size() if _kept(key, t) else torch.empty((), dtype=dtype).element_size())
 
 
-def save(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None, fp8: bool = False,
+def save(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None = None, fp8: bool | None = None,
          max_shard_bytes: int = 5 * 2**30) -> None:
     """Write config.json + safetensors (sharded with an index past ``max_shard_bytes``) in the HF
     layout. Shards are planned from the tensors' sizes, then built and written one at a time, so at
     most one shard's CPU copy exists beside the model. Each file is written to a temporary name and
     renamed, so a crash leaves no torn file. ``fp8=True`` writes DeepSeek's FP8 format (E4M3 +
-    weight_scale_inv per 128×128 block)."""
+    weight_scale_inv per 128×128 block); a model holding FP8 weights (load(..., fp8=True)) writes them
+    bit for bit (``fp8=None``: FP8 exactly when the model holds it; to BF16: ``minke convert``)."""
     path = str(path)
+    held = holds_fp8(model)
+    if fp8 is None:
+        fp8 = held
+    elif held and not fp8:
+        raise ValueError("save(..., fp8=False): this model holds FP8 weights; save it as FP8 and convert it with "
+                         "`minke convert --to bf16`")
     os.makedirs(path, exist_ok=True)
     cfg = model.config
     first = next(model.parameters())
@@ -295,8 +325,7 @@ def save(model: Transformer, path: str | os.PathLike, dtype: torch.dtype | None 
             size = 0
         plan[-1].append(i)
         size += nbytes
-    extra = {"quantization_config": {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                     "weight_block_size": [128, 128]}} if fp8 else {"quantization_config": None}
+    extra = {"quantization_config": FP8_CONFIG} if fp8 else {"quantization_config": None}
     out_cfg = cfg.replace(torch_dtype=str(out_dtype).replace("torch.", ""), **extra)
     weight_map, total = {}, 0
     names = ["model.safetensors"] if len(plan) == 1 else \

@@ -1,0 +1,309 @@
+"""Block-wise FP8 (minke/quant): tiles and blocks against a hand reference, the rounding bound, the FP8
+linear's three GEMMs against float64, FP8 weights kept in memory, and `minke convert`.
+
+The bound every test uses, per quantized element x with block scale s (E4M3: 3 mantissa bits, smallest
+normal 2⁻⁶, subnormal step 2⁻⁹): |x − q·s| ≤ 2⁻⁴·|x| + 2⁻¹⁰·s, plus fp32's own rounding of x/s and
+q·s (2⁻²³·|x| each, rounded up here to 2⁻²⁰·|x|).
+For a product y = Σ_k a_k·b_k of two quantized operands (â = a + α, b̂ = b + β):
+|ŷ − y| ≤ Σ_k (|α_k|·|b̂_k| + |a_k|·|β_k|) ≤ ε(a)·|b̂| + |a|·ε(b) as matrices, with ε the element bound
+above; plus fp32 accumulation, ≤ K·2⁻²⁴·Σ|â||b̂| (the standard γ_K bound).
+"""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import minke
+from minke.model.weights import CheckpointError
+from minke.quant.fp8 import (ACT, BLOCK, E4M3_MAX, FP8, WEIGHT, Quantized, dequantize, expand, fp8_linear, quantize,
+                             scales_from_amax)
+from minke.quant.modules import FP8Experts, FP8Linear, FP8TrainExperts, FP8TrainLinear, to_fp8_training
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def spread(*shape, seed=0):
+    """Values over ~9 decades across rows and columns, so blocks have very different scales and some
+    elements fall into E4M3's subnormals."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(*shape, generator=g, dtype=torch.float64)
+    return (x * torch.logspace(-4, 2, shape[-1], dtype=torch.float64)
+            * torch.logspace(-2, 1, shape[-2], dtype=torch.float64)[:, None]).float()
+
+
+def hand_quantize(x, block, pow2=False):
+    """Per block, in float64 loops: amax → scale → x / scale rounded to E4M3."""
+    R, C = x.shape
+    br, bc = block
+    nr, nc = -(-R // br), -(-C // bc)
+    q = torch.empty(R, C, dtype=FP8)
+    s = torch.empty(nr, nc)
+    for i in range(nr):
+        for j in range(nc):
+            blk = x[i * br:(i + 1) * br, j * bc:(j + 1) * bc]
+            amax = max(float(blk.abs().max()), 1e-12)
+            sc = torch.tensor(amax / E4M3_MAX, dtype=torch.float32)
+            if pow2:
+                sc = torch.tensor(2.0, dtype=torch.float64) ** torch.ceil(torch.log2(sc.double()))
+                sc = sc.float()
+            s[i, j] = sc
+            q[i * br:(i + 1) * br, j * bc:(j + 1) * bc] = (blk / sc).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
+    return q, s
+
+
+def bits(t):
+    return t.view(torch.uint8) if t.dtype == FP8 else t
+
+
+def element_bound(x, qx):
+    """The per-element bound of the module docstring, float64."""
+    s = _expand(qx)
+    return 2 ** -4 * x.double().abs() + 2 ** -10 * s + 2 ** -20 * x.double().abs()
+
+
+def _expand(qx):
+    return expand(qx.scale_inv.double(), qx.q.shape, qx.block)
+
+
+# ---- quantization ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("block,shape", [(ACT, (5, 300)), (WEIGHT, (300, 200)), (WEIGHT, (130, 129))])
+def test_blocks_match_hand_reference(block, shape, pow2):
+    """Edge blocks (300 = 2·128 + 44, 129, 130) included. Fails with the amax taken over the wrong axis
+    or the edge block's padding counted."""
+    x = spread(*shape)
+    qx = quantize(x, block, pow2)
+    hq, hs = hand_quantize(x, block, pow2)
+    assert qx.scale_inv.shape == (-(-shape[0] // block[0]), -(-shape[1] // block[1]))
+    torch.testing.assert_close(qx.scale_inv, hs, rtol=2 ** -23, atol=0)
+    # q may differ only where x / s sits within fp32 rounding of a rounding tie; here: nowhere
+    assert torch.equal(bits(qx.q), bits(hq))
+    if pow2:
+        m, _ = torch.frexp(qx.scale_inv)
+        assert (m == 0.5).all()  # exact powers of two
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("block", [ACT, WEIGHT])
+def test_round_trip_within_the_derived_bound(block, pow2):
+    x = spread(257, 300, seed=1)
+    qx = quantize(x, block, pow2)
+    err = (qx.dequantize().double() - x.double()).abs()
+    bound = element_bound(x, qx)
+    assert (err <= bound).all(), float((err / bound).max())
+    assert float((err / bound).max()) > 0.5  # and the bound is not loose by orders of magnitude
+    sub = (x.double().abs() / _expand(qx)) < 2 ** -6  # E4M3 subnormals exist in this data
+    assert sub.any()
+
+
+def test_pow2_scales_are_the_smallest_power_of_two_that_fits():
+    amax = torch.tensor([448.0, 449.0, 1.0, 0.0, 3e-3, 896.0])
+    s = scales_from_amax(amax, pow2=True)
+    assert s.tolist() == [1.0, 2.0, 2.0 ** -8, 2.0 ** -48, 2.0 ** -17, 2.0]
+    assert (amax / s <= E4M3_MAX).all() and (amax / (s / 2) > E4M3_MAX)[:3].all()
+
+
+def test_all_zero_block():
+    x = spread(256, 384)
+    x[128:, 128:256] = 0
+    qx = quantize(x, WEIGHT)
+    assert torch.isfinite(qx.scale_inv).all() and (qx.scale_inv > 0).all()
+    assert (qx.q[128:, 128:256].float() == 0).all() and (qx.dequantize()[128:, 128:256] == 0).all()
+    # the other blocks are as if quantized alone
+    alone = quantize(x[:128, :128], WEIGHT)
+    assert torch.equal(bits(qx.q[:128, :128]), bits(alone.q))
+    assert torch.equal(quantize(torch.zeros(3, 5), ACT).dequantize(), torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_is_named_with_its_index(bad):
+    x = torch.randn(4, 200)
+    x[2, 150] = bad
+    with pytest.raises(ValueError, match=r"layers\.0\.q_a_proj: input: 1 non-finite.*index \(2, 150\)"):
+        quantize(x, ACT, name="layers.0.q_a_proj: input")
+    w = torch.randn(8, 8, requires_grad=True)
+    with pytest.raises(ValueError, match=r"my_linear: input: 1 non-finite"):
+        fp8_linear(x[:, 145:153].clone(), w, name="my_linear")
+
+
+def test_scale_shape_mismatch_names_both_shapes():
+    qx = quantize(spread(300, 200), WEIGHT)
+    with pytest.raises(ValueError, match=r"weight_scale_inv has shape \(2, 2\), expected \(3, 2\)"):
+        dequantize(qx.q, qx.scale_inv[:2], WEIGHT)
+
+
+# ---- the FP8 linear -------------------------------------------------------------------------------
+def test_fp8_linear_three_products_within_derived_bound():
+    """Forward x·Wᵀ (x in 1×128 tiles, W in 128×128 blocks), input gradient dy·W (dy in 1×128 tiles
+    along N, the same W blocks) and weight gradient dyᵀ·x (both in tiles along the M tokens), each
+    against float64 within ε(a)·|b̂| + |a|·ε(b) + the fp32 accumulation term; and each equal (to fp32
+    accumulation order) to the product of the independently hand-quantized operands. Fails with any
+    product in another tiling (e.g. the weight gradient tiled along K) or unquantized."""
+    M, K, N = 150, 300, 200  # none a multiple of 128
+    x = spread(M, K, seed=2).requires_grad_()
+    w = (spread(N, K, seed=3) * 0.1).requires_grad_()
+    gy = spread(M, N, seed=4)
+    y = fp8_linear(x, w)
+    y.backward(gy)
+    X, W, G = x.detach().double(), w.detach().double(), gy.double()
+
+    def hand(t, block):
+        q, s = hand_quantize(t.float(), block)
+        return q.double() * _expand(Quantized(q, s, block))
+
+    def bound(a, qa, b, qb):  # a (M, K) · b (N, K)ᵀ
+        ea, eb = element_bound(a, qa), element_bound(b, qb)
+        ah, bh = qa.dequantize().double(), qb.dequantize().double()
+        return ea @ bh.abs().t() + a.double().abs() @ eb.t() + a.shape[1] * 2 ** -24 * (ah.abs() @ bh.abs().t())
+
+    cases = [  # (got, float reference, a, its tiling, b, its tiling)
+        (y, X @ W.t(), X, ACT, W, WEIGHT),
+        (x.grad, G @ W, G, ACT, W.t(), (BLOCK, BLOCK)),
+        (w.grad, G.t() @ X, G.t(), ACT, X.t(), ACT),
+    ]
+    for name, (got, ref, a, ba, b, bb) in zip(["forward", "input grad", "weight grad"], cases):
+        qa, qb = quantize(a.float(), ba), quantize(b.float(), bb)
+        err = (got.double() - ref).abs()
+        lim = bound(a, qa, b, qb)
+        assert (err <= lim).all(), (name, float((err / lim).max()))
+        assert err.max() > 1e-3 * ref.abs().max(), name  # it really is quantized
+        exact = hand(a, ba) @ hand(b, bb).t()
+        torch.testing.assert_close(got.double(), exact, rtol=0, atol=2e-6 * float(exact.abs().max()), msg=name)
+
+
+def test_fp8_linear_under_autocast_and_bias():
+    x = torch.randn(2, 3, 160, requires_grad=True)
+    w = torch.randn(96, 160, requires_grad=True)
+    b = torch.randn(96, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fp8_linear(x, w, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 3, 96)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32 and b.grad is not None
+    ref = x.detach() @ w.detach().t() + b.detach()
+    assert ((y.float() - ref).norm() / ref.norm()) < 0.05
+
+
+def test_to_fp8_training_keeps_high_precision_parts():
+    cfg = minke.preset("tiny")
+    model = minke.build(cfg, seed=0)
+    params = {n: p for n, p in model.named_parameters()}
+    names = to_fp8_training(model)
+    assert "layers.0.self_attn.kv_b_proj" in names and "layers.1.mlp.experts" in names
+    assert "layers.0.mlp.down_proj" in names and "mtp.0.self_attn.o_proj" in names
+    assert not any(n.endswith(("gate", "eh_proj", "lm_head", "embed_tokens")) for n in names)
+    assert isinstance(model.layers[1].mlp.experts, FP8TrainExperts)
+    assert isinstance(model.layers[0].self_attn.q_a_proj, FP8TrainLinear)
+    assert type(model.lm_head) is torch.nn.Linear and type(model.mtp[0].eh_proj) is torch.nn.Linear
+    assert {n: p for n, p in model.named_parameters()}.keys() == params.keys()
+    assert all(p is params[n] for n, p in model.named_parameters())  # same Parameters: the optimizer's
+    x = torch.randint(0, cfg.vocab_size, (2, 16))
+    out = model(x)
+    out.logits.float().logsumexp(-1).mean().backward()
+    assert model.layers[1].mlp.experts.gate_proj.grad is not None
+    assert model.layers[0].self_attn.kv_b_proj.weight.grad is not None
+
+
+# ---- FP8 weights in memory ------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bf16_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bf16")
+    cfg = minke.preset("tiny", hidden_size=160, moe_intermediate_size=136)  # partial 128-blocks on both axes
+    minke.save(minke.build(cfg, seed=2), d, dtype=torch.bfloat16)
+    return d
+
+
+def _nbytes(model, fp8_only=False):
+    sd = model.state_dict()
+    return sum(t.numel() * t.element_size() for k, t in sd.items()
+               if not fp8_only or t.dtype == FP8 or k.endswith("_scale_inv"))
+
+
+def test_fp8_load_memory_and_logits(bf16_dir):
+    """Memory: the quantized weights take 1 byte + 4 bytes per 128×128 block against 2 bytes in BF16
+    (50.02%); the whole tiny model, whose embedding and head stay BF16, 59%. Logits: E4M3 rounds each
+    weight by at most 2⁻⁴ relative, ~2.6% RMS over a block (measured on Gaussian 128×128 blocks), and a
+    linear's output inherits that ~2.6%; the deepest path of this model chains ~7 quantized linears,
+    so about √7·2.6% ≈ 7% relative RMS on the logits (measured: 7.2%; BF16 itself is 0.6% off fp32).
+    Bound: 12%."""
+    bf = minke.load(bf16_dir, dtype=torch.bfloat16)
+    f8 = minke.load(bf16_dir, dtype=torch.bfloat16, fp8=True)
+    assert isinstance(f8.layers[0].self_attn.kv_b_proj, FP8Linear) and isinstance(f8.layers[1].mlp.experts, FP8Experts)
+    assert f8.config.quantization_config["weight_block_size"] == [128, 128]
+    q_bytes = _nbytes(f8, fp8_only=True)
+    same_in_bf16 = sum(t.numel() * 2 for k, t in f8.state_dict().items() if t.dtype == FP8)
+    assert q_bytes <= 0.55 * same_in_bf16, q_bytes / same_in_bf16
+    assert _nbytes(f8) < 0.62 * _nbytes(bf)
+    x = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = bf(x).logits.float(), f8(x).logits.float()
+    rel = float((a - b).norm() / a.norm())
+    assert rel < 0.12, rel
+
+
+def test_v3_671b_fp8_memory_on_meta():
+    """The real shapes, no allocation: FP8 weights + scales against the same weights in BF16, and the
+    whole model (embedding, head, norms, gates in BF16) against all-BF16."""
+    from minke.model.transformer import Transformer
+    from minke.quant.modules import to_fp8_inference
+    cfg = minke.preset("v3-671b")
+    with torch.device("meta"):
+        bf = Transformer(cfg).to(torch.bfloat16)
+        f8 = Transformer(cfg).to(torch.bfloat16)
+    to_fp8_inference(f8)
+    q = _nbytes(f8, fp8_only=True)
+    same = sum(t.numel() * 2 for t in f8.state_dict().values() if t.dtype == FP8)
+    assert q / same < 0.5003
+    assert _nbytes(f8) / _nbytes(bf) < 0.51
+
+
+def test_engine_greedy_with_fp8_weights_equals_full_recompute(bf16_dir):
+    """float64 compute over the same FP8 weights (dequantized per call), so argmax ties stay far."""
+    from minke.inference.engine import Engine
+    from minke.inference.sampling import SamplingParams
+    model = minke.load(bf16_dir, dtype=torch.float64, fp8=True)
+    g = torch.Generator().manual_seed(0)
+    ps = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (3, 9, 17)]
+    n = 8
+    cs = Engine(model, max_batch=2, block_size=4, num_blocks=64).generate(
+        ps, [SamplingParams(max_tokens=n, temperature=0.0, stop_token_ids=[]) for _ in ps])
+    with torch.no_grad():
+        for c, p in zip(cs, ps):
+            ids = list(p)
+            for _ in range(n):
+                ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+            assert c.token_ids == ids[len(p):]
+
+
+def test_fp8_model_saves_bit_for_bit(bf16_dir, tmp_path):
+    f8 = minke.load(bf16_dir, dtype=torch.bfloat16, fp8=True)
+    minke.save(f8, tmp_path / "a")
+    again = minke.load(tmp_path / "a", dtype=torch.bfloat16, fp8=True)
+    minke.save(again, tmp_path / "b", max_shard_bytes=200_000)  # sharded: scales may sit in another file
+    a = load_file(tmp_path / "a" / "model.safetensors")
+    b = {}
+    for f in sorted((tmp_path / "b").glob("*.safetensors")):
+        b.update(load_file(f))
+    assert a.keys() == b.keys() and "model.layers.1.mlp.experts.3.down_proj.weight_scale_inv" in a
+    assert all(a[k].dtype == b[k].dtype and torch.equal(bits(a[k]), bits(b[k])) for k in a)
+    with pytest.raises(ValueError, match="holds FP8 weights"):
+        minke.save(f8, tmp_path / "c", fp8=False)
+
+
+def test_bad_weight_scale_inv_shape_names_key_and_shapes(bf16_dir, tmp_path):
+    m = minke.load(bf16_dir, dtype=torch.bfloat16)
+    minke.save(m, tmp_path, fp8=True)
+    sd = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.0.self_attn.q_b_proj.weight_scale_inv"
+    want = tuple(sd[key].shape)
+    sd[key] = torch.ones(want[0] + 1, want[1])
+    save_file(sd, tmp_path / "model.safetensors")
+    shape = tuple(sd["model.layers.0.self_attn.q_b_proj.weight"].shape)
+    got = (want[0] + 1, want[1])
+    for fp8 in (False, True):
+        with pytest.raises(CheckpointError, match=re.escape(key) + f".*has shape {re.escape(str(got))}, "
+                           f"expected {re.escape(str(want))}.*{re.escape(str(shape))}"):
+            minke.load(tmp_path, fp8=fp8)
