@@ -7,6 +7,7 @@ import sys
 
 STAGES = {
     "info": ("minke.info", "parameter counts and KV-cache bytes of a preset or checkpoint"),
+    "convert": ("minke.convert", "a checkpoint between BF16 and DeepSeek's FP8 block format (E4M3 + 128x128 scales)"),
     "cost": ("minke.cost", "$ per 1M tokens, measured or a roofline projection, beside DeepSeek's"),
     "pretrain": ("minke.train.pretrain", "pretrain a model (tokenizer, MTP loss, aux-loss-free balancing)"),
     "sft": ("minke.train.sft", "supervised fine-tuning on chat examples (R1 cold start, distillation)"),
