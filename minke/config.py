@@ -133,6 +133,10 @@ class ModelConfig:
             if t == "yarn":
                 need(float(rs.get("factor", 0)) >= 1, f"rope_scaling.factor must be >= 1, got {rs.get('factor')}")
                 need("original_max_position_embeddings" in rs, "rope_scaling (yarn) needs original_max_position_embeddings")
+                orig = rs["original_max_position_embeddings"]
+                need(isinstance(orig, int) and 0 < orig <= self.max_position_embeddings,
+                     f"rope_scaling.original_max_position_embeddings={orig!r} must be a positive integer <= "
+                     f"max_position_embeddings={self.max_position_embeddings} (the length YaRN extends from)")
 
     # ---- config.json ---------------------------------------------------------------------------
     @classmethod
@@ -322,6 +326,28 @@ def preset(name: str, **overrides) -> ModelConfig:
     if unknown:
         raise ConfigError(f"{unknown[0]!r} is not a model config field (preset {name!r})")
     return ModelConfig(**{**PRESETS[name], **overrides})
+
+
+def extend_context(cfg: ModelConfig, target: int) -> ModelConfig:
+    """YaRN context extension (V3 §4.3: 4K → 32K → 128K): ``cfg`` with max_position_embeddings =
+    ``target`` and rope_scaling yarn at factor = target / original, where original is the length the
+    model was pretrained at (an existing YaRN's original_max_position_embeddings, else
+    max_position_embeddings). An existing YaRN keeps its beta/mscale; a new one takes DeepSeek-V3's
+    (beta_fast 32, beta_slow 1, mscale 1, mscale_all_dim 1: RoPE magnitude 1, softmax scale × mscale²)."""
+    if not isinstance(target, int) or target < 1:
+        raise ConfigError(f"extend to {target!r}: the new context must be a positive integer")
+    y = cfg.yarn
+    orig = y["original_max_position_embeddings"] if y else cfg.max_position_embeddings
+    factor = target / orig
+    if factor < 1:
+        raise ConfigError(f"extend to {target}: rope_scaling.factor = {target} / original_max_position_embeddings "
+                          f"{orig} = {factor:.3g} is below 1 (YaRN extends a context, it cannot shrink one)")
+    if target < cfg.max_position_embeddings:
+        raise ConfigError(f"extend to {target}: below the model's max_position_embeddings "
+                          f"{cfg.max_position_embeddings} (nothing to extend)")
+    rs = dict(y) if y else _yarn(factor, orig)
+    rs["factor"] = float(factor)
+    return cfg.replace(max_position_embeddings=target, rope_scaling=rs)
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

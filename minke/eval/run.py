@@ -4,6 +4,7 @@ of any OpenAI-compatible server) on held-out built-in problems by difficulty and
     minke eval --model out/speedrun/grpo/final --problems 50 --k 4 --greedy --out eval.json
     minke eval --model ckpt --data math500.jsonl gsm8k_test.jsonl --max-tokens 2048
     minke serve --model ckpt --port 8000 &  minke eval --model ckpt --base-url http://127.0.0.1:8000
+    minke eval --task passkey --model ckpt --context 2048 --depths 0 25 50 75 100   (see passkey.py)
 
 Defaults follow R1's protocol: temperature 0.6, top-p 0.95, k samples per problem, pass@1 = mean
 correctness. Built-in problems come from the test split (never seen in training). Responses are
@@ -191,6 +192,8 @@ def select_problems(a: argparse.Namespace, split: str) -> list[Problem]:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minke eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["passkey"],
+                   help="passkey retrieval at --context N instead (minke eval --task passkey --help)")
     add_backend_args(p)
     add_problem_args(p, problems_default=20)
     # ---- metrics
@@ -203,6 +206,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--task")
+    known, rest = pre.parse_known_args(argv)
+    if known.task == "passkey":
+        from . import passkey
+
+        return passkey.main(rest)
     a = _parser().parse_args(argv)
     if a.k < 1:
         raise SystemExit(f"minke: --k must be >= 1, got {a.k}")

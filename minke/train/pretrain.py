@@ -16,6 +16,14 @@ Data: the built-in task corpus (arithmetic + countdown, held-out loss on the tas
 trained on the training documents unless --tokenizer is given; the model is --preset with its vocab set
 to the tokenizer's, rounded up to a multiple of 64.
 
+Continued pretraining and context extension (V3 §4.3, 4K → 32K → 128K): ``--model CKPT`` starts from a
+checkpoint's weights, config and tokenizer instead of a fresh model; ``--extend-to N`` also extends its
+context with YaRN (minke.config.extend_context: rope_scaling yarn, factor N / the original length — the
+checkpoint's max_position_embeddings, or its YaRN's original_max_position_embeddings — beta 32/1, mscale 1;
+max_position_embeddings N) and trains on windows of N tokens unless --seq-len says otherwise. The saved
+config.json loads in minke and transformers alike. Pretrain with ``--set max_position_embeddings=SEQ_LEN``
+so that the original length is the one the model was trained at.
+
 Output directory: tokenizer/ (when trained here), step-XXXXXX/ checkpoints (HF directory + tokenizer +
 trainer_state.pt, see checkpoint.py), final -> the last one (what `minke chat/serve --model` takes),
 metrics.jsonl, plots/*.png, report.md. `--resume DIR` continues DIR's newest checkpoint exactly: on CPU
@@ -43,13 +51,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ..config import ConfigError, preset
+from ..config import ConfigError, ModelConfig, extend_context, preset
 from ..data.loader import DataError, PackedLoader, fingerprint, read_documents, tokenize, windows
 from ..data.prompts import completion_text, prompt_ids
 from ..data.tokenizer import Tokenizer, train_tokenizer
 from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
 from ..model.transformer import build
+from ..model.weights import load as load_model
 from ..tasks import INSTRUCTION, check, corpus, problems
 from . import checkpoint, parallel, report
 from .optim import build_optimizer, build_scheduler
@@ -130,12 +139,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--vocab-size", type=int, default=512, help="vocabulary of the tokenizer trained here")
     # ---- model
     g = p.add_argument_group("model")
-    g.add_argument("--preset", default="tiny", help="model preset (minke.config.PRESETS)")
+    g.add_argument("--preset", help="model preset (minke.config.PRESETS; default tiny)")
+    g.add_argument("--model", dest="init_from", metavar="CKPT",
+                   help="continue pretraining this checkpoint (its weights, config.json and tokenizer) instead "
+                        "of a fresh --preset model")
+    g.add_argument("--extend-to", type=int, metavar="N",
+                   help="with --model: extend the context to N tokens with YaRN and train on windows of N")
     g.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config.json fields over the preset, values in JSON (e.g. num_hidden_layers=6)")
-    g.add_argument("--seq-len", type=int, default=128, help="tokens per training sequence")
+    g.add_argument("--seq-len", type=int, help="tokens per training sequence (default: --extend-to, else 128)")
     add_training_args(p, default_out="out/pretrain")
     a = p.parse_args(argv)
+    if a.init_from:
+        for flag, given in (("--preset", a.preset), ("--set", a.set), ("--tokenizer", a.tokenizer)):
+            if given:
+                p.error(f"{flag} applies to a fresh model; with --model the checkpoint's config.json and tokenizer "
+                        f"set the model")
+    elif a.extend_to is not None:
+        p.error("--extend-to needs --model CKPT (the checkpoint to extend)")
+    else:
+        a.preset = a.preset or "tiny"
+    if a.extend_to is not None and a.extend_to < 1:
+        p.error(f"--extend-to must be at least 1, got {a.extend_to}")
+    if a.seq_len is None:
+        a.seq_len = a.extend_to or 128
     for k in ("docs", "eval_docs", "vocab_size", "seq_len", "steps", "batch_size", "grad_accum", "eval_every",
               "eval_batches", "save_every", "keep", "log_every"):
         if getattr(a, k) < 1:
@@ -493,6 +520,23 @@ def fit(a, out: Path, d: parallel.Dist, amp, model, tok: Tokenizer, loader, held
 
 
 # ---- the stage ---------------------------------------------------------------------------------------
+def initial_config(a) -> ModelConfig:
+    """--model's config.json, extended with YaRN to --extend-to N (raises ConfigError naming the field)."""
+    cfg = ModelConfig.load(a.init_from)
+    if a.extend_to is None:
+        return cfg
+    orig = cfg.yarn["original_max_position_embeddings"] if cfg.yarn else cfg.max_position_embeddings
+    state = Path(a.init_from) / checkpoint.STATE
+    trained = checkpoint.load_state(a.init_from)["run"].get("seq_len") if state.exists() else None
+    if trained and trained < orig and not cfg.yarn:
+        print(f"note: {a.init_from} was trained on {trained}-token windows but says max_position_embeddings "
+              f"{orig}; YaRN extends from {orig} (pretrain with --set max_position_embeddings={trained})")
+    try:
+        return extend_context(cfg, a.extend_to)
+    except ConfigError as e:
+        raise ConfigError(f"--extend-to {a.extend_to} (--model {a.init_from}): {e}") from None
+
+
 def run(a: argparse.Namespace) -> Path:
     """Train; returns the final checkpoint directory."""
     out = Path(a.out or a.resume or "out/pretrain")
@@ -500,28 +544,45 @@ def run(a: argparse.Namespace) -> Path:
     device = d.device
     resume = find_resume(a, out)
     try:
-        cfg = preset(a.preset, **overrides(a.set))
+        cfg = initial_config(a) if a.init_from else preset(a.preset, **overrides(a.set))
     except ConfigError as e:
         raise PretrainError(str(e)) from None
+    source = f"--model {a.init_from}" if a.init_from else f"preset {a.preset}"
     if a.seq_len > cfg.max_position_embeddings:
+        hint = "; --extend-to N raises it with YaRN" if a.init_from and not a.extend_to else ""
         raise PretrainError(f"--seq-len {a.seq_len} exceeds the model's max_position_embeddings "
-                            f"{cfg.max_position_embeddings} (preset {a.preset})")
+                            f"{cfg.max_position_embeddings} ({source}{hint})")
     out.mkdir(parents=True, exist_ok=True)
     for p in checkpoint.clean(out):
         print(f"removed {p} (left by an interrupted save)")
-    tok, train_tokens, held_tokens = load_data(a, resume or (Path(a.tokenizer) if a.tokenizer else None), out)
-    cfg = cfg.replace(vocab_size=-(-tok.vocab_size // 64) * 64, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    tok_dir = Path(a.init_from) if a.init_from else Path(a.tokenizer) if a.tokenizer else None
+    tok, train_tokens, held_tokens = load_data(a, resume or tok_dir, out)
+    if not a.init_from:
+        cfg = cfg.replace(vocab_size=-(-tok.vocab_size // 64) * 64, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    elif tok.vocab_size > cfg.vocab_size:
+        raise PretrainError(f"--model {a.init_from}: its tokenizer has {tok.vocab_size} tokens, more than the "
+                            f"config's vocab_size {cfg.vocab_size}")
     run_cfg = {k: v for k, v in sorted(vars(a).items()) if k not in RESUMABLE}
     run_cfg.update(model=cfg.to_dict(), data_sha=fingerprint(train_tokens))
 
     random.seed(a.seed)
     torch.manual_seed(a.seed)
-    model = build(cfg, device=device, seed=a.seed)  # fp32 master weights, the same on every rank
+    if a.init_from:
+        try:  # fp32 master weights, the config (extended or not) decided above
+            model = load_model(a.init_from, dtype=torch.float32, device=device, config=cfg)
+        except (OSError, ValueError, KeyError) as e:
+            raise PretrainError(f"--model {a.init_from}: cannot load the checkpoint ({e})") from None
+        model.train()
+    else:
+        model = build(cfg, device=device, seed=a.seed)  # fp32 master weights, the same on every rank
     loader = PackedLoader(train_tokens, a.seq_len, a.batch_size, a.seed)
     held = windows(held_tokens, a.seq_len, "held-out data")[: a.eval_batches * a.batch_size]
     params = cfg.param_counts()
     tok_per_step = a.batch_size * a.grad_accum * a.seq_len
-    print(f"model: preset {a.preset}, vocab {cfg.vocab_size}, {params['total']:,} parameters "
+    if cfg.yarn:
+        source += (f", YaRN {cfg.yarn['original_max_position_embeddings']} → {cfg.max_position_embeddings} "
+                   f"(factor {cfg.yarn['factor']:g})")
+    print(f"model: {source}, vocab {cfg.vocab_size}, {params['total']:,} parameters "
           f"({params['active']:,} active, +{params['mtp_unique']:,} MTP) on {device}{' bf16' if bf16 else ''}\n"
           f"data: {train_tokens.numel():,} training tokens ({len(loader)} windows of {a.seq_len + 1}), "
           f"{held.numel():,} held-out; {tok_per_step:,} tokens/step × {a.steps} steps = "
