@@ -18,8 +18,24 @@ TOPK_METHODS = ("noaux_tc", "greedy", "group_limited_greedy")
 SCORING_FUNCS = ("sigmoid", "softmax")
 
 
+DSA_KEYS = ("index_n_heads", "index_head_dim", "index_topk")
+
+
 class ConfigError(ValueError):
     """A config.json field is missing, unknown or contradicts another field."""
+
+
+def _check_v32_layer_types(d: dict) -> None:
+    """DeepseekV32Config's mlp_layer_types / layer_types must be what minke derives (dropped from ``d``)."""
+    n, k, freq = d.get("num_hidden_layers"), d.get("first_k_dense_replace", 3), d.get("moe_layer_freq", 1)
+    mlp, att = d.pop("mlp_layer_types", None), d.pop("layer_types", None)
+    if mlp is not None and isinstance(n, int) and isinstance(k, int) and isinstance(freq, int) and freq >= 1:
+        want = ["sparse" if i >= k and i % freq == 0 else "dense" for i in range(n)]
+        if list(mlp) != want:
+            raise ConfigError(f"config: mlp_layer_types {mlp} contradicts first_k_dense_replace={k}, "
+                              f"moe_layer_freq={freq} (expected {want})")
+    if att is not None and (any(t != "indexed_attention" for t in att) or len(att) != n):
+        raise ConfigError(f"config: layer_types must be {n} x 'indexed_attention' (every V3.2 layer is DSA), got {att}")
 
 
 @dataclass
@@ -53,6 +69,10 @@ class ModelConfig:
     moe_layer_freq: int = 1
     # Multi-token prediction
     num_nextn_predict_layers: int = 1
+    # DeepSeek Sparse Attention (V3.2, model_type deepseek_v32): the lightning indexer; None = dense MLA
+    index_n_heads: int | None = None
+    index_head_dim: int | None = None
+    index_topk: int | None = None
     # Positions, norms, head
     max_position_embeddings: int = 163840
     rope_theta: float = 10000.0
@@ -82,6 +102,11 @@ class ModelConfig:
     def is_moe_layer(self, i: int) -> bool:
         """Layer i (MTP layers count from num_hidden_layers on) uses DeepSeekMoE rather than a dense MLP."""
         return bool(self.n_routed_experts) and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0
+
+    @property
+    def dsa(self) -> bool:
+        """DeepSeek Sparse Attention: every layer's MLA attends only to its indexer's top-k tokens."""
+        return self.index_topk is not None
 
     @property
     def yarn(self) -> dict | None:
@@ -126,6 +151,19 @@ class ModelConfig:
                                   f"{E // g} must be >= 2")
         if self.intermediate_size is not None:
             need(self.intermediate_size > 0, "intermediate_size must be > 0")
+        dsa = {k: getattr(self, k) for k in DSA_KEYS}
+        if any(v is not None for v in dsa.values()) or self.model_type == "deepseek_v32":
+            for k, v in dsa.items():
+                need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                     f"{k} must be a positive integer (DeepSeek Sparse Attention needs all of "
+                     f"{', '.join(DSA_KEYS)}), got {v!r}")
+            need(bool(self.q_lora_rank), "index_n_heads/index_head_dim/index_topk: the indexer reads MLA's query "
+                                         f"latent, so q_lora_rank must be set, got {self.q_lora_rank!r}")
+            need(self.index_head_dim >= self.qk_rope_head_dim,
+                 f"index_head_dim={self.index_head_dim} must be >= qk_rope_head_dim={self.qk_rope_head_dim} "
+                 f"(RoPE rotates the indexer key's first qk_rope_head_dim dims)")
+            need(self.model_type == "deepseek_v32", f"indexer keys (index_topk...) need model_type 'deepseek_v32' "
+                                                    f"(transformers' DeepseekV32ForCausalLM), got {self.model_type!r}")
         rs = self.rope_scaling
         if rs is not None:
             t = rs.get("type", rs.get("rope_type"))
@@ -163,6 +201,13 @@ class ModelConfig:
             d.pop("rope_parameters")
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = dict(d["rope_scaling"])
+        if d.get("model_type") == "deepseek_v32":
+            # transformers' DeepseekV32Config: its defaults; no MTP unless config.json says so; the per-layer
+            # type lists are derived from first_k_dense_replace/moe_layer_freq here, so they are checked, not kept.
+            for k, v in (("index_n_heads", 64), ("index_head_dim", 128), ("index_topk", 2048),
+                         ("num_nextn_predict_layers", 0)):
+                d.setdefault(k, v)
+            _check_v32_layer_types(d)
         if d.get("model_type") == "deepseek_v2":
             # V2 configs (and transformers' DeepseekV2Config) may omit these; V2 means softmax, greedy, no renorm.
             for k, v in (("scoring_func", "softmax"), ("topk_method", "greedy"), ("norm_topk_prob", False),
@@ -184,6 +229,9 @@ class ModelConfig:
             out.pop("torch_dtype")
         if self.quantization_config is None:
             out.pop("quantization_config")
+        for k in DSA_KEYS:
+            if out[k] is None:  # dense MLA: a V3 config.json round-trips without them
+                out.pop(k)
         if self._rope_style == "rope_parameters":
             rp = {"rope_theta": out.pop("rope_theta")}
             rs = out.pop("rope_scaling")
@@ -195,6 +243,10 @@ class ModelConfig:
                 rp["rope_type"] = "default"
             out["rope_parameters"] = rp
         out.update(self.extra)
+        if self.model_type == "deepseek_v32":
+            n = self.num_hidden_layers
+            out["mlp_layer_types"] = ["sparse" if self.is_moe_layer(i) else "dense" for i in range(n)]
+            out["layer_types"] = ["indexed_attention"] * n
         return out
 
     @classmethod
@@ -234,7 +286,11 @@ class ModelConfig:
             q = H * nh * self.qk_head_dim
         kv = H * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank \
             + self.kv_lora_rank * nh * (self.qk_nope_head_dim + self.v_head_dim)
-        return q + kv + nh * self.v_head_dim * H
+        idx = 0
+        if self.dsa:  # the lightning indexer: wq_b, wk, k_norm (weight and bias), weights_proj
+            J, E = self.index_n_heads, self.index_head_dim
+            idx = self.q_lora_rank * J * E + H * E + 2 * E + H * J
+        return q + kv + nh * self.v_head_dim * H + idx
 
     def _ffn_params(self, i: int) -> tuple[int, int]:
         """(total, active per token) of layer i's feed-forward part."""
@@ -281,7 +337,10 @@ class ModelConfig:
         L = self.num_hidden_layers + (self.num_nextn_predict_layers if mtp else 0)
         latent = (self.kv_lora_rank + self.qk_rope_head_dim) * L * bytes_per_element
         full = self.num_attention_heads * (self.qk_head_dim + self.v_head_dim) * L * bytes_per_element
-        return {"latent": latent, "decompressed": full, "ratio": full / latent}
+        out = {"latent": latent, "decompressed": full, "ratio": full / latent}
+        if self.dsa:  # DeepSeek Sparse Attention also caches one indexer key per token and layer
+            out["indexer"] = self.index_head_dim * L * bytes_per_element
+        return out
 
 
 def _yarn(factor, original, mscale=1.0, mscale_all_dim=1.0):

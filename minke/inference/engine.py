@@ -55,6 +55,7 @@ import torch
 
 from ..text import first_stop
 from . import sampling, speculative as spec
+from .dsa_cache import DSAPagedCache
 from .paged import PagedLatentCache, bytes_per_token
 from .sampling import SamplingParams
 
@@ -301,7 +302,8 @@ class Engine:
                 num_blocks = int(cache_bytes) // block_bytes
                 if num_blocks < 1:
                     raise ValueError(f"Engine: cache_bytes={cache_bytes} is less than one block ({block_bytes} bytes)")
-        self.cache = PagedLatentCache(cfg, num_blocks, block_size, self.dtype, self.device, mtp=speculative)
+        paged = DSAPagedCache if cfg.dsa else PagedLatentCache  # DSA: indexer keys beside the latents
+        self.cache = paged(cfg, num_blocks, block_size, self.dtype, self.device, mtp=speculative)
 
         self.lock = threading.RLock()
         self.waiting = _Waiting()

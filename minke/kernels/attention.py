@@ -95,3 +95,34 @@ def absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, scale):
         mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
     p = torch.where(mask, scores * scale, float("-inf")).softmax(dim=-1)
     return torch.einsum("bhts,bsc->bhtc", p, c_kv)
+
+# ---- sparse (DSA) absorbed mode ----------------------------------------------------------------
+def gather_tokens(x, idx):
+    """x (B, S, F) per-token rows, idx (B, T, K) token indices → (B, T, K, F): each query's selected rows."""
+    B, T, K = idx.shape
+    return x.gather(1, idx.reshape(B, T * K, 1).expand(-1, -1, x.shape[-1])).view(B, T, K, -1)
+
+
+def sparse_absorbed_attention(q_lat, q_pe, c_sel, k_pe_sel, valid, scale):
+    """DeepSeek Sparse Attention over MLA's MQA mode: each query attends to its own K selected latents.
+
+    q_lat (B, H, T, C), q_pe (B, H, T, R), c_sel (B, T, K, C), k_pe_sel (B, T, K, R) the selected
+    tokens' cache entries, valid (B, T, K) bool (False: a padding slot of a query that sees fewer than K
+    tokens) → o_lat (B, H, T, C). One bmm per (row, query) over its K latents: the work and the bytes
+    read grow with K, not with the context. Scores in the latents' dtype, softmax in fp32."""
+    B, H, T, C = q_lat.shape
+    K, R = c_sel.shape[2], k_pe_sel.shape[-1]
+    c = c_sel.reshape(B * T, K, C)
+    ql = q_lat.transpose(1, 2).reshape(B * T, H, C)
+    qr = q_pe.transpose(1, 2).reshape(B * T, H, R)
+    scores = ql @ c.transpose(1, 2) + qr @ k_pe_sel.reshape(B * T, K, R).transpose(1, 2)  # (B·T, H, K)
+    p = (scores.float() * scale).masked_fill(~valid.reshape(B * T, 1, K), float("-inf")).softmax(-1)
+    return (p.to(c.dtype) @ c).view(B, T, H, C).transpose(1, 2)
+
+
+def sparse_absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, idx, valid, scale):
+    """``sparse_absorbed_attention`` as dense absorbed attention over the whole cache (c_kv (B, S, C),
+    k_pe (B, S, R)) with a mask that keeps only each query's valid selected tokens idx (B, T, K), fp32."""
+    B, T, _ = idx.shape
+    keep = torch.zeros(B, T, c_kv.shape[1], dtype=torch.bool, device=idx.device).scatter_(-1, idx, valid)
+    return absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, keep[:, None], scale)

@@ -9,6 +9,10 @@ rotary key k_pe (qk_rope_head_dim) shared by all heads. Two modes share the same
   applied after attention, so attention runs directly over the cached (c_kv, k_pe) — the cache never
   holds more than kv_lora_rank + qk_rope_head_dim numbers per token and layer.
 
+With DeepSeek Sparse Attention (V3.2, ``cfg.dsa``) each layer's lightning indexer (dsa.py) picks
+index_topk tokens per query and attention runs over those only: in the absorbed mode over their
+gathered latents (decode reads no other token's latent), in MHA mode under a mask of the selection.
+
 Shape legend: B batch, T new tokens, S cached+new tokens, H heads, C kv_lora_rank, R rope dims,
 N qk_nope_head_dim, V v_head_dim, D hidden.
 """
@@ -19,8 +23,13 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels.attention import absorbed_attention, attention
+from ..kernels.attention import absorbed_attention, attention, gather_tokens, sparse_absorbed_attention
+from .dsa import Indexer, selection_mask
 from .layers import RMSNorm, apply_rope, softmax_scale
+
+# Sparse absorbed attention without a cache (prefill): queries go in blocks whose gathered latents and
+# scores stay under this many elements.
+SPARSE_BLOCK_ELEMENTS = 1 << 24
 
 
 class MLA(nn.Module):
@@ -41,11 +50,15 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, D, bias=bias)
         self.scale = softmax_scale(cfg)
+        self.indexer = Indexer(cfg) if cfg.dsa else None
 
     # ---- projections shared by both modes ------------------------------------------------------
-    def query(self, x, cos, sin):
-        """x (B, T, D) → q_nope (B, T, H, N), q_pe (B, T, H, R) with RoPE applied."""
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_b_proj") else self.q_proj(x)
+    def query(self, x, cos, sin, q_lat=None):
+        """x (B, T, D) → q_nope (B, T, H, N), q_pe (B, T, H, R) with RoPE applied. ``q_lat``: the query
+        latent q_a_layernorm(q_a_proj(x)) when already computed (the indexer reads it too)."""
+        if q_lat is None and hasattr(self, "q_b_proj"):
+            q_lat = self.q_a_layernorm(self.q_a_proj(x))
+        q = self.q_b_proj(q_lat) if q_lat is not None else self.q_proj(x)
         q = q.unflatten(-1, (self.n_heads, self.nope + self.rope))
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin)
@@ -70,16 +83,21 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, H, self.rope)], dim=-1).transpose(1, 2)
         return attention(q, k, v.transpose(1, 2), mask, self.scale).transpose(1, 2)  # (B, T, H, V)
 
-    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, valid=None):
         """Attend in latent space: scores = (q_nope·W_uk)·c_kv + q_pe·k_pe; out = (p·c_kv)·W_uv.
         The weight folds are plain bmm over the head axis (einsum's planning costs more than decode's
-        tiny arithmetic); the attention over the cache is kernels.attention.absorbed_attention."""
+        tiny arithmetic); the attention over the cache is kernels.attention.absorbed_attention.
+        With ``valid`` (B, T, K) (DSA), c_kv (B, T, K, C) and k_pe (B, T, K, R) are each query's selected
+        tokens and the kernel is sparse_absorbed_attention."""
         B, T, H, _ = q_nope.shape
         w = self._kv_b()
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, N, C), (H, V, C)
         q_lat = q_nope.permute(2, 0, 1, 3).reshape(H, B * T, self.nope) @ w_uk  # (H, B·T, C)
         q_lat = q_lat.view(H, B, T, -1).transpose(0, 1)  # (B, H, T, C)
-        o_lat = absorbed_attention(q_lat, q_pe.transpose(1, 2), c_kv, k_pe, mask, self.scale)  # (B, H, T, C)
+        if valid is None:
+            o_lat = absorbed_attention(q_lat, q_pe.transpose(1, 2), c_kv, k_pe, mask, self.scale)  # (B, H, T, C)
+        else:
+            o_lat = sparse_absorbed_attention(q_lat, q_pe.transpose(1, 2), c_kv, k_pe, valid, self.scale)
         o = o_lat.transpose(0, 1).reshape(H, B * T, self.kv_rank) @ w_uv.transpose(1, 2)  # (H, B·T, V)
         return o.view(H, B, T, -1).permute(1, 2, 0, 3)  # (B, T, H, V)
 
@@ -92,6 +110,8 @@ class MLA(nn.Module):
         those already cached (decode, speculative verification) and in MHA mode otherwise (prefill).
         ``mask`` (B, 1, T, T) bool replaces the causal mask when there is no cache (packed examples).
         """
+        if self.indexer is not None:
+            return self.o_proj(self.forward_sparse(x, cos, sin, cache, layer, absorb, mask).flatten(2))
         q_nope, q_pe = self.query(x, cos, sin)
         c_kv, k_pe = self.latent(x, cos, sin)
         if cache is not None:
@@ -104,3 +124,55 @@ class MLA(nn.Module):
         else:
             o = self.attend_mha(q_nope, q_pe, c_kv, k_pe, mask)
         return self.o_proj(o.flatten(2))
+
+    def forward_sparse(self, x, cos, sin, cache, layer, absorb, mask):
+        """DSA: x (B, T, D) → attention output (B, T, H, V) over each query's index_topk selected tokens.
+
+        A cache must also hold the indexer keys: ``update_indexer(layer, keys) -> (keys_all (B, S, E),
+        mask)``, and for the absorbed mode ``update_selected(layer, c_kv, k_pe, idx) -> (c_kv, k_pe of
+        the selected tokens (B, T, K, ·))``, which stores the new latents and reads only the selected ones
+        (inference/dsa_cache.py). While a query sees at most index_topk tokens it selects all of them,
+        so attention is dense MLA there and the indexer is not scored at all."""
+        T = x.shape[1]
+        q_lat = self.q_a_layernorm(self.q_a_proj(x))  # (B, T, Q): MLA's query latent, read by both
+        q_nope, q_pe = self.query(x, cos, sin, q_lat)
+        c_kv, k_pe = self.latent(x, cos, sin)
+        keys = self.indexer.key(x, cos, sin)  # (B, T, E)
+        if cache is not None:
+            if not hasattr(cache, "update_indexer"):
+                raise TypeError(f"{type(cache).__name__} holds no indexer keys, which DeepSeek Sparse Attention "
+                                f"(index_topk) needs: use minke.inference.dsa_cache's caches")
+            keys, mask = cache.update_indexer(layer, keys)
+        S = keys.shape[1]
+        if absorb is None:
+            absorb = cache is not None and T < S - T
+        dense = S <= self.indexer.topk
+        if not absorb:  # MHA mode: dense attention under the selection's mask
+            if cache is not None:
+                c_kv, k_pe, mask = cache.update(layer, c_kv, k_pe)
+            if not dense:
+                idx, valid = self.indexer(x, q_lat, cos, sin, keys, mask)
+                mask = selection_mask(idx, valid, S)
+            return self.attend_mha(q_nope, q_pe, c_kv, k_pe, mask)
+        if cache is not None:
+            if dense:
+                c_kv, k_pe, mask = cache.update(layer, c_kv, k_pe)
+                return self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+            idx, valid = self.indexer(x, q_lat, cos, sin, keys, mask)
+            c_sel, k_pe_sel = cache.update_selected(layer, c_kv, k_pe, idx)
+            return self.attend_absorbed(q_nope, q_pe, c_sel, k_pe_sel, None, valid)
+        # No cache: queries in blocks, each over the keys up to its last query when causal.
+        B, K = x.shape[0], min(self.indexer.topk, S)
+        block = max(1, SPARSE_BLOCK_ELEMENTS // max(1, B * K * (self.kv_rank + self.rope + self.n_heads)))
+        out = []
+        for i in range(0, T, block):
+            j = min(T, i + block)
+            n = S - T + j if mask is None else S  # keys this block may see
+            m = None if mask is None else mask[:, :, i:j]
+            if n <= self.indexer.topk:
+                out.append(self.attend_absorbed(q_nope[:, i:j], q_pe[:, i:j], c_kv[:, :n], k_pe[:, :n], m))
+                continue
+            idx, valid = self.indexer(x[:, i:j], q_lat[:, i:j], cos[:, i:j], sin[:, i:j], keys[:, :n], m)
+            out.append(self.attend_absorbed(q_nope[:, i:j], q_pe[:, i:j], gather_tokens(c_kv, idx),
+                                            gather_tokens(k_pe, idx), None, valid))
+        return torch.cat(out, dim=1)

@@ -101,7 +101,9 @@ def minke_to_hf(model: Transformer):
 
 def _fp8_candidate(key: str, t: torch.Tensor) -> bool:
     """What DeepSeek's FP8 checkpoints quantize: the linear weights of attention and FFNs (not the
-    embedding, head, router, norms or eh_proj)."""
+    embedding, head, router, norms or eh_proj). V3.2's indexer: wq_b and wk, not weights_proj."""
+    if ".self_attn.indexer." in key:
+        return t.dim() == 2 and key.endswith((".wq_b.weight", ".wk.weight"))
     if t.dim() != 2 or not key.endswith("_proj.weight") or ".eh_proj." in key:
         return False
     return ".self_attn." in key or ".mlp." in key

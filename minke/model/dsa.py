@@ -1,0 +1,114 @@
+"""DeepSeek Sparse Attention (DeepSeek-V3.2 §2.1): the lightning indexer and its top-k token selection.
+
+The indexer scores every (query t, key s) pair cheaply, then MLA attends only to the index_topk keys
+with the highest score among those t may see (mla.py; the gather-attend itself is in kernels/attention.py):
+
+    I(t, s) = Σ_j w_{t,j} · ReLU(q_{t,j} · k_s)
+
+- q_{t,j}: index_n_heads small heads of index_head_dim from MLA's query latent (q_a_layernorm's output);
+- k_s: one key per token shared by all heads, wk on the hidden state, then LayerNorm;
+- both carry RoPE on their first qk_rope_head_dim dims, in the half-split layout (x[:R/2], x[R/2:]), not
+  MLA's interleaved pairs (DeepSeek's 2025-11 fix of its V3.2 demo code; transformers does the same);
+- w_{t,j} = weights_proj(x_t), scaled by index_n_heads^-0.5 and the dot products by index_head_dim^-0.5.
+
+DeepSeek computes I in FP8 after a Hadamard rotation of q and k; the rotation is orthogonal (it leaves
+q·k unchanged) and FP8 only a precision choice, so both are left out here, as transformers does.
+The selection is not differentiable: the language-model loss never reaches the indexer (V3.2 trains it
+by a KL term against the main attention).
+
+Shape legend: B batch, T queries, S keys, J index heads, E index_head_dim, K index_topk, Q q_lora_rank,
+D hidden, R rope dims.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+
+# Index scores are (B, T, J, S) before the head sum: queries go in blocks holding at most this many.
+SCORE_BLOCK_ELEMENTS = 1 << 25
+
+
+def apply_rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Half-split RoPE on the first R dims of x (B, T, [J,] E), cos/sin (B, T, R/2); the other dims pass."""
+    r2 = cos.shape[-1]
+    if x.dim() == 4:
+        cos, sin = cos[:, :, None], sin[:, :, None]
+    xf = x.float()
+    x1, x2, rest = xf[..., :r2], xf[..., r2:2 * r2], xf[..., 2 * r2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1).to(x.dtype)
+
+
+class Indexer(nn.Module):
+    """The lightning indexer of one layer (module names as DeepSeek-V3.2's checkpoints: self_attn.indexer.*)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        D = cfg.hidden_size
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(D, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(D, self.n_heads, bias=False)
+
+    def key(self, x, cos, sin):
+        """x (B, T, D) → the indexer keys (B, T, E) the cache holds beside the latents."""
+        return apply_rope_half(self.k_norm(self.wk(x)), cos, sin)
+
+    @torch.no_grad()
+    def scores(self, x, q_lat, cos, sin, keys):
+        """x (B, T, D), q_lat (B, T, Q), keys (B, S, E) → I (B, T, S) in fp32 (fp64 for an fp64 model)."""
+        B, T, _ = x.shape
+        J, E = self.n_heads, self.head_dim
+        dt = torch.promote_types(x.dtype, torch.float32)
+        q = apply_rope_half(self.wq_b(q_lat).unflatten(-1, (J, E)), cos, sin).to(dt)  # (B, T, J, E)
+        w = self.weights_proj(x).to(dt) * (J ** -0.5 * E ** -0.5)  # (B, T, J)
+        dots = (q.reshape(B, T * J, E) @ keys.to(dt).transpose(1, 2)).view(B, T, J, -1)  # (B, T, J, S)
+        return (w[:, :, None] @ dots.relu_()).squeeze(2)  # (B, T, S)
+
+    @torch.no_grad()
+    def forward(self, x, q_lat, cos, sin, keys, mask):
+        """The top-k keys of each query: → idx (B, T, K') long and valid (B, T, K') bool, K' = min(K, S).
+
+        ``mask``: None (causal, the T queries being the last T of the S keys) or bool (B, 1, T, S).
+        A query that may see fewer than K keys gets all of them, the rest of its K' slots marked invalid.
+        Queries go in blocks so the (B, T, J, S) dot products stay under SCORE_BLOCK_ELEMENTS."""
+        B, T, _ = x.shape
+        S = keys.shape[1]
+        K = min(self.topk, S)
+        block = max(1, SCORE_BLOCK_ELEMENTS // max(1, B * self.n_heads * S))
+        idx, valid = [], []
+        for i in range(0, T, block):
+            j = min(T, i + block)
+            s = self.scores(x[:, i:j], q_lat[:, i:j], cos[:, i:j], sin[:, i:j], keys)  # (B, Tb, S)
+            if mask is None:
+                seen = torch.arange(S, device=s.device)[None, :] <= torch.arange(S - T + i, S - T + j,
+                                                                                  device=s.device)[:, None]
+            else:
+                seen = mask[:, 0, i:j]
+            s = s.masked_fill(~seen, float("-inf"))
+            i_top = top_k(s, K)
+            idx.append(i_top)
+            valid.append(s.gather(-1, i_top) > float("-inf"))
+        return torch.cat(idx, dim=1), torch.cat(valid, dim=1)
+
+
+def top_k(s: torch.Tensor, K: int) -> torch.Tensor:
+    """The indices (..., K) of the K largest scores of s (..., S) in increasing order, ties broken
+    towards the earlier token. torch.topk breaks ties as its kernel happens to (the ReLU gives exact
+    zeros, so ties are common in small models), which would let a decode step over S keys pick
+    differently from a full forward whose row holds the same S scores and masked ones after them."""
+    kth = s.topk(K, dim=-1).values[..., -1:]  # (..., 1) the K-th largest value
+    above, tie = s > kth, s == kth
+    room = K - above.sum(-1, keepdim=True)  # how many of the tied scores are kept: the earliest
+    keep = above | (tie & (tie.cumsum(-1) <= room))
+    return keep.nonzero()[:, -1].view(*s.shape[:-1], K)  # row-major: exactly K per row, in order
+
+
+def selection_mask(idx: torch.Tensor, valid: torch.Tensor, S: int) -> torch.Tensor:
+    """idx, valid (B, T, K) → bool (B, 1, T, S), True at each query's valid selected keys (MHA mode)."""
+    B, T, _ = idx.shape
+    out = torch.zeros(B, T, S, dtype=torch.bool, device=idx.device)
+    return out.scatter_(-1, idx, valid)[:, None]

@@ -1,0 +1,372 @@
+"""DeepSeek Sparse Attention (V3.2): the lightning indexer, top-k sparse MLA, the indexer cache.
+
+The parity reference is transformers' DeepseekV32ForCausalLM on random checkpoints it writes, with
+index_topk below the sequence length so the selection decides the logits."""
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import minke
+import minke.kernels.attention as att
+from minke.config import ConfigError
+from minke.inference.dsa_cache import DSALatentCache, DSAPagedCache
+from minke.inference.engine import Engine
+from minke.inference.sampling import SamplingParams
+
+TOL = 1e-4
+TOPK = 5
+GREEDY = dict(temperature=0.0, stop_token_ids=[])
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def hf_v32_config(**over):
+    from transformers import DeepseekV32Config
+
+    from conftest import hf_v3_config
+    kw = hf_v3_config().to_dict()
+    kw = {k: kw[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+                             "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "q_lora_rank",
+                             "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                             "n_routed_experts", "n_shared_experts", "num_experts_per_tok", "n_group",
+                             "topk_group", "first_k_dense_replace", "routed_scaling_factor",
+                             "max_position_embeddings", "rope_parameters")}
+    kw.update(index_n_heads=8, index_head_dim=16, index_topk=TOPK)
+    kw.update(over)
+    return DeepseekV32Config(**kw)
+
+
+@pytest.fixture(scope="module")
+def hf_v32_dir(tmp_path_factory):
+    from transformers import DeepseekV32ForCausalLM
+
+    from conftest import randomize_hf
+    torch.manual_seed(0)
+    model = randomize_hf(DeepseekV32ForCausalLM(hf_v32_config()), seed=4)
+    d = tmp_path_factory.mktemp("hf_v32")
+    model.save_pretrained(d)
+    return d, model
+
+
+def load(d, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return minke.load(d, dtype=torch.float32, **kw)
+
+
+def ids(vocab, B=2, T=24, seed=0):
+    return torch.randint(0, vocab, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def dsa_preset(**over):
+    kw = dict(model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"], index_n_heads=4,
+              index_head_dim=16, index_topk=6)
+    kw.update(over)
+    return minke.preset("tiny", **kw)
+
+
+def densify(model):
+    """The same weights with every indexer selecting all tokens: dense MLA."""
+    for m in list(model.layers) + list(model.mtp):
+        m.self_attn.indexer.topk = 10 ** 9
+    return model
+
+
+# ---- parity with transformers ------------------------------------------------------------------
+def test_v32_logits_match_transformers(hf_v32_dir):
+    """Both of minke's modes (MHA under the selection's mask; absorbed over the gathered latents) give
+    transformers' logits with index_topk 5 < 24 tokens; dense MLA on the same weights does not (the
+    selection matters). Fails with the indexer's RoPE interleaved, or its causal mask dropped."""
+    d, hf = hf_v32_dir
+    cfg = minke.ModelConfig.load(d)
+    assert cfg.dsa and cfg.index_topk == TOPK and cfg.model_type == "deepseek_v32" and cfg.yarn
+    model = load(d)
+    x = ids(cfg.vocab_size)
+    with torch.no_grad():
+        ref = hf(x).logits
+        for absorb in (None, True):
+            assert (model(x, absorb=absorb).logits - ref).abs().max().item() <= TOL, absorb
+        assert (densify(model)(x).logits - ref).abs().max().item() > 1e-2
+
+
+def test_indexer_selects_what_transformers_selects(hf_v32_dir):
+    """Layer 0's top-k sets, query by query, against transformers' DeepseekV32Indexer on the same input
+    (from index_topk - 1 on: before that transformers pads its k slots with masked keys)."""
+    d, hf = hf_v32_dir
+    model = load(d)
+    x = ids(256, seed=5)
+    T = x.shape[1]
+    with torch.no_grad():
+        h = model.layers[0].input_layernorm(model.embed_tokens(x))
+        attn = model.layers[0].self_attn
+        q_lat = attn.q_a_layernorm(attn.q_a_proj(h))
+        cos, sin = model.rotary(torch.arange(T).expand(2, T))
+        idx, valid = attn.indexer(h, q_lat, cos, sin, attn.indexer.key(h, cos, sin), None)
+        pe = hf.model.rotary_emb(h, torch.arange(T)[None])
+        causal = torch.ones(T, T, dtype=torch.bool).tril().expand(2, T, T)
+        ref = hf.model.layers[0].self_attn.indexer(h, q_lat, pe, causal, None)
+    assert idx.shape == ref.shape == (2, T, TOPK)
+    for t in range(TOPK - 1, T):
+        assert valid[:, t].all()
+        assert torch.equal(idx[:, t].sort(-1).values, ref[:, t].long().sort(-1).values), t
+
+
+def test_roundtrip_both_ways(hf_v32_dir, tmp_path):
+    """transformers → minke → transformers: bitwise the same logits and the same config.json keys;
+    minke → transformers: a V3.2 model minke builds loads in transformers with minke's logits."""
+    from transformers import DeepseekV32ForCausalLM
+
+    d, hf = hf_v32_dir
+    model = load(d)
+    minke.save(model, tmp_path / "a")
+    hf2 = DeepseekV32ForCausalLM.from_pretrained(tmp_path / "a", dtype=torch.float32).eval()
+    x = ids(256, seed=3)
+    with torch.no_grad():
+        assert torch.equal(hf2(x).logits, hf(x).logits)
+    src, out = (json.loads((p / "config.json").read_text()) for p in (d, tmp_path / "a"))
+    for k in ("mlp_layer_types", "layer_types", "index_topk", "index_n_heads", "index_head_dim", "model_type",
+              "architectures", "rope_parameters"):
+        assert out[k] == src[k], k
+
+    # 16 index heads: a score is exactly 0 only when all 16 ReLUs are, so no tie sits at the top-k
+    # boundary (transformers' torch.topk and minke's earliest-first rule break ties differently).
+    cfg = dsa_preset(index_topk=4, index_n_heads=16)
+    mine = minke.build(cfg, seed=7)
+    with torch.no_grad():
+        for p in mine.parameters():  # norms and the indexer's LayerNorm bias away from their init
+            p.add_(torch.randn_like(p) * 0.05)
+    minke.save(mine, tmp_path / "b")
+    hf3 = DeepseekV32ForCausalLM.from_pretrained(tmp_path / "b", dtype=torch.float32).eval()
+    x = ids(cfg.vocab_size, T=20, seed=4)
+    with torch.no_grad():
+        assert (mine(x).logits - hf3(x).logits).abs().max().item() <= TOL
+    back = load(tmp_path / "b")
+    assert all(torch.equal(a, b) for a, b in zip(mine.state_dict().values(), back.state_dict().values()))
+
+
+# ---- sparse vs dense, causality -----------------------------------------------------------------
+def test_topk_covering_the_sequence_equals_dense_mla():
+    """index_topk >= the sequence: every query selects every token it sees, so DSA is dense MLA; the
+    gather-attend kernel itself, all tokens selected, equals dense absorbed attention."""
+    cfg = dsa_preset(index_topk=32)
+    model = minke.build(cfg, seed=1)
+    dense = minke.build(cfg, seed=1)
+    for m in list(dense.layers) + list(dense.mtp):
+        m.self_attn.indexer = None
+    x = ids(cfg.vocab_size, T=24)
+    with torch.no_grad():
+        for absorb in (None, True):
+            assert (model(x, absorb=absorb).logits - dense(x, absorb=absorb).logits).abs().max().item() <= TOL
+    g = torch.Generator().manual_seed(0)
+    B, H, T, S, C, R = 2, 3, 4, 9, 12, 4
+    q_lat, q_pe = torch.randn(B, H, T, C, generator=g), torch.randn(B, H, T, R, generator=g)
+    c_kv, k_pe = torch.randn(B, S, C, generator=g), torch.randn(B, S, R, generator=g)
+    idx = torch.arange(S).expand(B, T, S)
+    valid = idx <= torch.arange(S - T, S)[:, None]  # causal, queries the last T tokens
+    o = att.sparse_absorbed_attention(q_lat, q_pe, att.gather_tokens(c_kv, idx), att.gather_tokens(k_pe, idx),
+                                      valid, 0.3)
+    assert (o - att.absorbed_attention(q_lat, q_pe, c_kv, k_pe, None, 0.3)).abs().max().item() <= 1e-5
+
+
+def test_sparse_kernel_matches_its_reference():
+    """Random selections (a shuffled subset per query, some slots invalid) against dense absorbed
+    attention under the selection's mask. Fails with the validity mask ignored."""
+    g = torch.Generator().manual_seed(1)
+    B, H, T, S, K, C, R = 2, 4, 3, 11, 5, 8, 4
+    q_lat, q_pe = torch.randn(B, H, T, C, generator=g), torch.randn(B, H, T, R, generator=g)
+    c_kv, k_pe = torch.randn(B, S, C, generator=g), torch.randn(B, S, R, generator=g)
+    idx = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(B * T)]).view(B, T, K)
+    valid = torch.rand(B, T, K, generator=g) < 0.7
+    valid[..., 0] = True
+    o = att.sparse_absorbed_attention(q_lat, q_pe, att.gather_tokens(c_kv, idx), att.gather_tokens(k_pe, idx),
+                                      valid, 0.3)
+    ref = att.sparse_absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, idx, valid, 0.3)
+    assert (o - ref).abs().max().item() <= 1e-5
+
+
+def test_top_k_breaks_ties_towards_earlier_tokens():
+    """Exact ties (the ReLU's zeros) go to the earlier token, whatever the row's length: a decode step
+    over S keys and a full forward's row of the same S scores plus masked ones pick the same tokens."""
+    from minke.model.dsa import top_k
+    s = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.7, 0.0]])
+    assert top_k(s, 3).tolist() == [[0, 1, 4]]
+    assert top_k(torch.cat([s, torch.full((1, 5), float("-inf"))], -1), 3).tolist() == [[0, 1, 4]]
+    assert top_k(torch.tensor([[float("-inf"), 2.0, float("-inf")]]), 2).tolist() == [[0, 1]]
+
+
+def test_selection_is_causal():
+    """Every valid selected token is at or before its query; a query that sees fewer than index_topk
+    tokens selects all of them; changing later tokens leaves earlier logits unchanged (both modes)."""
+    cfg = dsa_preset(index_topk=4)
+    model = minke.build(cfg, seed=2)
+    x = ids(cfg.vocab_size, B=1, T=20)
+    T = x.shape[1]
+    attn = model.layers[0].self_attn
+    with torch.no_grad():
+        h = model.layers[0].input_layernorm(model.embed_tokens(x))
+        cos, sin = model.rotary(torch.arange(T)[None])
+        idx, valid = attn.indexer(h, attn.q_a_layernorm(attn.q_a_proj(h)), cos, sin, attn.indexer.key(h, cos, sin),
+                                  None)
+        t = torch.arange(T)[None, :, None]
+        assert (idx[valid] <= t.expand_as(idx)[valid]).all()
+        assert torch.equal(valid.sum(-1)[0], torch.arange(1, T + 1).clamp(max=4))
+        y = x.clone()
+        y[:, 12:] = (y[:, 12:] + 7) % cfg.vocab_size
+        for absorb in (None, True):
+            a, b = model(x, absorb=absorb).logits, model(y, absorb=absorb).logits
+            assert (a[:, :12] - b[:, :12]).abs().max().item() <= 1e-5
+            assert (a[:, 12:] - b[:, 12:]).abs().max().item() > 1e-3
+
+
+# ---- config --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("over,field", [
+    (dict(index_topk=0), "index_topk"), (dict(index_topk=-3), "index_topk"),
+    (dict(index_n_heads=None), "index_n_heads"), (dict(q_lora_rank=None), "q_lora_rank"),
+    (dict(model_type="deepseek_v3"), "model_type"), (dict(index_head_dim=4), "index_head_dim"),
+])
+def test_bad_dsa_config_names_the_field(over, field):
+    with pytest.raises(ConfigError, match=field):
+        dsa_preset(**over)
+
+
+def test_v32_layer_type_lists_are_checked(hf_v32_dir):
+    d, _ = hf_v32_dir
+    src = json.loads((d / "config.json").read_text())
+    cfg = minke.ModelConfig.from_dict(src)
+    assert cfg.to_dict()["mlp_layer_types"] == src["mlp_layer_types"] == ["dense", "sparse", "sparse"]
+    with pytest.raises(ConfigError, match="mlp_layer_types"):
+        minke.ModelConfig.from_dict({**src, "mlp_layer_types": ["dense", "dense", "sparse"]})
+    with pytest.raises(ConfigError, match="layer_types"):
+        minke.ModelConfig.from_dict({**src, "layer_types": ["full_attention"] * 3})
+    p = cfg.param_counts()["total"]
+    assert p == sum(t.numel() for t in load(d).parameters())
+
+
+# ---- caches and the engine -----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model():
+    return minke.build(dsa_preset(), seed=0, dtype=torch.float64)
+
+
+_REF: dict = {}
+
+
+@torch.no_grad()
+def reference(model, prompt, n):
+    """Greedy by full recompute with DSA, no cache."""
+    key = (id(model), tuple(prompt), n)
+    if key not in _REF:
+        seq = list(prompt)
+        for _ in range(n):
+            seq.append(int(model(torch.tensor([seq])).logits[0, -1].argmax()))
+        _REF[key] = seq[len(prompt):]
+    return _REF[key]
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 1024, (n,), generator=g).tolist() for n in lengths]
+
+
+def test_contiguous_cache_decode_matches_full_forward(model):
+    """Token-by-token decode through DSALatentCache (absorbed, sparse once past index_topk) against one
+    full forward, rows of different lengths."""
+    x = ids(1024, B=2, T=16, seed=6)
+    cache = DSALatentCache(model.config, 2, 32, dtype=torch.float64)
+    with torch.no_grad():
+        full = model(x).logits
+        model(x[:, :3], cache=cache)
+        cache.advance()
+        for t in range(3, 16):
+            out = model(x[:, t:t + 1], cache=cache).logits[:, 0]
+            cache.advance()
+            assert (out - full[:, t]).abs().max().item() <= 1e-6, t  # norms and RoPE round through fp32
+
+
+@pytest.mark.parametrize("max_batch,block_size", [(1, 4), (3, 4), (8, 16)])
+def test_engine_greedy_matches_full_recompute_with_dsa(model, max_batch, block_size):
+    """The engine (paged latents + indexer keys, absorbed sparse decode) gives the greedy tokens of a
+    full recompute with DSA, for contexts below and well past index_topk (6), across batch mixes; its
+    decode steps past index_topk read only the selected tokens' latents (no full-history ``update``)."""
+    ps = prompts([1, 3, 7, 12, 25, 5, 16, 2])
+    n = [12, 5, 16, 9, 3, 14, 7, 10]
+    e = Engine(model, max_batch=max_batch, block_size=block_size, num_blocks=128, max_prefill_tokens=16)
+    assert isinstance(e.cache, DSAPagedCache)
+    full_reads = []
+    update = e.cache.update
+
+    def spy(layer, c_kv, k_pe):
+        out = update(layer, c_kv, k_pe)
+        if c_kv.shape[1] == 1:
+            full_reads.append(out[0].shape[1])
+        return out
+    e.cache.update = spy
+    cs = e.generate(ps, [SamplingParams(max_tokens=k, **GREEDY) for k in n])
+    for c, p, k in zip(cs, ps, n):
+        assert c.token_ids == reference(model, p, k), len(p)
+    assert full_reads and max(full_reads) <= model.config.index_topk
+    assert e.cache.num_free_blocks == e.cache.num_blocks
+
+
+def test_speculative_with_dsa_equals_plain_greedy(model):
+    """MTP drafting with DSA (the MTP layer has its own indexer and cache layer): rejected drafts roll
+    the latents and indexer keys back; the tokens equal plain greedy decoding."""
+    ps = prompts([4, 9, 17, 2], seed=2)
+    n = [14, 9, 11, 16]
+    outs = []
+    for spec in (False, True):
+        e = Engine(model, max_batch=4, block_size=4, num_blocks=96, speculative=spec, num_draft=2)
+        outs.append(e.generate(ps, [SamplingParams(max_tokens=k, **GREEDY) for k in n]))
+        if spec:
+            assert e.stats.draft_proposed > e.stats.draft_accepted  # some drafts were rolled back
+    for a, b, p, k in zip(*outs, ps, n):
+        assert a.token_ids == b.token_ids == reference(model, p, k)
+
+
+def test_forked_samples_share_the_prompt_with_dsa(model):
+    """Parallel sampling forks the prompt's blocks (indexer keys included) and copies the shared last
+    block before writing into it: every greedy child equals the full recompute."""
+    ps = prompts([10, 13], seed=3)
+    e = Engine(model, max_batch=6, block_size=4, num_blocks=96)
+    cs = e.generate(ps, SamplingParams(max_tokens=9, **GREEDY), n=3)
+    for i, c in enumerate(cs):
+        assert c.token_ids == reference(model, ps[i // 3], 9)
+
+
+def test_paged_copy_on_write_copies_indexer_keys():
+    cfg = dsa_preset()
+    cache = DSAPagedCache(cfg, num_blocks=8, block_size=4)
+    assert cache.reserve("a", 6)
+    cache.begin(["a"], 6)
+    keys = torch.randn(1, 6, cfg.index_head_dim)
+    cache.update_indexer(0, keys)
+    cache.advance(6)
+    cache.fork("a", "b")
+    assert cache.reserve("b", 8)  # b writes into the shared second block: copied, keys included
+    assert cache.tables["b"][1] != cache.tables["a"][1]
+    cache.begin(["b"], 1)
+    got, _ = cache.update_indexer(0, torch.zeros(1, 1, cfg.index_head_dim))
+    assert torch.equal(got[0, :6], keys[0]) and cache.nbytes > cache.c_kv.numel() * 4 + cache.k_pe.numel() * 4
+
+
+def test_fp8_checkpoint_quantizes_the_indexer_as_deepseek(tmp_path):
+    """DeepSeek's V3.2 FP8 checkpoints hold the indexer's wq_b and wk in E4M3 with weight_scale_inv and
+    weights_proj in BF16; such a checkpoint loads dequantized and with fp8=True (E4M3 kept in memory)."""
+    from safetensors import safe_open
+    cfg = dsa_preset(index_topk=4)
+    model = minke.build(cfg, seed=3)
+    minke.save(model, tmp_path, fp8=True)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+        p = "model.layers.0.self_attn.indexer."
+        assert f.get_tensor(p + "wq_b.weight").dtype == f.get_tensor(p + "wk.weight").dtype == torch.float8_e4m3fn
+        assert {p + "wq_b.weight_scale_inv", p + "wk.weight_scale_inv"} <= keys
+        assert p + "weights_proj.weight_scale_inv" not in keys and f.get_tensor(p + "weights_proj.weight").is_floating_point()
+    x = ids(cfg.vocab_size, B=1, T=12)
+    with torch.no_grad():
+        a = load(tmp_path)(x).logits
+        b = load(tmp_path, fp8=True)(x).logits
+    assert torch.isfinite(a).all() and (a - b).abs().max().item() <= 1e-2
