@@ -370,3 +370,23 @@ def test_fp8_checkpoint_quantizes_the_indexer_as_deepseek(tmp_path):
         a = load(tmp_path)(x).logits
         b = load(tmp_path, fp8=True)(x).logits
     assert torch.isfinite(a).all() and (a - b).abs().max().item() <= 1e-2
+
+
+def test_long_context_benchmark_runs(tmp_path):
+    """benchmarks/long_context.py end to end at toy size (its figures are read by people, not checked)."""
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "long_context", Path(__file__).resolve().parent.parent / "benchmarks" / "long_context.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "lc.json"
+    report = bench.main(["--contexts", "48", "96", "--batches", "1", "2", "--topk", "32", "--heads", "4",
+                         "--hidden", "64", "--max-prefill", "96", "--steps", "1", "--block-size", "16",
+                         "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert [(r["context"], r["batch"]) for r in report["decode"]] == [(48, 1), (48, 2), (96, 1), (96, 2)]
+    last = report["decode"][-1]
+    assert last["sparse"]["cache_bytes_read"] < last["dense"]["cache_bytes_read"]
+    assert all(r["sparse"]["tok_s"] > 0 and r["dense"]["tok_s"] > 0 for r in report["decode"])
+    assert [r["context"] for r in report["prefill"]] == [48, 96]
