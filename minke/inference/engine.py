@@ -36,6 +36,17 @@ it). It knows token ids, not text.
   its last id; stop strings need ``decode_fn`` and end it on the token that completes the string
   (the text layer trims the text; ``stop_reason`` says which string).
 - With ``speculative=True`` decode steps draft with the MTP module and verify (speculative.py).
+- Prefix caching (vLLM's automatic prefix caching; on unless ``prefix_cache=False``): a sequence's full
+  blocks whose latents are final are published in the paged cache under the hash of their token
+  prefix, after its prefill and when it finishes or is preempted; an admitted request (or a group's
+  prompt, or a preempted request coming back) adopts the longest run of cached blocks of its tokens,
+  read-only, and prefills only the rest (at least its last token, whose logits it needs). Cached blocks
+  nobody holds stay until the pool needs them, evicted least recently released first; a block in use
+  is never evicted, and a cached block is copied before anything writes into it. With speculative
+  decoding a block's key also holds the token after it (its MTP entry read it). A request asking for
+  prompt log-probs prefills every prompt token. The cache follows the weights: an in-place change of
+  any parameter or buffer (an optimizer step, load_state_dict) is seen by its version counter at the
+  next admission and drops every cached prefix (``reset_prefix_cache`` for any other change).
 - Thread safety: one re-entrant lock guards every public method, so a server can drive ``step()`` from
   one background thread while request threads call ``add_request`` / ``abort``.
 
@@ -54,8 +65,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..text import first_stop
-from . import sampling, speculative as spec
-from .dsa_cache import DSAPagedCache
+from . import paged, sampling, speculative as spec
 from .paged import PagedLatentCache, bytes_per_token
 from .sampling import SamplingParams
 
@@ -112,13 +122,19 @@ class EngineStats:
     draft_accepted: int = 0
     failed_forwards: int = 0  # forwards (or samplings) that raised; their rows were retried apart or failed
     failed_requests: int = 0
+    prefix_queried_tokens: int = 0  # tokens of the rows admitted with a prefix-cache lookup
+    prefix_hit_tokens: int = 0  # of those, the tokens found cached (not prefilled)
 
     @property
     def acceptance_rate(self) -> float | None:
         return self.draft_accepted / self.draft_proposed if self.draft_proposed else None
 
+    @property
+    def prefix_hit_rate(self) -> float | None:
+        return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else None
+
     def as_dict(self) -> dict:
-        return {**self.__dict__, "acceptance_rate": self.acceptance_rate}
+        return {**self.__dict__, "acceptance_rate": self.acceptance_rate, "prefix_hit_rate": self.prefix_hit_rate}
 
 
 class _Request:
@@ -135,6 +151,8 @@ class _Request:
         self.draft_q: list = []  # their draft distributions (V,) when sampling
         self.draft_logits = None  # the first draft's MTP logits (V,), kept for tests
         self.tenant = rid  # admission takes turns between tenants (engine.add_request)
+        self.block_hashes: list[bytes] = []  # prefix-cache hashes of its first full blocks (paged.chain_hashes)
+        self.cache_epoch = None  # the engine's prefix-cache epoch when its cache entry began
         self.group: _Group | None = None  # parallel sampling: the child's group
         self.forked = False  # a child that has started from the group's prompt
         self.queued = False  # in engine.waiting
@@ -168,6 +186,8 @@ class _Group:
         self.unfinished = len(children)
         self.held = False  # its prompt is prefilled and in the cache
         self.logits = self.hidden = None  # after the prefill: last position's logits (V,), hidden (D,)
+        self.block_hashes: list[bytes] = []  # as _Request's
+        self.cache_epoch = None
         self.params = children[0].params  # the children differ in their seeds only
         self.prompt_lps, self.prompt_top = _prompt_logprob_lists(self.params)  # handed to each child at its fork
         for c in children:
@@ -267,10 +287,11 @@ class Engine:
     def __init__(self, model, max_batch: int = 8, block_size: int = 16, num_blocks: int | None = None,
                  cache_bytes: int | None = None, device=None, dtype: torch.dtype | None = None,
                  decode_fn: Callable[[list[int]], str] | None = None, speculative: bool = False,
-                 num_draft: int = 1, max_prefill_tokens: int = 8192):
+                 num_draft: int = 1, max_prefill_tokens: int = 8192, prefix_cache: bool = True):
         """``device``/``dtype`` are the cache's (default: the model's; the model is not moved).
         Cache size: ``num_blocks``, else ``cache_bytes``, else enough for ``max_batch`` full-context
-        sequences up to 1 GiB. ``speculative``: MTP drafting of ``num_draft`` tokens per step."""
+        sequences up to 1 GiB. ``speculative``: MTP drafting of ``num_draft`` tokens per step.
+        ``prefix_cache``: reuse cached blocks of earlier requests' token prefixes (module docstring)."""
         cfg = model.config
         p = next(model.parameters())
         self.model = model
@@ -285,6 +306,9 @@ class Engine:
         if speculative and not len(model.mtp):
             raise ValueError("Engine: speculative=True needs an MTP module (num_nextn_predict_layers >= 1)")
         self.max_batch, self.max_prefill_tokens = max_batch, max_prefill_tokens
+        self.prefix_cache = bool(prefix_cache)
+        self._epoch = 0  # bumped whenever the cached prefixes are dropped (the weights changed)
+        self._weights = None  # the weights' version fingerprint the cached prefixes were computed with
         self.speculative, self.num_draft = speculative, num_draft
         # cache slots a running sequence must hold beyond its length before a decode step
         self.lookahead = 2 * num_draft if speculative else 1
@@ -302,8 +326,7 @@ class Engine:
                 num_blocks = int(cache_bytes) // block_bytes
                 if num_blocks < 1:
                     raise ValueError(f"Engine: cache_bytes={cache_bytes} is less than one block ({block_bytes} bytes)")
-        paged = DSAPagedCache if cfg.dsa else PagedLatentCache  # DSA: indexer keys beside the latents
-        self.cache = paged(cfg, num_blocks, block_size, self.dtype, self.device, mtp=speculative)
+        self.cache = PagedLatentCache(cfg, num_blocks, block_size, self.dtype, self.device, mtp=speculative)
 
         self.lock = threading.RLock()
         self.waiting = _Waiting()
@@ -512,8 +535,11 @@ class Engine:
         waiting requests in turn order (``_Waiting``) while a batch row and free blocks (the whole prompt
         + lookahead) remain. A prompt longer than what the budget leaves is prefilled in chunks over
         several steps, while the running sequences keep decoding (not with speculative decoding: its
-        MTP pass needs the whole prompt, which is then prefilled alone). Then prefill the batch in one
-        forward and fork the admitted children of groups whose prompt is in the cache."""
+        MTP pass needs the whole prompt, which is then prefilled alone). A new row starts past the
+        blocks of its tokens the prefix cache holds (``_lookup``); they take no new blocks, only those
+        nobody held leave the free count. Then prefill the batch in one forward and fork the admitted
+        children of groups whose prompt is in the cache."""
+        self._check_weights()
         batch: list[tuple] = []  # (row, start, end): a _Request or a _Group (its prompt once), tokens [start, end)
         forks: list[tuple[_Group, list[_Request]]] = []
         rows = 0  # running rows taken this step (requests and forked children)
@@ -563,37 +589,43 @@ class Engine:
                 skip.add(r.tenant)
                 continue
             prefill = g is None or not (g.held or id(g) in finishing)
-            c = chunk(n) if prefill else 0
+            hit = self._lookup(r if g is None else g) if prefill else []  # cached blocks of its prefix
+            h = len(hit) * cache.block_size  # its prefill starts there
+            held = len(hit) - cache.num_evictable(hit)  # hit blocks someone holds: not in the free count
+            c = chunk(n - h) if prefill else 0
             if prefill and not c:
                 break  # prefill budget spent: the rest waits for the next step
             T_new = max(T, c)
             avail = cache.num_free_blocks - promised - pad(T_new)
             if g is None:
                 # nobody overtakes the head for lack of blocks (no starvation of long prompts)
-                if cache.blocks_for(max(n + self.lookahead, T_new)) > avail:
+                if cache.blocks_for(max(n + self.lookahead, h + T_new)) - held > avail:
                     if self._drop_prefixes(batch, forks):
                         continue
                     break
+                self._adopt(r, hit)  # first: growing the batch's rows must not evict these
                 grow(T_new)
-                self._reserve([r.id], max(n + self.lookahead, T_new))
+                self._reserve([r.id], max(n + self.lookahead, h + T_new))
                 self.waiting.take(d)
-                batch.append((r, 0, c))
+                batch.append((r, h, h + c))
                 rows += 1
             else:
                 kids = list(itertools.takewhile(lambda q: q.group is g and q.unforked, d))
                 kids = kids[:self.max_batch - len(self.running) - self._prefilling_rows() - rows]
-                parent = cache.blocks_for(max(n, T_new)) if prefill else 0
-                whole = not prefill or c == n  # its children fork this step
+                parent = cache.blocks_for(max(n, h + T_new)) - held if prefill else 0
+                whole = not prefill or c == n - h  # its children fork this step
                 k = next((k for k in range(len(kids), 0, -1)
                           if parent + (self._fork_blocks(g, k) if whole else 0) <= avail), 0)
                 if not k:
                     if self._drop_prefixes(batch, forks):
                         continue
                     break
+                if prefill:
+                    self._adopt(g, hit)
                 grow(T_new)
                 if prefill:
-                    self._reserve([g], max(n, T_new))
-                    batch.append((g, 0, c))
+                    self._reserve([g], max(n, h + T_new))
+                    batch.append((g, h, h + c))
                 if not whole:  # its prompt is prefilled in chunks: the children wait for the last one
                     skip.add(r.tenant)
                     T = T_new
@@ -629,6 +661,63 @@ class Engine:
         for g in held:
             self._release_group(g)
         return bool(held)
+
+    # ---- prefix cache --------------------------------------------------------------------------
+    def reset_prefix_cache(self) -> None:
+        """Drop every cached prefix: the next requests prefill in full, and the sequences in flight do not
+        publish theirs. Needed only after a change to the model that its parameters' and buffers' version
+        counters do not show (in-place updates are detected at the next admission)."""
+        with self.lock:
+            self.cache.reset_prefix_cache()
+            self._epoch += 1
+
+    def _check_weights(self) -> None:
+        """Before any lookup: when a parameter or buffer changed (its version counter, or the tensor
+        itself), the cached latents are stale; drop them, and start a new epoch so that sequences
+        computed partly with the old weights never publish."""
+        if not self.prefix_cache or not self.waiting:
+            return
+        fp = [(id(t), t._version) for t in itertools.chain(self.model.parameters(), self.model.buffers())
+              if not t.is_inference()]  # an inference tensor has no version counter (and cannot change outside)
+        if fp != self._weights:
+            if self._weights is not None:
+                self.reset_prefix_cache()
+            self._weights = fp
+
+    def _hashes(self, q, n_blocks: int) -> list[bytes]:
+        """The prefix hashes of q's first ``n_blocks`` full blocks (computed once per request)."""
+        if len(q.block_hashes) < n_blocks:
+            paged.chain_hashes(q.tokens, self.cache.block_size, q.block_hashes, n_blocks, self.speculative)
+        return q.block_hashes[:n_blocks]
+
+    def _lookup(self, q) -> list[int]:
+        """The cached blocks q (a request or a group's prompt, about to be prefilled) can start from: the
+        longest cached run of its full blocks, leaving at least its last token to prefill (it needs that
+        position's logits; speculative: every key holds the token after its block, so also < len). None
+        when prefix caching is off or q wants the log-probs of every prompt token."""
+        if not self.prefix_cache or getattr(q, "needs_prompt_logprobs", False):
+            return []
+        return self.cache.cached_prefix(self._hashes(q, (len(q.tokens) - 1) // self.cache.block_size))
+
+    def _adopt(self, q, blocks: list[int]) -> None:
+        """q's cache entry begins, with the cached ``blocks`` (its prefix) when there are any."""
+        if blocks:
+            self.cache.adopt(q.id, blocks)
+        q.cache_epoch = self._epoch
+        if self.prefix_cache and not getattr(q, "needs_prompt_logprobs", False):
+            self.stats.prefix_queried_tokens += len(q.tokens)
+            self.stats.prefix_hit_tokens += len(blocks) * self.cache.block_size
+
+    def _publish(self, q) -> None:
+        """Publish q's full blocks whose latents are final: below its cache length and, speculative, with
+        the token after the block known (its MTP entry at the block's last position read that token), all
+        computed in the current epoch."""
+        if not self.prefix_cache or q.cache_epoch != self._epoch or q.id not in self.cache.lengths:
+            return
+        final = min(self.cache.lengths[q.id], len(q.tokens) - self.speculative)
+        n = final // self.cache.block_size
+        if n:
+            self.cache.publish(q.id, self._hashes(q, n))
 
     def _reserve(self, seqs: list, n_tokens: int) -> None:
         for q in seqs:
@@ -672,7 +761,7 @@ class Engine:
         if self.speculative:  # every row is a whole sequence here (no chunks)
             nxt = {done[j]: t for j, t in zip(req, toks)}  # a group's row (or one that failed): a placeholder
             g = spec.prefill_drafts(self, [q for q, _, _ in rows], out.hidden, [nxt.get(i) or 0 for i in range(B)],
-                                    lens, draft=[done[j] for j in req])
+                                    lens, draft=[done[j] for j in req], starts=[s for _, s, _ in rows])
         self.cache.advance(T)
         for (q, s, e), n in zip(rows, lens):
             self.cache.truncate(q.id, e)
@@ -699,6 +788,8 @@ class Engine:
         self.stats.max_prefill_batch_tokens = max(self.stats.max_prefill_batch_tokens, B * T)
         for r, t, lp, top in zip(reqs, toks, lps, tops):
             self._append(r, t, lp, top, events)
+        for q, _, _ in rows:  # its prefix is cached for the requests after it (a finished one published already)
+            self._publish(q)
 
     def _prompt_logprobs(self, q, s: int, e: int, hidden: torch.Tensor) -> None:
         """Append the log-probs of q's prompt tokens that the chunk [s, e) predicts: position j's logits
@@ -732,6 +823,7 @@ class Engine:
         for c in kids:
             self.cache.fork(g, c.id)
             c.forked = True
+            c.cache_epoch, c.block_hashes = g.cache_epoch, list(g.block_hashes)  # the same prompt, same latents
             g.to_fork -= 1
             if g.prompt_lps is not None:
                 c.prompt_lps, c.prompt_top = list(g.prompt_lps), g.prompt_top and list(g.prompt_top)
@@ -796,6 +888,7 @@ class Engine:
         return list(self.running)
 
     def _preempt(self, r: _Request) -> None:
+        self._publish(r)  # its recompute, when re-admitted, starts past them if they are still cached
         self.cache.free(r.id)
         self.running.remove(r)
         r.drafts, r.draft_q = [], []
@@ -897,6 +990,8 @@ class Engine:
             self.waiting.remove(r)
         elif r in self.prefilling:
             self.prefilling.remove(r)
+        if reason != "error":  # a failed request's latents may be the fault's (nan)
+            self._publish(r)
         self.cache.free(r.id)
         if self.requests.pop(r.id, None) is not None:
             self.waiting.gone(r)

@@ -21,13 +21,25 @@ block returns to the free pool at 0. A shared block is read-only: ``reserve`` co
 sequence will write into (the partly filled last prompt block) to a private one first (copy-on-write), and
 ``begin`` refuses a write into a block that is still shared.
 
+Prefix caching (vLLM's automatic prefix caching): a full block whose latents are final can be
+``publish``-ed under the hash of its token prefix (``chain_hashes``: hash(parent's hash, the block's
+tokens)); ``cached_prefix`` finds the longest run of published blocks for a new sequence's hashes and
+``adopt`` gives them to it read-only (reference counts, as for a fork). A published block is never
+written again: ``reserve`` copies it first like a shared one. When its last holder lets go it is not
+freed but kept, evictable, in least-recently-released order (a sequence's tail blocks go first, so a
+prefix is evicted from its end); ``_alloc`` takes never-used free blocks first, then evicts the least
+recently released cached block, and never one in use. ``num_free_blocks`` counts both kinds.
+
 Shape legend: L layers, N slots (num_blocks × block_size), B rows, T new tokens per row, S longest
 row once the new tokens are in, C kv_lora_rank, R rope dims.
 """
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+from array import array
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +49,24 @@ from ..config import ModelConfig
 
 def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, mtp: bool = False) -> int:
     """Cache bytes one token takes over all L layers (the MTP layers included with ``mtp``)."""
-    b = cfg.kv_cache_bytes_per_token(torch.empty((), dtype=dtype).element_size(), mtp=mtp)
-    return b["latent"] + b.get("indexer", 0)  # DSA (V3.2): the indexer keys beside the latents
+    return cfg.kv_cache_bytes_per_token(torch.empty((), dtype=dtype).element_size(), mtp=mtp)["latent"]
+
+
+def chain_hashes(tokens: list[int], block_size: int, hashes: list[bytes], n_blocks: int,
+                 next_token: bool = False) -> list[bytes]:
+    """Extend ``hashes`` (those of the first blocks of ``tokens``, in place) to ``n_blocks``: block k's is
+    sha256(block k-1's hash, tokens [k·bs, (k+1)·bs)), so equal hashes mean equal token prefixes (a
+    cryptographic hash: one tenant cannot craft a collision into another's prefix). ``next_token``: the
+    block's key also holds the token after it (speculative decoding: the MTP layer's entry at a
+    position reads the next token's embedding)."""
+    bs, extra = block_size, int(next_token)
+    for k in range(len(hashes), n_blocks):
+        block = tokens[k * bs:(k + 1) * bs + extra]
+        if len(block) < bs + extra:
+            raise ValueError(f"chain_hashes: block {k} needs {bs + extra} tokens, {len(tokens)} given")
+        parent = hashes[k - 1] if k else b""
+        hashes.append(hashlib.sha256(parent + array("q", block).tobytes()).digest())
+    return hashes
 
 
 @dataclass
@@ -66,7 +94,10 @@ class PagedLatentCache:
         self.c_kv = torch.zeros(self.num_layers, N, cfg.kv_lora_rank, dtype=dtype, device=device)
         self.k_pe = torch.zeros(self.num_layers, N, cfg.qk_rope_head_dim, dtype=dtype, device=device)
         self._free = list(range(num_blocks))  # a min-heap: the lowest free block first
-        self._refs = [0] * num_blocks  # sequences holding each block (0 = free)
+        self._refs = [0] * num_blocks  # sequences holding each block (0 = free or cached, evictable)
+        self._cached: dict[bytes, int] = {}  # prefix hash → its published block
+        self._hash_of: dict[int, bytes] = {}  # published block → its prefix hash
+        self._evictable: OrderedDict = OrderedDict()  # published blocks nobody holds, least recently released first
         self.tables: dict = {}  # seq id → list of block ids
         self.lengths: dict = {}  # seq id → tokens cached
         self._view: _View | None = None
@@ -83,7 +114,13 @@ class PagedLatentCache:
     # ---- blocks --------------------------------------------------------------------------------
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a reservation can take: never-used free ones and cached ones nobody holds (evictable)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Published blocks (prefix cache), held or evictable."""
+        return len(self._hash_of)
 
     @property
     def num_shared_blocks(self) -> int:
@@ -94,20 +131,27 @@ class PagedLatentCache:
         return -(-n_tokens // self.block_size)
 
     def _alloc(self) -> int:
-        b = heapq.heappop(self._free)
+        if self._free:
+            b = heapq.heappop(self._free)
+        else:  # evict the least recently released cached block (nobody holds it)
+            b, _ = self._evictable.popitem(last=False)
+            del self._cached[self._hash_of.pop(b)]
         self._refs[b] = 1
         return b
 
     def _release(self, b: int) -> None:
         self._refs[b] -= 1
         if self._refs[b] == 0:
-            heapq.heappush(self._free, b)
+            if b in self._hash_of:
+                self._evictable[b] = None
+            else:
+                heapq.heappush(self._free, b)
 
     def _shared_writes(self, seq, n_tokens: int) -> list[int]:
         """Indices in the table of ``seq`` of the shared blocks that writing up to ``n_tokens`` tokens touches."""
         table = self.tables[seq]
         first, end = self.lengths[seq] // self.block_size, min(len(table), self.blocks_for(n_tokens))
-        return [i for i in range(first, end) if self._refs[table[i]] > 1]
+        return [i for i in range(first, end) if self._refs[table[i]] > 1 or table[i] in self._hash_of]
 
     def reserve(self, seq, n_tokens: int) -> bool:
         """Make room for ``n_tokens`` tokens in all for ``seq`` (a new seq starts empty), giving it private
@@ -117,7 +161,7 @@ class PagedLatentCache:
         have = 0 if table is None else len(table)
         need = max(self.blocks_for(n_tokens) - have, 0)
         cow = [] if table is None else self._shared_writes(seq, n_tokens)
-        if need + len(cow) > len(self._free):
+        if need + len(cow) > self.num_free_blocks:
             return False
         if table is None:
             table = self.tables[seq] = []
@@ -153,9 +197,63 @@ class PagedLatentCache:
             self._release(table.pop())
 
     def free(self, seq) -> None:
-        for b in self.tables.pop(seq, ()):
+        for b in reversed(self.tables.pop(seq, ())):  # the tail first: a cached prefix is evicted from its end
             self._release(b)
         self.lengths.pop(seq, None)
+
+    # ---- prefix cache --------------------------------------------------------------------------
+    def cached_prefix(self, hashes: list[bytes]) -> list[int]:
+        """The published blocks of the longest run of ``hashes`` (a prefix's chain, ``chain_hashes``) cached."""
+        out = []
+        for h in hashes:
+            b = self._cached.get(h)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def num_evictable(self, blocks: list[int]) -> int:
+        """How many of ``blocks`` nobody holds (adopting them takes them out of ``num_free_blocks``)."""
+        return sum(self._refs[b] == 0 for b in blocks)
+
+    def adopt(self, seq, blocks: list[int]) -> None:
+        """``seq`` (new) starts with the published ``blocks`` (from ``cached_prefix``) as its first
+        tokens, read-only, its length their tokens."""
+        if seq in self.tables:
+            raise ValueError(f"adopt: sequence {seq!r} already has blocks")
+        bad = [b for b in blocks if b not in self._hash_of]
+        if bad:
+            raise ValueError(f"adopt: block {bad[0]} is not a published prefix block")
+        for b in blocks:
+            if self._refs[b] == 0:
+                del self._evictable[b]
+            self._refs[b] += 1
+        self.tables[seq], self.lengths[seq] = list(blocks), len(blocks) * self.block_size
+
+    def publish(self, seq, hashes: list[bytes]) -> int:
+        """Publish the first len(hashes) blocks of ``seq`` under ``hashes`` (their prefix hashes): the
+        caller vouches that their latents are final (only full blocks below its length, computed by the
+        current weights). A prefix already published under another block keeps that one. Returns how
+        many blocks were newly published."""
+        table = self.tables[seq]
+        if len(hashes) * self.block_size > self.lengths[seq]:
+            raise ValueError(f"publish: {len(hashes)} blocks of {seq!r} but only {self.lengths[seq]} tokens cached")
+        new = 0
+        for b, h in zip(table, hashes):
+            if b in self._hash_of or h in self._cached:
+                continue
+            self._cached[h], self._hash_of[b] = b, h
+            new += 1
+        return new
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every published prefix (the model's weights changed): evictable blocks become free,
+        held ones private to their holders."""
+        for b in self._evictable:
+            heapq.heappush(self._free, b)
+        self._evictable.clear()
+        self._cached.clear()
+        self._hash_of.clear()
 
     def truncate(self, seq, length: int) -> None:
         """Forget every token of ``seq`` from ``length`` on (its blocks stay reserved for the next step)."""
@@ -173,7 +271,7 @@ class PagedLatentCache:
                                    f"{len(self.tables[s]) * self.block_size} slots (reserve first)")
             if self._shared_writes(s, n + T):
                 raise RuntimeError(f"sequence {s!r}: tokens {n}..{n + T - 1} would be written into a block "
-                                   f"it shares with another sequence (reserve first: it copies the block)")
+                                   f"it shares with another sequence or the prefix cache (reserve first: it copies the block)")
         dev, bs = self.device, self.block_size
         S = max(lens) + T
         nb = self.blocks_for(S)

@@ -50,14 +50,17 @@ def propose(rows, logits: torch.Tensor) -> None:
 
 
 def prefill_drafts(engine, rows, hidden: torch.Tensor, toks: list[int], lens: list[int],
-                   draft: list[int] | None = None) -> torch.Tensor:
+                   draft: list[int] | None = None, starts: list[int] | None = None) -> torch.Tensor:
     """After a prefill forward (its cache view still open; rows right-padded to T): module 1 over each
-    whole sequence, every position reading the next token (the just-chosen one last). The rows
+    row's tokens [start, start + len) (default start 0: the whole sequence; a row past a cached prefix
+    starts later, the module's cache layer holding the prefix), every position reading the next token
+    (the just-chosen one last). The rows
     ``draft`` (default all) draft d_1; returns the module's hidden at their last positions (b, 1, D)
     for ``chain``. The other rows (a shared prompt: engine._Group) only fill the MTP cache layer; their
     last position, which reads a child's first token, is each child's own (``fork_drafts``)."""
     B, T = hidden.shape[:2]
-    nxt = [r.tokens[1:] + [t] for r, t in zip(rows, toks)]
+    starts = [0] * B if starts is None else starts
+    nxt = [r.tokens[s + 1:s + n] + [t] for r, t, s, n in zip(rows, toks, starts, lens)]
     next_ids = torch.tensor([x + [0] * (T - len(x)) for x in nxt], device=hidden.device)  # (B, T)
     h = engine.model.norm(hidden)  # module 1 reads the main model's state after the final norm
     _, g = engine.model.mtp_step(0, h, next_ids, engine.cache.positions(T), engine.cache, logits=False)
