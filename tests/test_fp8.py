@@ -368,3 +368,39 @@ def test_convert_bad_input_is_named(bf16_dir, tmp_path, capsys):
     save_file(sd, tmp_path / "a" / "model.safetensors")
     assert main(["--model", str(tmp_path / "a"), "--out", str(tmp_path / "b"), "--to", "bf16"]) == 1
     assert re.search(re.escape(key) + r".*has shape \(5, 5\)", capsys.readouterr().out)
+
+
+# ---- minke pretrain --fp8 -------------------------------------------------------------------------
+def test_pretrain_fp8_trains_close_to_high_precision(tmp_path):
+    """Same seed, data and steps: the FP8 run's losses differ from the fp32 run's (the GEMMs really are
+    FP8) but stay within 3% of them over 4 steps of the tiny preset at hidden 160 (measured: 1.4% at step 4,
+    where routing flips amplify FP8's ~2.6% per-GEMM noise; BF16 autocast is 0.03% off; the issue's 0.25%
+    bar is for the final loss of the longer small-width comparison in the closing note); the checkpoint
+    holds fp32 master weights."""
+    from minke.data.tokenizer import train_tokenizer
+    from minke.tasks import corpus
+    from minke.train import pretrain
+    tok = tmp_path / "tok"
+    train_tokenizer(corpus(300, seed=0), vocab_size=320, out_dir=tok)
+
+    def run(out, *extra):
+        assert pretrain.main(["--out", str(out), "--tokenizer", str(tok), "--docs", "300", "--eval-docs", "30",
+                              "--seq-len", "64", "--batch-size", "4", "--steps", "4", "--warmup", "2", "--lr", "3e-3",
+                              "--eval-every", "4", "--save-every", "4", "--eval-batches", "2", "--eval-problems", "0",
+                              "--log-every", "100", "--set", "hidden_size=160", *extra]) == 0
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if r["kind"] == "train"]
+
+    hp, f8 = run(tmp_path / "fp32"), run(tmp_path / "fp8", "--fp8")
+    assert hp != f8
+    assert all(abs(a - b) / a < 0.03 for a, b in zip(hp, f8)), (hp, f8)
+    w = load_file(tmp_path / "fp8" / "final" / "model.safetensors")
+    assert w["model.layers.0.self_attn.kv_b_proj.weight"].dtype == torch.float32
+
+
+def test_e4m3_bit_move_is_exact_for_every_code():
+    from minke.quant.fp8 import e4m3_as_fp16
+    q = torch.arange(256, dtype=torch.uint8).view(FP8)
+    ref, got = q.float(), e4m3_as_fp16(q).float() * 256
+    finite = ~ref.isnan()  # 0x7F and 0xFF: E4M3's NaNs, never produced by quantize (it clamps to ±448)
+    assert finite.sum() == 254 and torch.equal(got[finite], ref[finite])

@@ -49,13 +49,14 @@ def _latents(B, H, T, S, C=12, R=4, dtype=torch.float32, seed=0):
     return [torch.randn(*shape, generator=g).to(dtype) for shape in ((B, H, T, C), (B, H, T, R), (B, S, C), (B, S, R))]
 
 
+@pytest.mark.parametrize("B", [1, 3])
 @pytest.mark.parametrize("T", [1, 3])
-def test_absorbed_attention_matches_reference(T):
+def test_absorbed_attention_matches_reference(T, B):
     """Absorbed (latent-space) attention against the einsum formula: causal with T < S (decode, a
     speculative verify), a bool mask of ragged rows (a batch with padding), and bf16 inputs."""
-    B, H, S = 3, 4, 9
+    H, S = 4, 9
     q_lat, q_pe, c_kv, k_pe = _latents(B, H, T, S)
-    lens = torch.tensor([S, 5, 7])  # row b sees keys < lens[b] - T + t + 1
+    lens = torch.tensor([S, 5, 7][:B])  # row b sees keys < lens[b] - T + t + 1
     pos = lens[:, None] - T + torch.arange(T)  # (B, T)
     ragged = (torch.arange(S)[None, None, :] <= pos[:, :, None])[:, None]  # (B, 1, T, S)
     for mask in (None, ragged):
@@ -82,3 +83,19 @@ def test_absorbed_attention_equals_mha_over_decompressed_keys():
     mha = att.math_attention(torch.cat([q_nope, q_pe], dim=-1), k, v, None, 0.4)  # (B, H, T, V)
     o_lat = att.absorbed_attention(torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk), q_pe, c_kv, k_pe, None, 0.4)
     assert (torch.einsum("bhtc,hvc->bhtv", o_lat, w_uv) - mha).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_half_precision_keys_in_parts_match_reference(monkeypatch, B):
+    """bf16 on CPU runs the keys as a KEY_BUCKET-multiple prefix and a short tail (oneDNN caches kernels
+    per shape); batch 1 runs 2-D GEMMs. Against the fp32 einsum formula at S just past a bucket and far
+    past it, with a ragged mask. Fails when the tail's scores or its share of the output are dropped."""
+    monkeypatch.setattr(att, "KEY_BUCKET", 8)
+    for S in (9, 30):
+        assert att.key_parts(S, torch.bfloat16, "cpu") == [(0, (S - 1) // 8 * 8), ((S - 1) // 8 * 8, S)]
+        q_lat, q_pe, c_kv, k_pe = _latents(B, 3, 1, S, dtype=torch.bfloat16, seed=S)
+        mask = (torch.arange(S)[None, None, None, :] < torch.tensor([S, S - 3][:B])[:, None, None, None])
+        ours = att.absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, 0.3)
+        ref = att.absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, 0.3)
+        assert (ours.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+    assert att.key_parts(30, torch.float32, "cpu") == [(0, 30)]

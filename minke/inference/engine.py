@@ -30,7 +30,8 @@ it). It knows token ids, not text.
   steps); the group's entry holds the prompt's blocks until its last child has forked. After the fork
   a child is an ordinary request: it may be preempted (recomputed alone) or aborted on its own.
 - The engine holds no copy or derivative of the weights (the absorbed MLA matrices are views taken
-  at every forward), so a trainer updating the model in place is seen by the next step.
+  at every forward; decode's packed GEMM weights, kernels/linear.py, are re-packed when a weight's
+  version counter moves), so a trainer updating the model in place is seen by the next step.
 - Sampling per request (sampling.py), with per-request generators: a request's tokens do not depend
   on its batch mates. Stop token ids (default: the model's eos) end a request with the stop token as
   its last id; stop strings need ``decode_fn`` and end it on the token that completes the string
@@ -55,6 +56,7 @@ Shape legend: B rows, T new tokens per row, V vocab, D hidden.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -64,6 +66,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from ..kernels.linear import DecodeWeights
 from ..text import first_stop
 from . import paged, sampling, speculative as spec
 from .paged import PagedLatentCache, bytes_per_token
@@ -287,11 +290,14 @@ class Engine:
     def __init__(self, model, max_batch: int = 8, block_size: int = 16, num_blocks: int | None = None,
                  cache_bytes: int | None = None, device=None, dtype: torch.dtype | None = None,
                  decode_fn: Callable[[list[int]], str] | None = None, speculative: bool = False,
-                 num_draft: int = 1, max_prefill_tokens: int = 8192, prefix_cache: bool = True):
+                 num_draft: int = 1, max_prefill_tokens: int = 8192, prefix_cache: bool = True,
+                 packed_decode: bool = True):
         """``device``/``dtype`` are the cache's (default: the model's; the model is not moved).
         Cache size: ``num_blocks``, else ``cache_bytes``, else enough for ``max_batch`` full-context
         sequences up to 1 GiB. ``speculative``: MTP drafting of ``num_draft`` tokens per step.
-        ``prefix_cache``: reuse cached blocks of earlier requests' token prefixes (module docstring)."""
+        ``prefix_cache``: reuse cached blocks of earlier requests' token prefixes (module docstring).
+        ``packed_decode``: decode steps run the model's GEMMs through weights packed for CPU GEMV
+        (kernels/linear.py; False: the model's own forward, the reference)."""
         cfg = model.config
         p = next(model.parameters())
         self.model = model
@@ -338,6 +344,7 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self.stats = EngineStats()
+        self.decode_weights = DecodeWeights(model) if packed_decode else contextlib.nullcontext()
 
     # ---- requests ------------------------------------------------------------------------------
     def _make_request(self, prompt_ids, params: SamplingParams | None, request_id) -> _Request:
@@ -461,7 +468,8 @@ class Engine:
                 rows = self._make_room(events)
                 if rows and self.speculative:
                     try:
-                        spec.decode_step(self, events, rows)
+                        with self.decode_weights:
+                            spec.decode_step(self, events, rows)
                     except Exception as e:  # drafts and cache lengths are half updated: no retry
                         self._failed(rows, e, events)
                 elif rows:
@@ -855,7 +863,8 @@ class Engine:
     def _decode(self, rows: list[_Request], events: list[Event]) -> None:
         ids = torch.tensor([[r.out[-1]] for r in rows], device=self.device)  # (B, 1)
         self.cache.begin([r.id for r in rows], 1)
-        logits = self.model(ids, positions=self.cache.positions(1), cache=self.cache).logits[:, -1]  # (B, V)
+        with self.decode_weights:
+            logits = self.model(ids, positions=self.cache.positions(1), cache=self.cache).logits[:, -1]  # (B, V)
         self.stats.decode_forwards += 1
         toks, lps, tops = self._choose(rows, logits)  # before advance: a failure leaves nothing committed
         self.cache.advance(1)

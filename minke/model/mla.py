@@ -90,16 +90,29 @@ class MLA(nn.Module):
         With ``valid`` (B, T, K) (DSA), c_kv (B, T, K, C) and k_pe (B, T, K, R) are each query's selected
         tokens and the kernel is sparse_absorbed_attention."""
         B, T, H, _ = q_nope.shape
-        w = self._kv_b()
-        w_uk, w_uv = w[:, : self.nope], w[:, self.nope:]  # (H, N, C), (H, V, C)
+        w_uk, w_uv_t = self._absorbed_weights()  # (H, N, C), (H, C, V)
         q_lat = q_nope.permute(2, 0, 1, 3).reshape(H, B * T, self.nope) @ w_uk  # (H, B·T, C)
         q_lat = q_lat.view(H, B, T, -1).transpose(0, 1)  # (B, H, T, C)
         if valid is None:
             o_lat = absorbed_attention(q_lat, q_pe.transpose(1, 2), c_kv, k_pe, mask, self.scale)  # (B, H, T, C)
         else:
             o_lat = sparse_absorbed_attention(q_lat, q_pe.transpose(1, 2), c_kv, k_pe, valid, self.scale)
-        o = o_lat.transpose(0, 1).reshape(H, B * T, self.kv_rank) @ w_uv.transpose(1, 2)  # (H, B·T, V)
+        o = o_lat.transpose(0, 1).reshape(H, B * T, self.kv_rank) @ w_uv_t  # (H, B·T, V)
         return o.view(H, B, T, -1).permute(1, 2, 0, 3)  # (B, T, H, V)
+
+    def _absorbed_weights(self):
+        """kv_b_proj's key half (H, N, C) and value half transposed (H, C, V), each contiguous. In half
+        precision on CPU, bmm copies a strided operand at every call (both halves, every layer and step),
+        so outside autograd the contiguous halves are kept, made again when the weight changes (its
+        storage or in-place version counter: an optimizer step, load_state_dict)."""
+        w = self._kv_b()
+        w_uk, w_uv_t = w[:, : self.nope], w[:, self.nope:].transpose(1, 2)
+        if torch.is_grad_enabled() and w.requires_grad:
+            return w_uk, w_uv_t
+        stamp = (w.data_ptr(), w._version, w.dtype, w.device)
+        if getattr(self, "_absorbed", (None,))[0] != stamp:
+            self._absorbed = (stamp, w_uk.detach().contiguous(), w_uv_t.detach().contiguous())
+        return self._absorbed[1:]
 
     def forward(self, x, cos, sin, cache=None, layer: int = 0, absorb: bool | None = None, mask=None):
         """x (B, T, D) → (B, T, D).

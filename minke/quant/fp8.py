@@ -82,22 +82,35 @@ def check_finite(x: torch.Tensor, name: str) -> None:
                          f"to FP8, the first {float(x[idx])} at index {idx}")
 
 
+def _blocked(x: torch.Tensor, block) -> torch.Tensor:
+    """x (..., R, C) → (..., R/br, br, C/bc, bc), zero-padded where the edge blocks are partial."""
+    nr, nc = _grid(x.shape, block)
+    pr, pc = nr * block[0] - x.shape[-2], nc * block[1] - x.shape[-1]
+    if pr or pc:
+        x = F.pad(x, (0, pc, 0, pr))
+    return x.reshape(*x.shape[:-2], nr, block[0], nc, block[1])
+
+
+def _unblocked(x: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of _blocked: (..., R/br, br, C/bc, bc) → (..., R, C), the padding cropped."""
+    x = x.reshape(*x.shape[:-4], x.shape[-4] * x.shape[-3], x.shape[-2] * x.shape[-1])
+    R, C = shape[-2:]
+    return x if x.shape[-2:] == (R, C) else x[..., :R, :C].contiguous()
+
+
 def quantize(x: torch.Tensor, block: tuple[int, int] = ACT, pow2: bool = False,
              name: str = "tensor") -> Quantized:
     """x (..., R, C) → Quantized with one scale per (br, bc) block of the last two dims (edge blocks
     partial). A non-finite value is an error naming ``name`` and its index."""
     if x.dim() < 2:
         raise ValueError(f"{name}: FP8 block quantization needs at least 2 dims, got shape {tuple(x.shape)}")
-    R, C = x.shape[-2:]
-    nr, nc = _grid(x.shape, block)
-    xf = x.float()
-    padded = F.pad(xf.abs(), (0, nc * block[1] - C, 0, nr * block[0] - R))
-    amax = padded.view(*x.shape[:-2], nr, block[0], nc, block[1]).amax(dim=(-3, -1))
+    blocks = _blocked(x.float(), block)  # (..., nr, br, nc, bc)
+    amax = blocks.abs().amax(dim=(-3, -1))  # (..., nr, nc)
     if not bool(torch.isfinite(amax).all()):  # NaN and inf survive amax: one small check, then find where
         check_finite(x, name)
     s = scales_from_amax(amax, pow2)
-    q = (xf / expand(s, x.shape, block)).clamp(-E4M3_MAX, E4M3_MAX).to(FP8)
-    return Quantized(q, s, tuple(block))
+    q = (blocks / s[..., :, None, :, None]).clamp_(-E4M3_MAX, E4M3_MAX).to(FP8)
+    return Quantized(_unblocked(q, x.shape), s, tuple(block))
 
 
 def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block=WEIGHT, dtype: torch.dtype = torch.float32,
@@ -109,7 +122,17 @@ def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block=WEIGHT, dtype: to
     if tuple(scale_inv.shape) != want:
         raise ValueError(f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {want} for a "
                          f"{tuple(q.shape)} weight in {block[0]}×{block[1]} blocks")
-    return (q.float() * expand(scale_inv.float(), q.shape, block)).to(dtype)
+    x = _blocked(e4m3_as_fp16(q).float(), block) * (scale_inv.float() * 256.0)[..., :, None, :, None]
+    return _unblocked(x, q.shape).to(dtype)
+
+
+def e4m3_as_fp16(q: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn → float16 holding q · 2⁻⁸ exactly, by moving bits: E4M3's sign, 4 exponent and 3
+    mantissa bits are an fp16's sign, low 4 exponent and top 3 mantissa bits, subnormals included (the
+    exponent biases differ by 8). torch's own E4M3 → fp32 cast runs ~35x slower on CPU (measured);
+    fp16 → fp32 is exact and fast, and the 2⁸ goes into the scale (exact: a power of two)."""
+    v = q.view(torch.uint8).to(torch.int16)
+    return ((v << 8 & -32768) | (v << 7 & 0x3F80)).view(torch.float16)
 
 
 def quantize_weight(w: torch.Tensor, block: int = BLOCK, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

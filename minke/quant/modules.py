@@ -111,8 +111,8 @@ def _blocks(*shape) -> tuple[int, ...]:
 class FP8Linear(nn.Module):
     """A frozen linear whose weight is held as float8_e4m3fn (O, I) plus ``weight_scale_inv`` fp32
     (⌈O/128⌉, ⌈I/128⌉) — the state-dict names of DeepSeek's checkpoints. ``weight`` reads as the
-    dequantized matrix in ``dtype``; forward dequantizes per call (CPU) or runs the FP8 GEMM on
-    activations quantized in 1×128 tiles (CUDA ≥ 8.9)."""
+    dequantized matrix in ``dtype`` (kept once read); forward dequantizes per call (CPU) or runs the FP8
+    GEMM on activations quantized in 1×128 tiles (CUDA ≥ 8.9)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16,
                  device=None):
@@ -124,8 +124,17 @@ class FP8Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
 
     @property
-    def weight(self) -> torch.Tensor:  # (O, I) in self.dtype
-        return dequantize(self._buffers["weight"], self._buffers["weight_scale_inv"], WEIGHT, self.dtype)
+    def weight(self) -> torch.Tensor:
+        """The dequantized (O, I) in ``dtype``, kept until the FP8 buffers change: what reads it (MLA's
+        absorbed decode reads kv_b_proj's, 0.15% of V3's weights) gets one stable tensor, whose storage
+        and version counter stand for the weights as a plain Linear's would."""
+        q, s = self._buffers["weight"], self._buffers["weight_scale_inv"]
+        stamp = tuple((t.data_ptr(), t.device, None if t.is_inference() else t._version) for t in (q, s))
+        cached = self.__dict__.get("_dequantized")
+        if cached is None or cached[0] != (stamp, self.dtype):
+            with torch.inference_mode(False), torch.no_grad():  # a normal tensor: it has a version counter
+                cached = self.__dict__["_dequantized"] = ((stamp, self.dtype), dequantize(q, s, WEIGHT, self.dtype))
+        return cached[1]
 
     def forward(self, x):
         q, s = self._buffers["weight"], self._buffers["weight_scale_inv"]

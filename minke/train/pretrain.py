@@ -59,6 +59,7 @@ from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
 from ..model.transformer import build
 from ..model.weights import load as load_model
+from ..quant.modules import to_fp8_training
 from ..tasks import INSTRUCTION, check, corpus, problems
 from . import checkpoint, parallel, report
 from .optim import build_optimizer, build_scheduler
@@ -113,6 +114,10 @@ def add_training_args(p: argparse.ArgumentParser, default_out: str, steps: int =
     g.add_argument("--compile", action="store_true",
                    help="torch.compile the training forward and backward (fuses the elementwise work; "
                         "the first step compiles, ~1 min)")
+    g.add_argument("--fp8", action="store_true",
+                   help="FP8 GEMMs as DeepSeek-V3 trains (§3.3): attention/FFN linears and experts in E4M3 with "
+                        "1x128 activation and 128x128 weight scales; embedding, head, gate, norms, attention core "
+                        "stay BF16/FP32")
     g.add_argument("--eval-every", type=int, default=eval_every, help="held-out loss every N steps (and at the start/end)")
     g.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation")
     g.add_argument("--eval-problems", type=int, default=eval_problems,
@@ -449,6 +454,8 @@ def fit(a, out: Path, d: parallel.Dist, amp, model, tok: Tokenizer, loader, held
     cfg = model.config
     check_config(cfg, a)
     model.train()
+    if a.fp8:  # before parallelize, which wraps these modules (expert parallelism keeps its experts in BF16)
+        to_fp8_training(model)
     model = parallel.parallelize(model, d)  # expert parallel + FSDP2; the model itself with one process
     opt = build_optimizer(model, a.lr, a.weight_decay)  # after parallelize: it must hold the sharded parameters
     sched = build_scheduler(opt, a.steps, a.warmup, a.decay_from, a.min_lr_ratio)
