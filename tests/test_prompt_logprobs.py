@@ -189,3 +189,66 @@ def test_bad_combinations_are_400_and_metrics(served):
     after = httpx.get(url + "/metrics").json()
     assert after["prefill_tokens"] > before["prefill_tokens"] and after["generated_tokens"] == before["generated_tokens"] + 2
     assert 0 < after["free_blocks"] <= after["num_blocks"] == served["engine"].cache.num_blocks
+
+
+def test_prompt_logprobs_skip_prefix_cache_hits(model):
+    """A prompt already in the prefix cache is still forwarded whole when its log-probs are asked for
+    (a hit would leave its first positions unscored); a plain request after it hits the cache."""
+    p = prompts([26], seed=6)[0]
+    e = Engine(model, max_batch=2, block_size=4, num_blocks=64)
+    e.generate([p], SamplingParams(**GREEDY))
+    hits = e.stats.prefix_hit_tokens
+    check(model, e.generate([p], SamplingParams(**GREEDY, prompt_logprobs=2))[0], p, 2)
+    assert e.stats.prefix_hit_tokens == hits
+    e.generate([p], SamplingParams(**GREEDY))
+    assert e.stats.prefix_hit_tokens > hits
+
+
+# ---- benchmarks/serve.py --------------------------------------------------------------------------
+def bench():
+    """benchmarks/serve.py as a module (registered first: its dataclasses look their module up)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "bench_serve" not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "benchmarks" / "serve.py"
+        spec = importlib.util.spec_from_file_location("bench_serve", path)
+        sys.modules["bench_serve"] = mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    return sys.modules["bench_serve"]
+
+
+def test_serve_benchmark_runs_and_reports_prefix_hits(served, tmp_path):
+    minke.save(served["model"], tmp_path)
+    served["tok"].save(tmp_path)
+    report = bench().main(["--base-url", served["url"] + "/v1", "--checkpoint", str(tmp_path), "--concurrency",
+                           "1", "3", "--num-prompts", "4", "--input-len", "6", "--output-len", "4",
+                           "--shared-prefix-len", "24", "--out", str(tmp_path / "bench.json")])
+    for c in ("1", "3"):
+        s = report["minke"]["levels"][c]
+        assert s["completed"] == 4 and s["failed"] == 0 and s["output_tokens"] >= 4 * 2  # ignore_eos: drawn lengths
+        assert s["ttft_ms"]["p50"] > 0 and s["itl_ms"]["p99"] is not None and s["request_throughput"] > 0
+        assert s["prefix_cache_hit_rate"] > 0.5  # 24 of ~30 prompt tokens are the shared prefix
+
+
+def test_serve_benchmark_fails_fast_when_the_server_is_down(tmp_path):
+    """Nothing listening, and a socket that accepts but never answers: a clear error within seconds."""
+    import socket
+    import time
+
+    (tmp_path / "config.json").write_text('{"vocab_size": 100}')
+    mod = bench()
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        dead = socket.socket()
+        dead.bind(("127.0.0.1", 0))
+        dead_port = dead.getsockname()[1]
+        dead.close()  # nothing listens there now
+        for port in (dead_port, silent.getsockname()[1]):
+            t0 = time.monotonic()
+            with pytest.raises(SystemExit, match=f"no OpenAI server answers at http://127.0.0.1:{port}/v1"):
+                mod.main(["--base-url", f"http://127.0.0.1:{port}/v1", "--checkpoint", str(tmp_path),
+                          "--connect-timeout", "1"])
+            assert time.monotonic() - t0 < 10
