@@ -145,7 +145,11 @@ class MLA(nn.Module):
         mask)``, and for the absorbed mode ``update_selected(layer, c_kv, k_pe, idx) -> (c_kv, k_pe of
         the selected tokens (B, T, K, ·))``, which stores the new latents and reads only the selected ones
         (inference/dsa_cache.py). While a query sees at most index_topk tokens it selects all of them,
-        so attention is dense MLA there and the indexer is not scored at all."""
+        so attention is dense MLA there and the indexer is not scored at all. Past that, with a cache,
+        attention always runs in the MQA mode over the selected latents (as V3.2 implements DSA), whatever
+        ``absorb`` says: a decode step reads only the selected tokens' latents; a prefill chunk reads the
+        history once and attends in blocks of queries, so its memory stays bounded. Without a cache,
+        ``absorb`` picks that blocked path, else MHA mode under the selection's mask (training)."""
         T = x.shape[1]
         q_lat = self.q_a_layernorm(self.q_a_proj(x))  # (B, T, Q): MLA's query latent, read by both
         q_nope, q_pe = self.query(x, cos, sin, q_lat)
@@ -157,24 +161,23 @@ class MLA(nn.Module):
                                 f"(index_topk) needs: use minke.inference.dsa_cache's caches")
             keys, mask = cache.update_indexer(layer, keys)
         S = keys.shape[1]
-        if absorb is None:
-            absorb = cache is not None and T < S - T
-        dense = S <= self.indexer.topk
-        if not absorb:  # MHA mode: dense attention under the selection's mask
+        if cache is not None and absorb is None:
+            absorb = T < S - T
+        if S <= self.indexer.topk:  # every query selects every token it sees: dense MLA
             if cache is not None:
                 c_kv, k_pe, mask = cache.update(layer, c_kv, k_pe)
-            if not dense:
-                idx, valid = self.indexer(x, q_lat, cos, sin, keys, mask)
-                mask = selection_mask(idx, valid, S)
-            return self.attend_mha(q_nope, q_pe, c_kv, k_pe, mask)
-        if cache is not None:
-            if dense:
-                c_kv, k_pe, mask = cache.update(layer, c_kv, k_pe)
-                return self.attend_absorbed(q_nope, q_pe, c_kv, k_pe, mask)
+            attend = self.attend_absorbed if absorb else self.attend_mha
+            return attend(q_nope, q_pe, c_kv, k_pe, mask)
+        if cache is None and not absorb:  # MHA mode (training; the reference): under the selection's mask
+            idx, valid = self.indexer(x, q_lat, cos, sin, keys, mask)
+            return self.attend_mha(q_nope, q_pe, c_kv, k_pe, selection_mask(idx, valid, S))
+        if cache is not None and T * self.indexer.topk < S:  # decode, verification: only the selected latents
             idx, valid = self.indexer(x, q_lat, cos, sin, keys, mask)
             c_sel, k_pe_sel = cache.update_selected(layer, c_kv, k_pe, idx)
             return self.attend_absorbed(q_nope, q_pe, c_sel, k_pe_sel, None, valid)
-        # No cache: queries in blocks, each over the keys up to its last query when causal.
+        if cache is not None:  # a prefill (chunk): the whole history once, then the queries in blocks
+            c_kv, k_pe, mask = cache.update(layer, c_kv, k_pe)
+        # Queries in blocks (bounded memory), each over the keys up to its last query when causal.
         B, K = x.shape[0], min(self.indexer.topk, S)
         block = max(1, SPARSE_BLOCK_ELEMENTS // max(1, B * K * (self.kv_rank + self.rope + self.n_heads)))
         out = []
