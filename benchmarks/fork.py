@@ -86,7 +86,7 @@ def main(argv=None) -> dict:
 
     def engine():
         return Engine(model, max_batch=a.max_batch, block_size=a.block_size, num_blocks=blocks,
-                      speculative=a.speculative)
+                      speculative=a.speculative, prefix_cache=False)  # the fork alone (unshared would hit the cache)
 
     rollout(engine(), prompts[:1], params, 2, True)  # warm-up
     runs = {"shared": [], "unshared": []}

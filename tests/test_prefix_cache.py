@@ -299,3 +299,42 @@ def test_prompt_logprobs_prefill_every_prompt_token(model):
     hits = e.stats.prefix_hit_tokens
     e.generate([p], sp)
     assert e.stats.prefix_hit_tokens - hits == 16
+
+
+def test_serve_flag_turns_the_cache_off(monkeypatch):
+    """`minke serve --no-prefix-cache` builds its engine with prefix_cache=False (default: on)."""
+    from minke.inference import generate
+    from minke.serve import server
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def open_model(a, max_batch, **kw):
+        seen.append(kw["prefix_cache"])
+        raise Stop
+
+    monkeypatch.setattr(generate, "open_model", open_model)
+    for args in ([], ["--no-prefix-cache"]):
+        with pytest.raises(Stop):
+            server.main(["--model", "m", *args])
+    assert seen == [True, False]
+
+
+def test_benchmark_runs(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "prefix_cache.py"
+    spec_ = importlib.util.spec_from_file_location("prefix_cache_bench", path)
+    bench = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(bench)
+    out = tmp_path / "pc.json"
+    report = bench.main(["--preset", "tiny", "--set", "max_position_embeddings=256", "--prefix-len", "40",
+                         "--suffix-len", "4", "--requests", "3", "--new-tokens", "2", "--repeats", "1",
+                         "--out", str(out)])
+    assert json.loads(out.read_text()) == report and report["identical"]
+    assert report["cache_on"]["prefill_tokens_per_round"] < report["cache_off"]["prefill_tokens_per_round"]
+    assert report["cache_on"]["prefix_hit_rate"] > 0 and report["cache_off"]["prefix_hit_rate"] is None

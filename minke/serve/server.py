@@ -691,6 +691,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prefill-tokens", type=int, default=8192,
                    help="prompt tokens prefilled per engine step; longer prompts are prefilled in chunks "
                         "between decode steps")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="turn off automatic prefix caching (every prompt is prefilled in full)")
     p.add_argument("--stuck-after", type=float, default=120.0,
                    help="/health answers 503 when one engine step has run longer than this many seconds")
     p.add_argument("--log-level", default="info", help="uvicorn log level")
@@ -728,7 +730,8 @@ def main(argv: list[str] | None = None) -> int:
 
     a = _parser().parse_args(argv)
     key = api_key(a)
-    engine, tokenizer, name = open_model(a, max_batch=a.max_batch, max_prefill_tokens=a.max_prefill_tokens)
+    engine, tokenizer, name = open_model(a, max_batch=a.max_batch, max_prefill_tokens=a.max_prefill_tokens,
+                                         prefix_cache=not a.no_prefix_cache)
     limits = Limits(max_prompts=a.max_prompts, max_n=a.max_n, max_sequences=a.max_sequences,
                     max_stop_chars=a.max_stop_chars, max_body_bytes=a.max_body_bytes)
     app = create_app(engine, tokenizer, model_name=a.name or name, api_key=key, limits=limits,
