@@ -390,3 +390,86 @@ def test_long_context_benchmark_runs(tmp_path):
     assert last["sparse"]["cache_bytes_read"] < last["dense"]["cache_bytes_read"]
     assert all(r["sparse"]["tok_s"] > 0 and r["dense"]["tok_s"] > 0 for r in report["decode"])
     assert [r["context"] for r in report["prefill"]] == [48, 96]
+
+
+# ---- training the indexer (V3.2 §2.1.1) ---------------------------------------------------------------
+def _kl_by_hand(model, x):
+    """Layer 0's warm-up KL from first principles: per-head softmax over the decompressed MHA keys,
+    averaged over heads, against the softmax of the index scores, each query over its causal prefix."""
+    from minke.model.layers import apply_rope
+    attn = model.layers[0].self_attn
+    T = x.shape[1]
+    h = model.layers[0].input_layernorm(model.embed_tokens(x))
+    cos, sin = model.rotary(torch.arange(T).expand(x.shape[0], T))
+    q_nope, q_pe = attn.query(h, cos, sin)
+    c, r = attn.latent(h, cos, sin)
+    k_nope, _ = attn.kv_b_proj(c).unflatten(-1, (attn.n_heads, -1)).split([attn.nope, attn.v_dim], -1)
+    scores = torch.einsum("bthd,bshd->bhts", q_nope, k_nope) + torch.einsum("bthd,bsd->bhts", q_pe, r)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    p = (scores * attn.scale).masked_fill(~causal, float("-inf")).softmax(-1).mean(1)  # (B, T, S)
+    ix = attn.indexer
+    index = ix.scores(h, attn.q_a_layernorm(attn.q_a_proj(h)), cos, sin, ix.key(h, cos, sin))
+    logq = index.masked_fill(~causal, float("-inf")).log_softmax(-1)
+    return (torch.xlogy(p, p) - p * logq.masked_fill(~causal, 0)).sum(-1).mean()
+
+
+def test_dense_warmup_distils_attention_into_the_indexer():
+    """Warm-up: only the indexers train (everything else frozen), on KL(main attention ‖ softmax(I))
+    computed as by hand for layer 0; a few AdamW steps lower it; logits are dense MLA's throughout."""
+    from minke.model import dsa
+    cfg = dsa_preset(index_topk=4)
+    model = minke.build(cfg, seed=5)
+    dense = minke.build(cfg, seed=5)
+    densify(dense)
+    dsa.set_training(model, "warmup")
+    model.train()
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".indexer." not in n}
+    assert all(p.requires_grad == (".indexer." in n) for n, p in model.named_parameters())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    x = ids(cfg.vocab_size, B=2, T=24, seed=7)
+    with torch.no_grad():
+        model(x)
+        assert abs(model.layers[0].self_attn.indexer.loss.item() - _kl_by_hand(model, x).item()) <= 1e-5
+        dsa.indexer_loss(model)
+    kls = []
+    for _ in range(15):
+        out = model(x)
+        kl = dsa.indexer_loss(model)
+        assert kl is not None and dsa.indexer_loss(model) is None  # collected once
+        opt.zero_grad()
+        kl.backward()
+        opt.step()
+        kls.append(kl.item())
+    assert kls[-1] < 0.8 * kls[0], kls
+    with torch.no_grad():
+        assert (out.logits - dense(x).logits).abs().max().item() <= 1e-4  # attention stayed dense (weights frozen)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+
+
+def test_sparse_stage_trains_the_indexer_only_by_its_kl():
+    """Sparse stage: attention over the selected tokens (the model's usual sparse logits); the LM loss
+    reaches everything but the indexers, the KL only the indexers."""
+    from minke.model import dsa
+    cfg = dsa_preset(index_topk=4)
+    model = minke.build(cfg, seed=6).train()
+    dsa.set_training(model, "sparse")
+    x = ids(cfg.vocab_size, B=2, T=24, seed=8)
+    out = model(x)
+    kl = dsa.indexer_loss(model)
+    with torch.no_grad():
+        dsa.set_training(model, None)
+        assert (out.logits - model(x).logits).abs().max().item() <= 1e-5
+    lm = out.logits.float().logsumexp(-1).mean()
+    params = dict(model.named_parameters())
+    g_lm = torch.autograd.grad(lm, list(params.values()), retain_graph=True, allow_unused=True)
+    g_kl = torch.autograd.grad(kl, list(params.values()), allow_unused=True)
+    for (n, _), a, b in zip(params.items(), g_lm, g_kl):
+        if n.startswith("mtp."):  # not run (mtp=False)
+            assert a is None and b is None
+        elif ".indexer." in n:
+            assert a is None and b is not None and b.abs().sum() > 0, n
+        else:
+            assert b is None, n
+    assert g_lm[list(params).index("layers.0.self_attn.q_a_proj.weight")].abs().sum() > 0
+    with pytest.raises(ValueError, match="no indexers"):
+        dsa.set_training(minke.build(minke.preset("tiny"), seed=0), "warmup")

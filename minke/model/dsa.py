@@ -13,8 +13,15 @@ with the highest score among those t may see (mla.py; the gather-attend itself i
 
 DeepSeek computes I in FP8 after a Hadamard rotation of q and k; the rotation is orthogonal (it leaves
 q·k unchanged) and FP8 only a precision choice, so both are left out here, as transformers does.
-The selection is not differentiable: the language-model loss never reaches the indexer (V3.2 trains it
-by a KL term against the main attention).
+The selection is not differentiable: the language-model loss never reaches the indexer. V3.2 trains
+it by a KL term against the main attention (§2.1.1), which ``set_training`` switches on:
+- "warmup": attention stays dense, every parameter but the indexers' is frozen, and each indexer
+  learns L = Σ_t KL(p_t ‖ softmax(I_t)) with p_t the main attention of query t summed over heads and
+  L1-normalised;
+- "sparse": attention runs over the selected tokens, the model trains on its language-model loss
+  and each indexer on the same KL restricted to its selected tokens S_t; the indexer reads detached
+  inputs, so the KL trains only the indexer and the LM loss only the rest.
+``indexer_loss(model)`` collects the layers' KL terms after a forward, for the trainer to add.
 
 Shape legend: B batch, T queries, S keys, J index heads, E index_head_dim, K index_topk, Q q_lora_rank,
 D hidden, R rope dims.
@@ -52,12 +59,13 @@ class Indexer(nn.Module):
         self.wk = nn.Linear(D, self.head_dim, bias=False)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.weights_proj = nn.Linear(D, self.n_heads, bias=False)
+        self.stage = None  # training: None, "warmup" or "sparse" (set_training)
+        self.loss = None  # the KL term of the last training forward (indexer_loss collects it)
 
     def key(self, x, cos, sin):
         """x (B, T, D) → the indexer keys (B, T, E) the cache holds beside the latents."""
         return apply_rope_half(self.k_norm(self.wk(x)), cos, sin)
 
-    @torch.no_grad()
     def scores(self, x, q_lat, cos, sin, keys):
         """x (B, T, D), q_lat (B, T, Q), keys (B, S, E) → I (B, T, S) in fp32 (fp64 for an fp64 model)."""
         B, T, _ = x.shape
@@ -112,3 +120,36 @@ def selection_mask(idx: torch.Tensor, valid: torch.Tensor, S: int) -> torch.Tens
     B, T, _ = idx.shape
     out = torch.zeros(B, T, S, dtype=torch.bool, device=idx.device)
     return out.scatter_(-1, idx, valid)[:, None]
+
+
+def indexer_kl(p: torch.Tensor, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Σ_s p log(p / softmax(I)_s) over the kept keys, averaged over queries: p (B, T, S) the target
+    attention (rows sum to 1 over ``keep``), scores (B, T, S) the index scores I, keep (B, T, S) bool."""
+    logq = scores.float().masked_fill(~keep, float("-inf")).log_softmax(-1)
+    kl = torch.xlogy(p, p) - p * logq.masked_fill(~keep, 0.0)
+    rows = keep.any(-1)
+    return kl.sum(-1)[rows].mean()
+
+
+def set_training(model, stage: str | None) -> None:
+    """Train the indexers of a DSA model: "warmup" (dense attention, indexers only), "sparse" (sparse
+    attention, everything; the indexers by their KL) or None (off). See the module docstring."""
+    if stage not in (None, "warmup", "sparse"):
+        raise ValueError(f"DSA training stage {stage!r}: expected 'warmup' or 'sparse'")
+    indexers = [m for m in model.modules() if isinstance(m, Indexer)]
+    if stage and not indexers:
+        raise ValueError(f"DSA training stage {stage!r}: the model has no indexers (its config has no index_topk)")
+    for m in indexers:
+        m.stage, m.loss = stage, None
+    for name, p in model.named_parameters():
+        p.requires_grad_(stage != "warmup" or ".indexer." in name)
+
+
+def indexer_loss(model) -> torch.Tensor | None:
+    """The sum over layers of the indexers' KL terms from the last forward (None when none ran), reset."""
+    losses = []
+    for m in model.modules():
+        if isinstance(m, Indexer) and m.loss is not None:
+            losses.append(m.loss)
+            m.loss = None
+    return torch.stack(losses).sum() if losses else None

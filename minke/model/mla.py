@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels.attention import absorbed_attention, attention, gather_tokens, sparse_absorbed_attention
-from .dsa import Indexer, selection_mask
+from ..kernels.attention import (absorbed_attention, attention, gather_tokens, masked_softmax,
+                                 sparse_absorbed_attention)
+from .dsa import Indexer, indexer_kl, selection_mask
 from .layers import RMSNorm, apply_rope, softmax_scale
 
 # Sparse absorbed attention without a cache (prefill): queries go in blocks whose gathered latents and
@@ -154,13 +155,15 @@ class MLA(nn.Module):
         q_lat = self.q_a_layernorm(self.q_a_proj(x))  # (B, T, Q): MLA's query latent, read by both
         q_nope, q_pe = self.query(x, cos, sin, q_lat)
         c_kv, k_pe = self.latent(x, cos, sin)
-        keys = self.indexer.key(x, cos, sin)  # (B, T, E)
+        keys = self.indexer.key(x.detach(), cos, sin)  # (B, T, E); only the indexer's KL trains its weights
         if cache is not None:
             if not hasattr(cache, "update_indexer"):
                 raise TypeError(f"{type(cache).__name__} holds no indexer keys, which DeepSeek Sparse Attention "
                                 f"(index_topk) needs: use minke.inference.dsa_cache's caches")
             keys, mask = cache.update_indexer(layer, keys)
         S = keys.shape[1]
+        if self.training and cache is None and self.indexer.stage:
+            return self.train_indexer(x, q_lat, q_nope, q_pe, c_kv, k_pe, keys, cos, sin, mask)
         if cache is not None and absorb is None:
             absorb = T < S - T
         if S <= self.indexer.topk:  # every query selects every token it sees: dense MLA
@@ -192,3 +195,25 @@ class MLA(nn.Module):
             out.append(self.attend_absorbed(q_nope[:, i:j], q_pe[:, i:j], gather_tokens(c_kv, idx),
                                             gather_tokens(k_pe, idx), None, valid))
         return torch.cat(out, dim=1)
+
+    def train_indexer(self, x, q_lat, q_nope, q_pe, c_kv, k_pe, keys, cos, sin, mask):
+        """A training forward (no cache) that also leaves the indexer's KL term in ``indexer.loss``
+        (dsa.py): "warmup" attends densely and distils the whole attention distribution, "sparse" attends
+        over the selected tokens and distils the attention over them. → (B, T, H, V)."""
+        B, T = x.shape[:2]
+        keep = mask if mask is not None else torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[None, None]
+        keep = keep.expand(B, 1, T, T)
+        if self.indexer.stage == "sparse" and T > self.indexer.topk:
+            idx, valid = self.indexer(x, q_lat, cos, sin, keys, mask)
+            keep = selection_mask(idx, valid, T)
+            mask = keep
+        o = self.attend_mha(q_nope, q_pe, c_kv, k_pe, mask)
+        with torch.no_grad():  # the target: the main attention per query, averaged over heads (B, T, S)
+            w_uk = self._kv_b()[:, : self.nope]  # (H, N, C)
+            q_c = torch.einsum("bthn,hnc->bhtc", q_nope.float(), w_uk.float())
+            scores = torch.einsum("bhtc,bsc->bhts", q_c, c_kv.float()) + \
+                torch.einsum("bthr,bsr->bhts", q_pe.float(), k_pe.float())
+            p = masked_softmax(scores * self.scale, keep).mean(1)
+        index = self.indexer.scores(x.detach(), q_lat.detach(), cos, sin, keys)  # (B, T, S), grad to the indexer
+        self.indexer.loss = indexer_kl(p, index, keep[:, 0])
+        return o
