@@ -30,6 +30,10 @@ freed but kept, evictable, in least-recently-released order (a sequence's tail b
 prefix is evicted from its end); ``_alloc`` takes never-used free blocks first, then evicts the least
 recently released cached block, and never one in use. ``num_free_blocks`` counts both kinds.
 
+FP8 latents (``fp8=True``, FlashMLA's V3.2 layout): each slot's c_kv is one byte row, C E4M3 values in
+1×128 tiles and their fp32 scales (minke.quant.fp8.pack_latent: 528 bytes for C = 512), k_pe stays in
+``dtype``; rows are quantized as written and dequantized as read, and block copies move the bytes.
+
 Shape legend: L layers, N slots (num_blocks × block_size), B rows, T new tokens per row, S longest
 row once the new tokens are in, C kv_lora_rank, R rope dims.
 """
@@ -45,6 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
+from ..quant.fp8 import latent_bytes, pack_latent, unpack_latent
 
 
 def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, mtp: bool = False) -> int:
@@ -84,14 +89,16 @@ class _View:
 
 class PagedLatentCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, dtype=torch.float32,
-                 device="cpu", mtp: bool = False):
+                 device="cpu", mtp: bool = False, fp8: bool = False):
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"PagedLatentCache: num_blocks ({num_blocks}) and block_size ({block_size}) must be >= 1")
         self.num_layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if mtp else 0)
         self.num_blocks, self.block_size = num_blocks, block_size
         self.device = torch.device(device)
         N = num_blocks * block_size
-        self.c_kv = torch.zeros(self.num_layers, N, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.fp8, C = fp8, cfg.kv_lora_rank
+        self.c_kv = torch.zeros(self.num_layers, N, latent_bytes(C), dtype=torch.uint8, device=device) if fp8 \
+            else torch.zeros(self.num_layers, N, C, dtype=dtype, device=device)
         self.k_pe = torch.zeros(self.num_layers, N, cfg.qk_rope_head_dim, dtype=dtype, device=device)
         self._free = list(range(num_blocks))  # a min-heap: the lowest free block first
         self._refs = [0] * num_blocks  # sequences holding each block (0 = free or cached, evictable)
@@ -305,15 +312,20 @@ class PagedLatentCache:
         pool_c, pool_r = self.c_kv[layer], self.k_pe[layer]  # (N, C), (N, R)
         if v.start is not None:
             new = v.start + v.base
-            pool_c[new:new + T] = c_kv[0]
+            pool_c[new:new + T] = pack_latent(c_kv[0]) if self.fp8 else c_kv[0]
             pool_r[new:new + T] = k_pe[0]
             c, r = pool_c[v.start:v.start + v.S][None], pool_r[v.start:v.start + v.S][None]
-            return c.to(c_kv.dtype), r.to(k_pe.dtype), v.mask
-        pool_c.index_copy_(0, v.write, c_kv.reshape(B * T, -1).to(pool_c.dtype))
+            return self._latents(c, c_kv), r.to(k_pe.dtype), v.mask
+        rows = c_kv.reshape(B * T, -1)
+        pool_c.index_copy_(0, v.write, pack_latent(rows) if self.fp8 else rows.to(pool_c.dtype))
         pool_r.index_copy_(0, v.write, k_pe.reshape(B * T, -1).to(pool_r.dtype))
         c = pool_c.index_select(0, v.gather).view(B, v.S, -1)
         r = pool_r.index_select(0, v.gather).view(B, v.S, -1)
-        return c.to(c_kv.dtype), r.to(k_pe.dtype), v.mask
+        return self._latents(c, c_kv), r.to(k_pe.dtype), v.mask
+
+    def _latents(self, c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """Pool rows (B, S, C or FP8 bytes) → latents (B, S, C) in ``like``'s dtype."""
+        return unpack_latent(c, like.shape[-1], like.dtype) if self.fp8 else c.to(like.dtype)
 
     def advance(self, T: int | None = None) -> None:
         v = self._view

@@ -237,3 +237,26 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     y = _FP8Linear.apply(x, weight, dt, pow2, name)
     return y if bias is None else y + bias.to(dt)
+
+
+# ---- the FP8 latent cache row -------------------------------------------------------------------
+def latent_bytes(C: int) -> int:
+    """Bytes of one cached latent row: C E4M3 values, then one fp32 scale per 128 (FlashMLA's FP8 layout:
+    C = 512 → 512 + 16 bytes, plus the BF16 rope key kept apart: 656 per token and layer)."""
+    return C + 4 * -(-C // BLOCK)
+
+
+def pack_latent(c: torch.Tensor) -> torch.Tensor:
+    """c (..., C) → uint8 (..., latent_bytes(C)): 1×128 tiles to E4M3, the scales' bytes after the values,
+    so that a cache row is one plain byte row (block copies, gathers and forks move it unchanged)."""
+    qc = quantize(c.reshape(-1, c.shape[-1]), ACT, name="latent cache c_kv")
+    row = torch.cat([qc.q.view(torch.uint8), qc.scale_inv.contiguous().view(torch.uint8)], dim=-1)
+    return row.view(*c.shape[:-1], -1)
+
+
+def unpack_latent(row: torch.Tensor, C: int, dtype: torch.dtype) -> torch.Tensor:
+    """Inverse of pack_latent: uint8 (..., latent_bytes(C)) → (..., C) in ``dtype``."""
+    flat = row.reshape(-1, row.shape[-1])
+    q = flat[:, :C].view(FP8)
+    s = flat[:, C:].contiguous().view(torch.float32)  # (M, ⌈C/128⌉)
+    return dequantize(q, s, ACT, dtype, "latent cache").view(*row.shape[:-1], C)
