@@ -153,3 +153,23 @@ def test_resume_skips_an_unreadable_newest_checkpoint_and_refuses_another_runs_o
     out = capsys.readouterr().out
     assert "resumed from" in out and "step-000001" in out
     assert (tmp_path / "a" / "bad-step-000002").exists() and (tmp_path / "a" / "step-000003").exists()
+
+
+def test_builtin_cold_start_mixes_direct_answers_and_search_traces_as_asked():
+    plain = sft.builtin_examples(["arithmetic", "countdown"], [1, 2], 80, "train")
+    mixed = sft.builtin_examples(["arithmetic", "countdown"], [1, 2], 80, "train", direct=0.5, retries=2)
+    again = sft.builtin_examples(["arithmetic", "countdown"], [1, 2], 80, "train", direct=0.5, retries=2)
+    assert mixed == again  # seeded by the prompts
+    direct = searched = 0
+    for (m0, where), (m1, _) in zip(plain, mixed):
+        assert m0[0] == m1[0]  # the same problems, the same user turns
+        a0, a1 = m0[1]["content"], m1[1]["content"]
+        assert a0.split("</think>")[1] == a1.split("</think>")[1]  # the same boxed answer
+        if a1 != a0:
+            if a1.startswith("<think>\nThe answer is "):
+                direct += 1
+            else:
+                assert where.startswith("countdown") and " is the target.\n</think>" in a1
+                searched += "Wait, try again." in a1
+    assert 25 <= direct <= 55 and searched > 5
+    assert all("The answer is" not in m[1]["content"] for m, _ in plain)

@@ -70,3 +70,32 @@ def test_corpus():
     assert {d.split()[1] for d in docs} == {"What", "Using"}  # both tasks present
     assert not {d.split("\n")[0][10:] for d in corpus(300, 0, "test")} & {
         d.split("\n")[0][10:] for d in corpus(3000, 0, "train")}
+
+
+@pytest.mark.parametrize("difficulty", [1, 2, 3])
+def test_countdown_search_trace_rejects_only_real_misses_and_ends_in_the_solution(difficulty):
+    """Every step of the trace is true arithmetic, every rejected attempt really misses the target (and
+    uses each number once), and the trace ends in the problem's own checked solution."""
+    import random
+    from fractions import Fraction
+
+    task = TASKS["countdown"]
+    rejected = 0
+    for p in problems("countdown", "train", 20, difficulty):
+        trace = task.search_solution(p, random.Random(p.prompt), failures=3)
+        lines = trace.split("\n")
+        assert lines[-1] == p.solution.split("\n")[-1] and task.check(p, trace)
+        assert lines[-2] == f"{p.meta['target']} is the target."
+        for line in lines[:-2]:
+            if line.endswith("Wait, try again."):
+                value = Fraction(line.split(" is not ")[0])
+                assert value != p.meta["target"] and line == f"{value} is not {p.meta['target']}. Wait, try again."
+                rejected += 1
+                continue
+            a, op, b, eq, v = line.split()
+            assert eq == "=" and Fraction(v) == {"+": Fraction(a) + Fraction(b), "-": Fraction(a) - Fraction(b),
+                                                 "*": Fraction(a) * Fraction(b), "/": Fraction(a) / Fraction(b)}[op]
+        assert lines.count("Wait, try again.") == 0  # the phrase only ends a rejection line
+        assert task.search_solution(p, random.Random(p.prompt), failures=0) == p.solution.replace(
+            "\n\\boxed", f"\n{p.meta['target']} is the target.\n\\boxed")
+    assert rejected > 20  # attempts do miss: the trace really searches

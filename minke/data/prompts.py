@@ -55,11 +55,12 @@ def prompt_ids(tok, problem: Problem | str, fmt: str = "chat") -> list[int]:
     return ids
 
 
-def r1_response(problem: Problem) -> str:
-    """A cold-start target in R1's output form (what follows the generation prompt's "<think>\\n"):
-    the task's worked steps as the reasoning, then the boxed answer after ``</think>``."""
-    *steps, last = problem.solution.split("\n")
-    reasoning = "\n".join(steps) if steps else f"The answer is {problem.answer}."
+def r1_response(problem: Problem, solution: str | None = None) -> str:
+    """A cold-start target in R1's output form (what follows the generation prompt's "<think>\\n"): the
+    worked steps of ``solution`` (default: the task's) as the reasoning, then its last line, the boxed
+    answer, after ``</think>``. A solution of one line (no steps) reasons "The answer is …."."""
+    *lines, last = (problem.solution if solution is None else solution).split("\n")
+    reasoning = "\n".join(lines) if lines else f"The answer is {problem.answer}."
     return f"{reasoning}\n</think>\n\n{last}"
 
 

@@ -90,6 +90,25 @@ class Countdown(Task):
         meta = {"numbers": nums, "target": int(target)}
         return Problem(self.name, prompt, expr, solution, meta)
 
+    def search_solution(self, problem: Problem, rng: random.Random, failures: int) -> str:
+        """The worked solution preceded by up to ``failures`` attempts that miss the target, each one
+        computed step by step, checked against the target and rejected ("… Wait, try again."): a trace of
+        search with self-verification, as R1's long chains of thought backtrack. Attempts combine the
+        numbers at random, as ``sample`` does; one that happens to hit the target ends the search."""
+        target, lines = problem.meta["target"], []
+        for _ in range(failures):
+            pool, steps = [Fraction(n) for n in problem.meta["numbers"]], []
+            while len(pool) > 1:
+                a, b = sorted((pool.pop(rng.randrange(len(pool))), pool.pop(rng.randrange(len(pool)))), reverse=True)
+                op = rng.choice(["+", "*"] + ["-"] * (a > b) + ["/"] * (b > 1 and a % b == 0))
+                steps.append(f"{a} {op} {b} = {_apply(a, op, b)}")
+                pool.append(_apply(a, op, b))
+            if pool[0] == target:
+                break
+            lines += steps + [f"{pool[0]} is not {target}. Wait, try again."]
+        *steps, answer = problem.solution.split("\n")
+        return "\n".join(lines + steps + [f"{target} is the target.", answer])
+
     def verify(self, problem: Problem, boxed: str) -> bool:
         result = evaluate(boxed.partition("=")[0])  # tolerate "expr = target"
         if result is None:

@@ -54,6 +54,7 @@ from tqdm import tqdm
 from ..config import ConfigError, ModelConfig, extend_context, preset
 from ..data.loader import DataError, PackedLoader, fingerprint, read_documents, tokenize, windows
 from ..data.prompts import completion_text, prompt_ids
+from ..data.prompts import R1_ZERO_TEMPLATE
 from ..data.tokenizer import Tokenizer, train_tokenizer
 from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
@@ -315,8 +316,10 @@ def load_data(a, tok_dir: Path | None, out: Path) -> tuple[Tokenizer, torch.Tens
             raise PretrainError(f"--tokenizer {tok_dir}: cannot load a tokenizer ({e})") from None
     else:  # rank 0 trains (and writes) it; the other ranks receive it
         # The task corpus's tokenizer also learns R1's instruction, which SFT, RL and evaluation prompt with
-        # (~10 tokens instead of ~60 when trained on the corpus alone).
-        texts = train_docs if a.data else train_docs + [INSTRUCTION] * (len(train_docs) // 20)
+        # (~10 tokens instead of ~60 when trained on the corpus alone), and R1-Zero's template, so that an
+        # R1-Zero prompt fits the pretraining context.
+        prompts = [INSTRUCTION, R1_ZERO_TEMPLATE.format(prompt="")]
+        texts = train_docs if a.data else train_docs + prompts * (len(train_docs) // 20)
         tok = train_tokenizer(texts, a.vocab_size, out / "tokenizer") if parallel.is_main() else None
         tok = parallel.broadcast_object(tok)
     if tok.bos_id is None or tok.eos_id is None:

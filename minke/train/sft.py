@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
+import zlib
 from pathlib import Path
 
 import torch
@@ -58,6 +59,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--examples", type=int, default=20000, help="built-in: training problems (with worked solutions)")
     g.add_argument("--tasks", nargs="+", default=sorted(TASKS), help="built-in: tasks")
     g.add_argument("--difficulties", nargs="+", type=int, default=[1, 2, 3], help="built-in: difficulty levels")
+    g.add_argument("--direct", type=float, default=0.0, metavar="F",
+                   help="built-in: share of examples whose reasoning states the answer without the steps")
+    g.add_argument("--retries", type=int, default=0, metavar="N",
+                   help="built-in: countdown's worked steps first try and reject up to N wrong combinations")
     g.add_argument("--eval-fraction", type=float, default=0.05, help="--data: share of examples held out (the tail)")
     # ---- model
     g = p.add_argument_group("model")
@@ -73,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
               "save_every", "keep", "log_every"):
         if getattr(a, k) < 1:
             p.error(f"--{k.replace('_', '-')} must be at least 1, got {getattr(a, k)}")
+    if a.retries < 0:
+        p.error(f"--retries must be >= 0, got {a.retries}")
+    if not 0 <= a.direct <= 1:
+        p.error(f"--direct must lie in [0, 1], got {a.direct}")
     if not 0 <= a.eval_fraction < 1:
         p.error(f"--eval-fraction must lie in [0, 1), got {a.eval_fraction}")
     if (a.model is None) == (a.preset is None):
@@ -134,14 +143,27 @@ def encode_example(tok: Tokenizer, messages: list[dict]) -> tuple[list[int], int
     return ids + tok.encode(target) + [tok.eos_id], len(ids)
 
 
-def builtin_examples(tasks, difficulties, n: int, split: str) -> list[tuple[list[dict], str]]:
-    """n problems spread evenly over tasks × difficulties, as (messages, where) with R1-form targets."""
+def builtin_examples(tasks, difficulties, n: int, split: str, direct: float = 0.0,
+                     retries: int = 0) -> list[tuple[list[dict], str]]:
+    """n problems spread evenly over tasks × difficulties, as (messages, where) with R1-form targets.
+
+    Seeded by each prompt: a ``direct`` share of the examples states the answer without the steps; the
+    others show the worked steps, which for a task with a search (countdown) first try and reject up to
+    ``retries`` wrong combinations, as many as a uniform draw from 0..retries."""
     cells = [(t, d) for t in tasks for d in difficulties]
     out = []
     for i, (t, d) in enumerate(cells):
         count = n // len(cells) + (i < n % len(cells))
         for p in problems(t, split, count, d) if count else []:
-            out.append(([p.message(), {"role": "assistant", "content": "<think>\n" + r1_response(p)}],
+            rng = random.Random(zlib.crc32(p.prompt.encode()))
+            task = TASKS[t]
+            if rng.random() < direct:
+                solution = p.solution.split("\n")[-1]
+            elif retries and hasattr(task, "search_solution"):
+                solution = task.search_solution(p, rng, rng.randint(0, retries))
+            else:
+                solution = p.solution
+            out.append(([p.message(), {"role": "assistant", "content": "<think>\n" + r1_response(p, solution)}],
                         f"{t}/{d}/{split}"))
     return out
 
@@ -232,8 +254,9 @@ def run(a: argparse.Namespace) -> Path:
         train_ex, held_ex = examples[:len(examples) - n_held], examples[len(examples) - n_held:]
         held_ex = held_ex or train_ex[-1:]
     else:
-        train_ex = builtin_examples(a.tasks, a.difficulties, a.examples, "train")
-        held_ex = builtin_examples(a.tasks, a.difficulties, a.eval_batches * a.batch_size, "test")
+        train_ex = builtin_examples(a.tasks, a.difficulties, a.examples, "train", a.direct, a.retries)
+        held_ex = builtin_examples(a.tasks, a.difficulties, a.eval_batches * a.batch_size, "test", a.direct,
+                                   a.retries)
     train = pack(encode_all(tok, train_ex, a.seq_len), a.seq_len, tok.pad_id or 0, a.seed)
     held = pack(encode_all(tok, held_ex, a.seq_len), a.seq_len, tok.pad_id or 0, a.seed)[: a.eval_batches * a.batch_size]
     target_tokens = int((train[:, 1] != IGNORE).sum())
