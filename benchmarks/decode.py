@@ -15,6 +15,10 @@ Figures (JSON to stdout and to ``--out``):
   bandwidth = a measured large-tensor copy (bytes read + written per second).
 Timing: the clock is read after every engine step (minke) and at every token transformers hands its
 streamer; decode tokens/s = batch / median step time, robust to other processes on a shared machine.
+``*_cpu`` figures divide by the step's CPU time in this process instead (steadier when other jobs
+take the cores; exact with ``--threads 1``). minke decodes with its packed GEMM weights
+(kernels/linear.py); ``minke_plain_*`` is the same engine with ``packed_decode=False`` (the model's
+own GEMMs, the reference: ``packed_same_tokens_as_plain`` checks the greedy tokens agree).
 
 ``--speculative`` (with ``--model DIR`` for a trained checkpoint; otherwise the default random model,
 whose MTP head agrees with nothing) compares plain and MTP-speculative greedy decode at batch 1:
@@ -73,19 +77,20 @@ def copy_bandwidth(nbytes: int = 1 << 29, repeats: int = 5) -> float:
 def minke_run(engine: Engine, prompts: list[list[int]], new_tokens: int) -> dict:
     """Greedy-decode every prompt; per-step wall times. Step 1 prefills (and decodes once)."""
     ids = [engine.add_request(p, greedy(new_tokens)) for p in prompts]
-    steps, tokens = [], []
+    steps, cpu, tokens = [], [], []
     outs = {i: [] for i in ids}
     while engine.has_unfinished():
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         evs = engine.step()
         steps.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
         tokens.append(sum(e.token_id is not None for e in evs))
         for e in evs:
             if e.token_id is not None:
                 outs[e.request_id].append(e.token_id)
     decode = statistics.median(steps[1:])
     return {"first_step_s": steps[0], "decode_step_s": decode, "steps": steps, "tokens": tokens,
-            "decode_tok_s": len(prompts) / decode,
+            "decode_tok_s": len(prompts) / decode, "decode_tok_s_cpu": len(prompts) / statistics.median(cpu[1:]),
             "prefill_tok_s": sum(map(len, prompts)) / max(steps[0] - decode, 1e-9),
             "outputs": [outs[i] for i in ids]}
 
@@ -157,8 +162,9 @@ def compare(args, cfg, dtype) -> dict:
 
     ctxs = args.contexts
     max_ctx = max(ctxs)
-    engine = lambda b: Engine(model, max_batch=b, block_size=args.block_size,  # noqa: E731
-                              num_blocks=b * (-(-(max_ctx + args.new_tokens + 2) // args.block_size)))
+    engine = lambda b, packed=True: Engine(model, max_batch=b, block_size=args.block_size,  # noqa: E731
+                                           num_blocks=b * (-(-(max_ctx + args.new_tokens + 2) // args.block_size)),
+                                           packed_decode=packed)
     # warm-up (allocator, first-call paths) for both
     minke_run(engine(1), rand(64), 4)
     if hf is not None:
@@ -171,6 +177,11 @@ def compare(args, cfg, dtype) -> dict:
         m = minke_run(engine(len(prompts)), prompts, n)
         res["minke"][name] = m
         print(f"{name}: minke {m['decode_tok_s']:.1f} tok/s", end="", file=sys.stderr, flush=True)
+        if not args.no_plain:  # the reference path: the model's own GEMMs, no packed weights
+            pl = minke_run(engine(len(prompts), packed=False), prompts, n)
+            res.setdefault("minke_plain", {})[name] = pl
+            print(f" (plain GEMMs {pl['decode_tok_s']:.1f}{'' if pl['outputs'] == m['outputs'] else ', outputs differ'})",
+                  end="", file=sys.stderr, flush=True)
         if hf is not None:
             h = hf_run(hf, prompts, n)
             res["transformers"][name] = h
@@ -194,6 +205,7 @@ def compare(args, cfg, dtype) -> dict:
         "dtype": args.dtype, "threads": torch.get_num_threads(), "new_tokens": args.new_tokens,
         "block_size": args.block_size,
         "load_average_at_start": args.loadavg,
+        "load_average_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "transformers_impl": ({"attn_implementation": hf.config._attn_implementation,
                                "experts_implementation": hf.config._experts_implementation}
                               if hf is not None else None),
@@ -202,7 +214,12 @@ def compare(args, cfg, dtype) -> dict:
     }
     for name, _ in runs:
         m = res["minke"][name]
-        r = {"minke_decode_tok_s": round(m["decode_tok_s"], 2)}
+        r = {"minke_decode_tok_s": round(m["decode_tok_s"], 2), "minke_decode_tok_s_cpu": round(m["decode_tok_s_cpu"], 2)}
+        if "minke_plain" in res:
+            pl = res["minke_plain"][name]
+            r.update(minke_plain_decode_tok_s=round(pl["decode_tok_s"], 2),
+                     minke_plain_decode_tok_s_cpu=round(pl["decode_tok_s_cpu"], 2),
+                     packed_same_tokens_as_plain=pl["outputs"] == m["outputs"])
         if hf is not None:
             h = res["transformers"][name]
             r.update(transformers_decode_tok_s=round(h["decode_tok_s"], 2),
@@ -224,8 +241,10 @@ def compare(args, cfg, dtype) -> dict:
         per_tok = weight_bytes + c * cache_main
         lim = bw / per_tok
         got = res["minke"][f"batch1_ctx{c}"]["decode_tok_s"]
+        got_cpu = res["minke"][f"batch1_ctx{c}"]["decode_tok_s_cpu"]
         bound[f"ctx{c}"] = {"bytes_per_token": per_tok, "bound_tok_s": round(lim, 2), "minke_tok_s": round(got, 2),
-                            "fraction_of_bound": round(got / lim, 3)}
+                            "fraction_of_bound": round(got / lim, 3),
+                            "fraction_of_bound_cpu_time": round(got_cpu / lim, 3)}
     report["bandwidth_bound_batch1"] = bound
     return report
 
@@ -299,6 +318,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=24, help="tokens decoded per run")
     p.add_argument("--block-size", type=int, default=64, help="minke's cache block size")
     p.add_argument("--no-transformers", action="store_true", help="time minke only")
+    p.add_argument("--no-plain", action="store_true",
+                   help="skip minke's reference decode (Engine(packed_decode=False): the model's own GEMMs)")
     p.add_argument("--speculative", action="store_true", help="plain vs MTP speculative decode at batch 1")
     p.add_argument("--num-draft", type=int, default=1, help="draft tokens per step for --speculative")
     p.add_argument("--repeats", type=int, default=11, help="--speculative: rounds of plain then speculative; medians")

@@ -173,11 +173,13 @@ def _greedy(model, prompts, n, packed, **kw):
 
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
-def test_engine_packed_decode_matches_plain(dtype):
+def test_engine_packed_decode_matches_plain(monkeypatch, dtype):
     """Greedy decode with packed GEMM weights gives the tokens of the model's own forward, over a batch
     mix (three prompts of other lengths, one of them joining as another leaves), dense and MoE layers,
     the MTP module's weights packed but unused. Fails when the packed experts skip an expert's rows."""
     model = minke.build(minke.preset("tiny"), seed=3, dtype=dtype).eval()
+    assert len(kl.DecodeWeights(model)) == 0  # by default too small to gain: the plain path
+    monkeypatch.setattr(kl, "MIN_PACK_ELEMENTS", {torch.float32: 0, torch.bfloat16: 0})
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (5, 17, 9, 30)]
     plain, _ = _greedy(model, prompts, 12, False)
@@ -188,9 +190,10 @@ def test_engine_packed_decode_matches_plain(dtype):
 
 
 @needs_onednn
-def test_packed_weights_follow_in_place_updates():
+def test_packed_weights_follow_in_place_updates(monkeypatch):
     """An optimizer step (in place) or load_state_dict changes the weights; the next packed forward
     sees it (fails when packs are made once and kept)."""
+    monkeypatch.setattr(kl, "MIN_PACK_ELEMENTS", {torch.float32: 0, torch.bfloat16: 0})
     model = minke.build(minke.preset("tiny"), seed=0).eval()
     dw = kl.DecodeWeights(model)
     x = torch.randint(0, 1024, (1, 6))
@@ -215,9 +218,10 @@ def test_packed_weights_follow_in_place_updates():
 
 
 @needs_onednn
-def test_packed_forward_falls_back_outside_inference():
+def test_packed_forward_falls_back_outside_inference(monkeypatch):
     """With grad enabled (training, the trainer sharing the model) or another dtype the modules run
     their own forward even inside the context: gradients still reach the weights."""
+    monkeypatch.setattr(kl, "MIN_PACK_ELEMENTS", {torch.float32: 0, torch.bfloat16: 0})
     model = minke.build(minke.preset("tiny"), seed=0)
     x = torch.randint(0, 1024, (1, 4))
     with kl.DecodeWeights(model):
