@@ -473,3 +473,35 @@ def test_sparse_stage_trains_the_indexer_only_by_its_kl():
     assert g_lm[list(params).index("layers.0.self_attn.q_a_proj.weight")].abs().sum() > 0
     with pytest.raises(ValueError, match="no indexers"):
         dsa.set_training(minke.build(minke.preset("tiny"), seed=0), "warmup")
+
+
+def test_pretrain_dsa_warmup_then_sparse(tmp_path):
+    """`minke pretrain --dsa warmup` on a DSA config changes only the indexers (the routing bias kept
+    with --bias-gamma 0) and logs the KL; `--dsa sparse` from that checkpoint trains everything."""
+    from safetensors.torch import load_file
+
+    from minke.data.tokenizer import train_tokenizer
+    from minke.tasks import corpus
+    from minke.train import pretrain
+    tok = tmp_path / "tok"
+    train_tokenizer(corpus(100, seed=0), vocab_size=320, out_dir=tok)
+    dsa_set = ['model_type="deepseek_v32"', 'architectures=["DeepseekV32ForCausalLM"]', "index_n_heads=4",
+               "index_head_dim=16", "index_topk=16"]
+
+    def run(out, *extra):
+        return pretrain.main(["--out", str(out), "--docs", "100", "--eval-docs", "20", "--seq-len", "32",
+                              "--batch-size", "4", "--steps", "4", "--warmup", "1", "--lr", "1e-2",
+                              "--eval-every", "4", "--save-every", "2", "--eval-batches", "1", "--eval-problems", "0",
+                              "--log-every", "100", "--bias-gamma", "0", *extra])
+    assert run(tmp_path / "w", "--tokenizer", str(tok), "--set", *dsa_set, "--dsa", "warmup") == 0
+    a, b = (load_file(tmp_path / "w" / d / "model.safetensors") for d in ("step-000002", "step-000004"))
+    assert any(not torch.equal(a[k], b[k]) for k in a if ".indexer." in k)
+    assert all(torch.equal(a[k], b[k]) for k in a if ".indexer." not in k)
+    records = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    kls = [r["indexer_kl"] for r in records if r["kind"] == "train"]
+    assert len(kls) == 4 and all(k > 0 for k in kls)
+    assert run(tmp_path / "s", "--model", str(tmp_path / "w" / "final"), "--dsa", "sparse") == 0
+    c = load_file(tmp_path / "s" / "final" / "model.safetensors")
+    assert not torch.equal(c["model.layers.0.self_attn.q_a_proj.weight"], b["model.layers.0.self_attn.q_a_proj.weight"])
+    assert pretrain.main(["--out", str(tmp_path / "x"), "--tokenizer", str(tok), "--docs", "50", "--steps", "1",
+                          "--dsa", "warmup"]) != 0  # tiny preset: no indexers

@@ -58,6 +58,7 @@ from ..data.prompts import R1_ZERO_TEMPLATE
 from ..data.tokenizer import Tokenizer, train_tokenizer
 from ..inference.engine import Engine
 from ..inference.sampling import SamplingParams
+from ..model import dsa
 from ..model.transformer import build
 from ..model.weights import load as load_model
 from ..quant.modules import to_fp8_training
@@ -154,6 +155,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="config.json fields over the preset, values in JSON (e.g. num_hidden_layers=6)")
     g.add_argument("--seq-len", type=int, help="tokens per training sequence (default: --extend-to, else 128)")
+    g.add_argument("--dsa", choices=["warmup", "sparse"],
+                   help="DeepSeek Sparse Attention models (index_topk): 'warmup' trains only the indexers, by KL "
+                        "to the dense attention (pair with --bias-gamma 0 to leave the routing untouched); "
+                        "'sparse' trains everything over the selected tokens, the indexers by KL (V3.2 §2.1.1)")
     add_training_args(p, default_out="out/pretrain")
     a = p.parse_args(argv)
     if a.init_from:
@@ -209,8 +214,11 @@ def lm_loss(model, batch: torch.Tensor, moes, mtp_lambda: float, balance_alpha: 
         loss = loss + mtp_lambda * mtp
     if bal is not None:
         loss = loss + balance_alpha * bal
+    kl = dsa.indexer_loss(model)  # --dsa: the indexers' KL terms (None otherwise)
+    if kl is not None:
+        loss = loss + kl
     parts = {"loss": loss.detach(), "ce": ce.detach(), "mtp": None if mtp is None else mtp.detach(),
-             "balance": None if bal is None else bal.detach()}
+             "balance": None if bal is None else bal.detach(), "indexer_kl": None if kl is None else kl.detach()}
     return loss, parts
 
 
@@ -269,7 +277,8 @@ def train_step(model, loss_fn, moes, loader, opt, sched, a, amp, step: int, d: p
     opt.step()
     sched.step()
     loads = balance_step(moes, loads, a.bias_gamma)
-    return {"loss": r["loss"], "ce": r["ce"], "mtp": r.get("mtp"), "balance": r.get("balance"), "lr": lr,
+    return {"loss": r["loss"], "ce": r["ce"], "mtp": r.get("mtp"), "balance": r.get("balance"),
+            "indexer_kl": r.get("indexer_kl"), "lr": lr,
             "grad_norm": gnorm, "maxvio": [max_vio(l) for l in loads], "load": [l.tolist() for l in loads]}
 
 
@@ -585,6 +594,11 @@ def run(a: argparse.Namespace) -> Path:
         model.train()
     else:
         model = build(cfg, device=device, seed=a.seed)  # fp32 master weights, the same on every rank
+    if a.dsa:
+        try:  # before fit builds the optimizer: warm-up leaves only the indexers trainable
+            dsa.set_training(model, a.dsa)
+        except ValueError as e:
+            raise PretrainError(f"--dsa {a.dsa} ({source}): {e}") from None
     loader = PackedLoader(train_tokens, a.seq_len, a.batch_size, a.seed)
     held = windows(held_tokens, a.seq_len, "held-out data")[: a.eval_batches * a.batch_size]
     params = cfg.param_counts()
