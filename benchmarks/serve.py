@@ -10,7 +10,9 @@ random model's text often ends in an incomplete UTF-8 sequence, which a server h
 completes: without logprobs whole answers arrive as one chunk; ``--no-logprobs`` to measure that);
 with ``--shared-prefix-len`` every prompt starts with the same
 prefix (a system prompt or few-shot block: the prefix cache's workload). At most ``--concurrency``
-requests are in flight (a list runs each level in turn). Per level: requests/s, output tok/s, total
+requests are in flight (a list runs each level in turn, each server in turn on the same requests,
+after two warm-up requests of other prompts; a level's hit rate includes the shared prefix cached
+by the level before). Per level: requests/s, output tok/s, total
 tok/s, TTFT (time to the first streamed token), ITL (gaps between streamed chunks) and TPOT
 ((latency − TTFT) / (output tokens − 1)) mean, p50 and p99 in ms, and the prefix-cache hit rate over
 the level (prompt tokens found cached / looked up), read from the server's ``/metrics`` (minke's JSON
@@ -20,7 +22,7 @@ the level (prompt tokens found cached / looked up), read from the server's ``/me
 A server that is down or does not answer ``/v1/models`` within ``--connect-timeout`` seconds is an error
 naming the URL, before any load is sent. ``--serve CKPT`` starts `minke serve` on a free port for the run
 (and stops it); ``--peer-url`` drives a second server (e.g. ``vllm serve CKPT``) in the same run with the
-same requests and adds the ratios minke / peer.
+same requests and adds the ratios minke / peer (``--repeats``: the median of paired ratios).
 
     .venv/bin/python benchmarks/serve.py --serve CKPT --concurrency 1 8 32 --out out/bench_serve.json
     .venv/bin/python benchmarks/serve.py --base-url http://127.0.0.1:8000/v1 --checkpoint CKPT \\
@@ -223,10 +225,12 @@ def summary(results: list[Result], seconds: float, hits: tuple | None) -> dict:
     }
 
 
-def run_server(base_url: str, api_key: str, requests: list, concurrencies: list[int], a) -> dict:
+def run_server(base_url: str, api_key: str, requests: list, concurrencies: list[int], a, warmup: list) -> dict:
+    """``warmup``: requests run first, unmeasured (prompts of their own: they must not put the measured
+    prompts into the prefix cache)."""
     model = model_name(base_url, api_key, a.connect_timeout)
     lp = None if a.no_logprobs else 0
-    asyncio.run(level(base_url, api_key, model, requests[:2], 1, a.request_timeout, lp))  # warm-up
+    asyncio.run(level(base_url, api_key, model, warmup, 1, a.request_timeout, lp))
     levels = {}
     for c in concurrencies:
         before = prefix_counters(base_url, a.connect_timeout)
@@ -285,12 +289,14 @@ def main(argv=None) -> dict:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds one request may take")
     # ---- workload
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32], help="concurrent streams per level")
-    p.add_argument("--num-prompts", type=int, default=None, help="requests per level (default 2 x concurrency, >= 8)")
+    p.add_argument("--num-prompts", type=int, default=None, help="requests per level (default 4 x concurrency, >= 16)")
     p.add_argument("--input-len", type=int, default=128, help="mean prompt tokens (after the shared prefix)")
     p.add_argument("--output-len", type=int, default=32, help="mean output tokens")
     p.add_argument("--range-ratio", type=float, default=0.5, help="lengths uniform in len x [1 - r, 1 + r]")
     p.add_argument("--shared-prefix-len", type=int, default=0, help="tokens every prompt starts with")
     p.add_argument("--seed", type=int, default=0, help="workload seed")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per level, fresh prompts each, servers alternating (the median is reported)")
     p.add_argument("--no-logprobs", action="store_true",
                    help="do not ask for logprobs (tokens whose text is held back then arrive together)")
     p.add_argument("--out", default=None, help="also write the JSON here")
@@ -301,6 +307,8 @@ def main(argv=None) -> dict:
         raise BenchmarkError("--checkpoint CKPT (or --serve CKPT) is needed for the prompts' vocabulary")
     if not 0 <= a.range_ratio < 1 or a.input_len < 1 or a.output_len < 1 or a.shared_prefix_len < 0:
         raise BenchmarkError("need --input-len, --output-len >= 1, --shared-prefix-len >= 0, 0 <= --range-ratio < 1")
+    if a.repeats < 1:
+        raise BenchmarkError(f"--repeats must be >= 1, got {a.repeats}")
     if any(c < 1 for c in a.concurrency):
         raise BenchmarkError(f"--concurrency must be >= 1, got {a.concurrency}")
     vocab, first = vocabulary(a.checkpoint)
@@ -318,14 +326,29 @@ def main(argv=None) -> dict:
         servers = {"minke": a.base_url, **({"peer": a.peer_url} if a.peer_url else {})}
         for name, url in servers.items():
             report[name] = {}
-        for c in a.concurrency:  # one workload per level; the servers take turns on it
-            n = a.num_prompts or max(8, 2 * c)
-            requests = workload(argparse.Namespace(**{**vars(a), "num_prompts": n}), vocab, first, c)
+        ratios = {}
+        for c in a.concurrency:  # per level and repeat one workload; the servers take turns on it
+            n = a.num_prompts or max(16, 4 * c)
             report["workload"].setdefault("num_prompts", {})[str(c)] = n
-            for name, url in servers.items():
-                r = run_server(url, a.api_key, requests, [c], a)
-                report[name].setdefault("model", r["model"])
-                report[name].setdefault("levels", {}).update(r["levels"])
+            runs = {name: [] for name in servers}
+            for rep in range(a.repeats):
+                salt = c * 1000 + rep  # fresh prompts per repeat: a repeat must not hit the one before
+                requests = workload(argparse.Namespace(**{**vars(a), "num_prompts": n}), vocab, first, salt)
+                warmup = workload(argparse.Namespace(**{**vars(a), "num_prompts": 2, "shared_prefix_len": 0}),
+                                  vocab, first, -salt - 1)
+                order = list(servers.items())
+                for name, url in order if rep % 2 == 0 else order[::-1]:  # alternate who goes first
+                    r = run_server(url, a.api_key, requests, [c], a, warmup)
+                    report[name].setdefault("model", r["model"])
+                    runs[name].append(r["levels"][str(c)])
+            for name, rs in runs.items():  # the median repeat by output throughput, and every repeat's
+                s = sorted(rs, key=lambda x: x["output_throughput"])[(len(rs) - 1) // 2]
+                s = {**s, "output_throughput_repeats": [x["output_throughput"] for x in rs]}
+                report[name].setdefault("levels", {})[str(c)] = s
+            if a.peer_url:
+                ratios[str(c)] = {k: statistics.median(m[k] / q[k] if q[k] else float("nan")
+                                                       for m, q in zip(runs["minke"], runs["peer"]))
+                                  for k in ("request_throughput", "output_throughput")}
     finally:
         if proc is not None:
             proc.terminate()
@@ -334,10 +357,7 @@ def main(argv=None) -> dict:
             except subprocess.TimeoutExpired:
                 proc.kill()
     if a.peer_url:
-        report["ratio"] = {c: {k: (m[k] / p_[k] if m[k] and p_[k] else None)
-                               for k in ("request_throughput", "output_throughput")}
-                           for c, m, p_ in ((c, report["minke"]["levels"][c], report["peer"]["levels"][c])
-                                            for c in report["minke"]["levels"])}
+        report["ratio"] = ratios  # minke / peer, median of the repeats' paired ratios
     text = json.dumps(report, indent=2)
     print(text)
     if a.out:
