@@ -375,6 +375,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "v3-671b": dict(rope_scaling=_yarn(40, 4096),
                     quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                          "weight_block_size": [128, 128]}),
+    # DeepSeek-V3.2-Exp: V3's widths plus a lightning indexer per layer (DeepSeek Sparse Attention).
+    "v3.2-671b": dict(model_type="deepseek_v32", architectures=["DeepseekV32ForCausalLM"], index_n_heads=64,
+                      index_head_dim=128, index_topk=2048, rope_scaling=_yarn(40, 4096),
+                      quantization_config={"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                           "weight_block_size": [128, 128]}),
 }
 
 

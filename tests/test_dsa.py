@@ -505,3 +505,17 @@ def test_pretrain_dsa_warmup_then_sparse(tmp_path):
     assert not torch.equal(c["model.layers.0.self_attn.q_a_proj.weight"], b["model.layers.0.self_attn.q_a_proj.weight"])
     assert pretrain.main(["--out", str(tmp_path / "x"), "--tokenizer", str(tok), "--docs", "50", "--steps", "1",
                           "--dsa", "warmup"]) != 0  # tiny preset: no indexers
+
+
+def test_v32_671b_preset_counts_its_indexers():
+    """DeepSeek-V3.2-Exp's shape on the meta device: V3 plus 61 + 1 (MTP) indexers of
+    1536·64·128 + 7168·128 + 2·128 + 7168·64 parameters; the indexer keys' cache bytes beside the latents."""
+    cfg = minke.preset("v3.2-671b")
+    model = minke.build(cfg, device="meta")
+    pc, v3 = cfg.param_counts(), minke.preset("v3-671b").param_counts()
+    assert sum(p.numel() for p in model.parameters()) == pc["total"] + pc["mtp_unique"]
+    per_layer = 1536 * 64 * 128 + 7168 * 128 + 2 * 128 + 7168 * 64
+    assert pc["total"] - v3["total"] == 61 * per_layer and pc["mtp_unique"] - v3["mtp_unique"] == per_layer
+    b = cfg.kv_cache_bytes_per_token(2)
+    assert b["latent"] == 70272 and b["indexer"] == 128 * 61 * 2
+    assert cfg.to_dict()["mlp_layer_types"][:4] == ["dense", "dense", "dense", "sparse"]
