@@ -440,3 +440,15 @@ def test_fp8_latent_cache_decode_against_bf16_cache():
             assert per_token_layer == 192 + 8 + 2 * cfg.qk_rope_head_dim
     rel = float((logits[True] - logits[False]).norm() / logits[False].norm())
     assert 0 < rel < 0.05, rel
+
+
+def test_emulation_is_announced_once(monkeypatch):
+    import warnings
+    from minke.quant import fp8
+    monkeypatch.setattr(fp8, "_noticed", set())
+    x, w = torch.randn(3, 8), torch.randn(4, 8)
+    with pytest.warns(UserWarning, match="FP8 GEMMs on cpu: no FP8 kernel.*emulating"):
+        fp8_linear(x, w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fp8_linear(x, w)

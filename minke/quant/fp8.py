@@ -12,8 +12,8 @@
 - The GEMM: ``torch._scaled_mm`` with block-wise scales on CUDA with compute capability ≥ 8.9 (Hopper
   kernels); everywhere else exact emulation — dequantize the FP8 operands (q · scale, fp32) and
   matmul in fp32, so the numerics are the same FP8 rounding, testable on a CPU. The CPU build of torch
-  has ``_scaled_mm`` only with tensor- or row-wise scales, and it is slower than the emulation
-  (benchmarks/README.md), so it is not used.
+  has ``_scaled_mm`` only with tensor- or row-wise scales (block-wise would take one call per 128 of K),
+  and it is no faster than the emulation, so it is not used (measured for issue 14).
 
 Error bound of one quantized element (derived in tests/test_fp8.py): with s the block's scale,
 |x − q·s| ≤ 2⁻⁴·|x| + 2⁻¹⁰·s (3 mantissa bits: half an ulp is 2⁻⁴ relative; below E4M3's smallest
@@ -195,7 +195,14 @@ def matmul(a: Quantized, b: Quantized, out_dtype: torch.dtype = torch.float32) -
     tiles along K; b's 1×128 tiles or 128×128 blocks. CUDA ≥ 8.9: the FP8 kernel; else exact emulation."""
     if native_fp8(a.q.device):
         return _scaled_mm(a, b, out_dtype)
+    if a.q.device.type not in _noticed:
+        _noticed.add(a.q.device.type)
+        warnings.warn(f"FP8 GEMMs on {a.q.device.type}: no FP8 kernel here (torch._scaled_mm with block-wise "
+                      "scales needs CUDA compute capability >= 8.9); emulating them exactly in fp32", stacklevel=2)
     return _emulated(a, b, out_dtype)
+
+
+_noticed: set[str] = set()  # device types told once that their FP8 GEMMs are emulated
 
 
 # ---- the FP8 linear (training) ------------------------------------------------------------------
