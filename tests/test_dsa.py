@@ -304,10 +304,20 @@ def test_engine_greedy_matches_full_recompute_with_dsa(model, max_batch, block_s
             full_reads.append(out[0].shape[1])
         return out
     e.cache.update = spy
+    reads = []  # (keys read back, history S): only when there is something to select from
+    update_indexer = e.cache.update_indexer
+
+    def spy_keys(layer, keys, read=True):
+        out = update_indexer(layer, keys, read)
+        reads.append((out[0] is not None, e.cache._view.S))
+        return out
+    e.cache.update_indexer = spy_keys
     cs = e.generate(ps, [SamplingParams(max_tokens=k, **GREEDY) for k in n])
     for c, p, k in zip(cs, ps, n):
         assert c.token_ids == reference(model, p, k), len(p)
     assert full_reads and max(full_reads) <= model.config.index_topk
+    assert {(S > model.config.index_topk) for read, S in reads if read} == {True}
+    assert {(S > model.config.index_topk) for read, S in reads if not read} == {False}
     assert e.cache.num_free_blocks == e.cache.num_blocks
 
 

@@ -4,7 +4,9 @@ Each layer's lightning indexer needs one key (index_head_dim) per cached token; 
 the latents of each query's index_topk selected tokens only. Both caches below extend the latent
 caches with the two calls MLA makes under DSA (mla.py ``forward_sparse``):
 
-- ``update_indexer(layer, keys)`` → (keys (B, S, E) of everything the new tokens may attend to, mask);
+- ``num_keys(T)`` → S, the history the T new tokens of this forward attend over;
+- ``update_indexer(layer, keys, read=True)`` → (keys (B, S, E) of everything the new tokens may attend
+  to, or None without ``read``: while S <= index_topk nothing is scored, so the keys are only stored; mask);
 - ``update_selected(layer, c_kv, k_pe, idx)`` → stores the new latents like ``update`` and returns
   those of the selected tokens only, (B, T, K, C) and (B, T, K, R).
 
@@ -33,13 +35,16 @@ class DSALatentCache(LatentCache):
         L = cfg.num_hidden_layers + cfg.num_nextn_predict_layers
         self.index_k = torch.zeros(L, batch, max_len, cfg.index_head_dim, dtype=dtype, device=device)
 
-    def update_indexer(self, layer: int, keys: torch.Tensor):
+    def num_keys(self, T: int) -> int:
+        return int(self.lengths.max()) + T
+
+    def update_indexer(self, layer: int, keys: torch.Tensor, read: bool = True):
         B, T, _ = keys.shape
         pos = self.lengths[:, None] + torch.arange(T, device=keys.device)  # (B, T)
         self.index_k[layer, torch.arange(B, device=keys.device)[:, None], pos] = keys.to(self.index_k.dtype)
-        S = int(self.lengths.max()) + T
+        S = self.num_keys(T)
         mask = torch.arange(S, device=keys.device)[None, None, :] <= pos[:, :, None]  # (B, T, S)
-        return self.index_k[layer, :, :S].to(keys.dtype), mask[:, None]
+        return (self.index_k[layer, :, :S].to(keys.dtype) if read else None), mask[:, None]
 
     def update_selected(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor, idx: torch.Tensor):
         c, r, _ = self.update(layer, c_kv, k_pe)
@@ -68,15 +73,20 @@ class DSAPagedCache(PagedLatentCache):
                 self.index_k[:, new * bs:(new + 1) * bs] = self.index_k[:, old * bs:(old + 1) * bs]
         return True
 
-    def update_indexer(self, layer: int, keys: torch.Tensor):
+    def num_keys(self, T: int) -> int:
+        return self._view.S
+
+    def update_indexer(self, layer: int, keys: torch.Tensor, read: bool = True):
         v = self._view
         B, T, _ = keys.shape
         pool = self.index_k[layer]  # (N, E)
         if v.start is not None:
             new = v.start + v.base
             pool[new:new + T] = keys[0]
-            return pool[v.start:v.start + v.S][None].to(keys.dtype), v.mask
+            return (pool[v.start:v.start + v.S][None].to(keys.dtype) if read else None), v.mask
         pool.index_copy_(0, v.write, keys.reshape(B * T, -1).to(pool.dtype))
+        if not read:
+            return None, v.mask
         return pool.index_select(0, v.gather).view(B, v.S, -1).to(keys.dtype), v.mask
 
     def update_selected(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor, idx: torch.Tensor):

@@ -142,8 +142,8 @@ class MLA(nn.Module):
     def forward_sparse(self, x, cos, sin, cache, layer, absorb, mask):
         """DSA: x (B, T, D) → attention output (B, T, H, V) over each query's index_topk selected tokens.
 
-        A cache must also hold the indexer keys: ``update_indexer(layer, keys) -> (keys_all (B, S, E),
-        mask)``, and for the absorbed mode ``update_selected(layer, c_kv, k_pe, idx) -> (c_kv, k_pe of
+        A cache must also hold the indexer keys: ``num_keys(T) -> S`` and ``update_indexer(layer, keys,
+        read) -> (keys_all (B, S, E) or None when not ``read``, mask)``, and for the absorbed mode ``update_selected(layer, c_kv, k_pe, idx) -> (c_kv, k_pe of
         the selected tokens (B, T, K, ·))``, which stores the new latents and reads only the selected ones
         (inference/dsa_cache.py). While a query sees at most index_topk tokens it selects all of them,
         so attention is dense MLA there and the indexer is not scored at all. Past that, with a cache,
@@ -160,8 +160,11 @@ class MLA(nn.Module):
             if not hasattr(cache, "update_indexer"):
                 raise TypeError(f"{type(cache).__name__} holds no indexer keys, which DeepSeek Sparse Attention "
                                 f"(index_topk) needs: use minke.inference.dsa_cache's caches")
-            keys, mask = cache.update_indexer(layer, keys)
-        S = keys.shape[1]
+            S = cache.num_keys(T)  # the history once the T new tokens are in
+            # Up to index_topk tokens every query selects all it sees: the keys are stored, not read back.
+            keys, mask = cache.update_indexer(layer, keys, read=S > self.indexer.topk)
+        else:
+            S = T
         if self.training and cache is None and self.indexer.stage:
             return self.train_indexer(x, q_lat, q_nope, q_pe, c_kv, k_pe, keys, cos, sin, mask)
         if cache is not None and absorb is None:
