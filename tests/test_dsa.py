@@ -529,3 +529,15 @@ def test_v32_671b_preset_counts_its_indexers():
     b = cfg.kv_cache_bytes_per_token(2)
     assert b["latent"] == 70272 and b["indexer"] == 128 * 61 * 2
     assert cfg.to_dict()["mlp_layer_types"][:4] == ["dense", "dense", "dense", "sparse"]
+
+
+def test_prefix_cache_hit_with_dsa(model):
+    """A request whose prompt extends an earlier one's adopts its published blocks (latents and indexer
+    keys in the same slots) and prefills only the rest: the greedy tokens still equal the recompute."""
+    a = prompts([21], seed=9)[0]
+    b = a + prompts([7], seed=10)[0]
+    e = Engine(model, max_batch=2, block_size=4, num_blocks=64)
+    first = e.generate([a], SamplingParams(max_tokens=6, **GREEDY))[0]
+    second = e.generate([b], SamplingParams(max_tokens=10, **GREEDY))[0]
+    assert e.stats.prefix_hit_tokens >= 16
+    assert first.token_ids == reference(model, a, 6) and second.token_ids == reference(model, b, 10)
