@@ -94,8 +94,9 @@ def test_extend_to_writes_yarn_config_and_trains_at_the_new_length(short, extend
 
 def test_extended_checkpoint_gives_transformers_logits_past_the_original_length(extended):
     """config.json's YaRN reloads in transformers: the same logits over 200 tokens (> 64, the original
-    length, where YaRN's interpolated frequencies and its mscale² softmax scale matter). Fails if the
-    saved factor or original_max_position_embeddings were wrong, or if mscale were left out."""
+    length, where YaRN's interpolated frequencies and its mscale² softmax scale matter): what minke wrote
+    is read the same way there. Fails with minke's YaRN ramp dropped (every frequency divided by the
+    factor: 0.029 off)."""
     from transformers import DeepseekV3ForCausalLM
 
     ours = minke.load(extended, dtype=torch.float32)
@@ -224,3 +225,12 @@ def test_minke_eval_task_passkey_cli(extended, tmp_path, capsys):
     assert eval_run.main(["--task", "passkey", "--write-corpus", str(docs), "--docs", "5", "--sentences", "1", "3"]) == 0
     rows = [json.loads(line)["text"] for line in docs.read_text().splitlines()]
     assert len(rows) == 5 and all(r.startswith(passkey.INTRO) and passkey.QUESTION in r for r in rows)
+    assert eval_run.main(["--task", "passkey", "--write-corpus", str(docs), "--docs", "40", "--recall", "0.5"]) == 0
+    rows = [json.loads(line)["text"] for line in docs.read_text().splitlines()]
+    copies = [r for r in rows if not r.startswith(passkey.INTRO)]
+    assert 8 <= len(copies) <= 32  # about half, seeded
+    for r in copies:  # the keys, then the same keys again
+        first, again = r.removeprefix("Remember these numbers: ").split(". Again: ")
+        assert again == first + "." and all(len(k) == 5 for k in first.split())
+    with pytest.raises(SystemExit):
+        eval_run.main(["--task", "passkey", "--write-corpus", str(docs), "--recall", "1.5"])

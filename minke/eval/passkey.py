@@ -68,12 +68,25 @@ def document(rng: random.Random, sentences: int, depth: float | None = None, key
     return INTRO + "".join(filler[:at]) + key_sentence(key) + "".join(filler[at:]) + QUESTION + f" {key}."
 
 
-def corpus(docs: int, min_sentences: int, max_sentences: int, seed: int = 0) -> list[str]:
-    """``docs`` documents of uniformly min..max filler sentences, the key at a uniform depth."""
+def recall_document(rng: random.Random, numbers: int) -> str:
+    """A copying document: ``numbers`` random keys, then the same keys again. Every token of the
+    repeat is predictable only by looking back (an induction head), which the passkey answer's five
+    tokens alone reward too rarely for a tiny model to find."""
+    keys = " ".join(str(new_key(rng)) for _ in range(numbers))
+    return f"Remember these numbers: {keys}. Again: {keys}."
+
+
+def corpus(docs: int, min_sentences: int, max_sentences: int, seed: int = 0, recall: float = 0.0,
+           max_numbers: int = 20) -> list[str]:
+    """``docs`` documents of uniformly min..max filler sentences, the key at a uniform depth; a share
+    ``recall`` of them are copying documents of 1..max_numbers keys instead (``recall_document``)."""
     if not 0 <= min_sentences <= max_sentences:
         raise ValueError(f"sentences: need 0 <= min <= max, got {min_sentences} {max_sentences}")
+    if not 0.0 <= recall <= 1.0:
+        raise ValueError(f"recall: a share in [0, 1], got {recall}")
     rng = random.Random(seed)
-    return [document(rng, rng.randint(min_sentences, max_sentences)) for _ in range(docs)]
+    return [recall_document(rng, rng.randint(1, max_numbers)) if rng.random() < recall
+            else document(rng, rng.randint(min_sentences, max_sentences)) for _ in range(docs)]
 
 
 def prompt(tok, context: int, depth: float, key: int, rng: random.Random,
@@ -204,6 +217,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", type=int, default=20000, help="--write-corpus: documents")
     p.add_argument("--sentences", type=int, nargs=2, default=[4, 40], metavar=("MIN", "MAX"),
                    help="--write-corpus: filler sentences per document (uniform)")
+    p.add_argument("--recall", type=float, default=0.0,
+                   help="--write-corpus: share of copying documents (keys, then the same keys again)")
     return p
 
 
@@ -214,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         if a.docs < 1:
             p.error(f"--docs must be >= 1, got {a.docs}")
         try:
-            docs = corpus(a.docs, *a.sentences, seed=a.seed)
+            docs = corpus(a.docs, *a.sentences, seed=a.seed, recall=a.recall)
         except ValueError as e:
-            p.error(f"--sentences: {e}")
+            p.error(str(e))
         out = Path(a.write_corpus)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
