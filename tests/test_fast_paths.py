@@ -195,7 +195,7 @@ def test_packed_weights_follow_in_place_updates(monkeypatch):
     sees it (fails when packs are made once and kept)."""
     monkeypatch.setattr(kl, "MIN_PACK_ELEMENTS", {torch.float32: 0, torch.bfloat16: 0})
     model = minke.build(minke.preset("tiny"), seed=0).eval()
-    dw = kl.DecodeWeights(model)
+    dw = kl.DecodeWeights(model, (moe.Experts,))
     x = torch.randint(0, 1024, (1, 6))
     with torch.inference_mode(), dw:
         before = model(x).logits
@@ -224,6 +224,11 @@ def test_packed_forward_falls_back_outside_inference(monkeypatch):
     monkeypatch.setattr(kl, "MIN_PACK_ELEMENTS", {torch.float32: 0, torch.bfloat16: 0})
     model = minke.build(minke.preset("tiny"), seed=0)
     x = torch.randint(0, 1024, (1, 4))
-    with kl.DecodeWeights(model):
+    with kl.DecodeWeights(model, (moe.Experts,)):
         model(x).logits.sum().backward()
     assert model.lm_head.weight.grad is not None and model.layers[1].mlp.experts.gate_proj.grad is not None
+
+    class OwnForward(torch.nn.Linear):  # e.g. an FP8 linear: its forward is the point, never replaced
+        pass
+    model.lm_head.__class__ = OwnForward
+    assert all(p.module is not model.lm_head for p in kl.DecodeWeights(model).linears)

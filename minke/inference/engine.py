@@ -67,6 +67,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..kernels.linear import DecodeWeights
+from ..model.moe import Experts
 from ..text import first_stop
 from . import paged, sampling, speculative as spec
 from .paged import PagedLatentCache, bytes_per_token

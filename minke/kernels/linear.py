@@ -57,8 +57,9 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 
 
 def _stamp(*ts: torch.Tensor) -> tuple:
-    """What identifies a weight's current values: storage and in-place version of each tensor."""
-    return tuple((t.data_ptr(), t._version) for t in ts)
+    """What identifies a weight's current values: storage and in-place version of each tensor (an
+    inference tensor, made under inference_mode, has no version counter)."""
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in ts)
 
 
 class _PackedLinear:
@@ -114,12 +115,6 @@ class _PackedExperts:
         return torch.cat(ys) if ys else x.new_empty(x.shape)
 
 
-def _is_experts(m: nn.Module) -> bool:
-    """Stacked SwiGLU experts (model.moe.Experts), recognised by shape: kernels import nothing from the model."""
-    ws = [getattr(m, n, None) for n in ("gate_proj", "up_proj", "down_proj")]
-    return callable(getattr(m, "grouped", None)) and all(isinstance(w, torch.Tensor) and w.dim() == 3 for w in ws)
-
-
 class DecodeWeights:
     """Packed copies of ``model``'s nn.Linear and expert weights in their dtype, used while entered.
 
@@ -128,13 +123,17 @@ class DecodeWeights:
     whatever lock keeps other threads off the model meanwhile (the engine's). Weights that
     ``worth_packing`` refuses (dtype, device, too small to gain) are left alone."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, experts: tuple[type, ...] = ()):
+        """``experts``: the classes of stacked SwiGLU experts (model.moe.Experts: gate_proj, up_proj
+        (E, I, D), down_proj (E, D, I), ``grouped(x, counts)``), named by the caller, since kernels import
+        nothing from the model. Only these exact classes and plain nn.Linear are taken: a subclass with
+        its own forward (an FP8 linear) keeps it."""
         self.linears: list[_PackedLinear] = []
         self.experts: list[_PackedExperts] = []
         for m in model.modules():
-            if isinstance(m, nn.Linear) and worth_packing(m.weight):
+            if type(m) is nn.Linear and worth_packing(m.weight):
                 self.linears.append(_PackedLinear(m))
-            elif _is_experts(m) and worth_packing(m.gate_proj):
+            elif type(m) in experts and worth_packing(m.gate_proj):
                 self.experts.append(_PackedExperts(m))
 
     def __len__(self) -> int:

@@ -110,7 +110,7 @@ class MLA(nn.Module):
         w_uk, w_uv_t = w[:, : self.nope], w[:, self.nope:].transpose(1, 2)
         if torch.is_grad_enabled() and w.requires_grad:
             return w_uk, w_uv_t
-        stamp = (w.data_ptr(), w._version, w.dtype, w.device)
+        stamp = (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype, w.device)  # inference: no counter
         if getattr(self, "_absorbed", (None,))[0] != stamp:
             self._absorbed = (stamp, w_uk.detach().contiguous(), w_uv_t.detach().contiguous())
         return self._absorbed[1:]
