@@ -346,7 +346,7 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self.stats = EngineStats()
-        self.decode_weights = DecodeWeights(model) if packed_decode else contextlib.nullcontext()
+        self.decode_weights = DecodeWeights(model, (Experts,)) if packed_decode else contextlib.nullcontext()
 
     # ---- requests ------------------------------------------------------------------------------
     def _make_request(self, prompt_ids, params: SamplingParams | None, request_id) -> _Request:
