@@ -244,7 +244,8 @@ def run_server(base_url: str, api_key: str, requests: list, concurrencies: list[
         print(f"{base_url} concurrency {c}: {s['request_throughput']:.2f} req/s, {s['output_throughput']:.1f} "
               f"output tok/s, TTFT p50 {s['ttft_ms']['p50'] or 0:.0f} ms p99 {s['ttft_ms']['p99'] or 0:.0f} ms, "
               f"ITL p50 {s['itl_ms']['p50'] or 0:.1f} ms p99 {s['itl_ms']['p99'] or 0:.1f} ms, "
-              f"prefix hits {hits if hits is None else round(hits, 3)}, failed {s['failed']}", file=sys.stderr)
+              f"prefix hits {hits if hits is None else round(hits, 3)}, failed {s['failed']}"
+              f"{' (' + s['errors'][0][:300] + ')' if s['errors'] else ''}", file=sys.stderr)
     return {"base_url": base_url, "model": model, "levels": levels}
 
 
@@ -343,7 +344,9 @@ def main(argv=None) -> dict:
                     runs[name].append(r["levels"][str(c)])
             for name, rs in runs.items():  # the median repeat by output throughput, and every repeat's
                 s = sorted(rs, key=lambda x: x["output_throughput"])[(len(rs) - 1) // 2]
-                s = {**s, "output_throughput_repeats": [x["output_throughput"] for x in rs]}
+                s = {**s, "output_throughput_repeats": [x["output_throughput"] for x in rs],
+                     "failed_repeats": [x["failed"] for x in rs],
+                     "errors_repeats": sorted({e for x in rs for e in x["errors"]})[:5]}
                 report[name].setdefault("levels", {})[str(c)] = s
             if a.peer_url:
                 ratios[str(c)] = {k: statistics.median(m[k] / q[k] if q[k] else float("nan")
