@@ -70,6 +70,7 @@ from ..kernels.linear import DecodeWeights
 from ..model.moe import Experts
 from ..text import first_stop
 from . import paged, sampling, speculative as spec
+from .dsa_cache import DSAPagedCache
 from .paged import PagedLatentCache, bytes_per_token
 from .sampling import SamplingParams
 
@@ -334,7 +335,8 @@ class Engine:
                 num_blocks = int(cache_bytes) // block_bytes
                 if num_blocks < 1:
                     raise ValueError(f"Engine: cache_bytes={cache_bytes} is less than one block ({block_bytes} bytes)")
-        self.cache = PagedLatentCache(cfg, num_blocks, block_size, self.dtype, self.device, mtp=speculative)
+        cache_cls = DSAPagedCache if cfg.dsa else PagedLatentCache  # DSA: indexer keys beside the latents
+        self.cache = cache_cls(cfg, num_blocks, block_size, self.dtype, self.device, mtp=speculative)
 
         self.lock = threading.RLock()
         self.waiting = _Waiting()

@@ -54,7 +54,8 @@ from ..quant.fp8 import latent_bytes, pack_latent, unpack_latent
 
 def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, mtp: bool = False) -> int:
     """Cache bytes one token takes over all L layers (the MTP layers included with ``mtp``)."""
-    return cfg.kv_cache_bytes_per_token(torch.empty((), dtype=dtype).element_size(), mtp=mtp)["latent"]
+    b = cfg.kv_cache_bytes_per_token(torch.empty((), dtype=dtype).element_size(), mtp=mtp)
+    return b["latent"] + b.get("indexer", 0)  # DSA (V3.2): the indexer keys beside the latents
 
 
 def chain_hashes(tokens: list[int], block_size: int, hashes: list[bytes], n_blocks: int,
