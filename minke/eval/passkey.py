@@ -8,7 +8,7 @@ context's length but for the answer's few tokens:
 
 The key sits after a fraction ``depth`` of the filler tokens (0: right after the intro, 1: right
 before the question). The model answers greedily through the engine; it is right when the first
-number of its answer is the key (exact retrieval). Filler is five sentences repeated in order from a
+number of its answer is the key (exact retrieval; keys have five distinct digits, see ``new_key``). Filler is five sentences repeated in order from a
 random one, as in the original test, reworded so that no " is" but the key's and the question's
 precedes a word: a model as small as the tiny preset then finds the key by what precedes it (one
 token back: an induction head) rather than having to learn a two-token match.
@@ -47,7 +47,10 @@ def key_sentence(key: int) -> str:
 
 
 def new_key(rng: random.Random) -> int:
-    return rng.randint(10000, 99999)
+    """Five distinct digits, the first not 0. minke's tokenizers give every digit its own token, so a
+    key with a repeated digit could only be copied by matching two tokens back, not one."""
+    first = rng.choice("123456789")
+    return int(first + "".join(rng.sample([d for d in "0123456789" if d != first], 4)))
 
 
 def filler_sentences(rng: random.Random):
