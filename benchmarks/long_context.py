@@ -15,7 +15,8 @@ Figures per context S (``--contexts``) and batch B (``--batches``), JSON to stdo
 - prefill: tokens/s of one forward over S tokens (B = 1), dense in MHA mode (fused SDPA, causal),
   sparse in the absorbed mode over each query's selected latents (queries in blocks), for S up to
   ``--max-prefill`` (a dense 32K prefill at these widths is ~2·10¹³ multiply-adds: hours on 2 CPU cores);
-- ``crossover``: the smallest context at which sparse decode attention time beats dense (and prefill).
+- ``crossover``: per batch size, the smallest measured context from which on sparse decode attention
+  beats dense (and prefill); None when it never does in the measured range.
 
     .venv/bin/python benchmarks/long_context.py                          # 4K/16K/32K, batch 1 and 8
     .venv/bin/python benchmarks/long_context.py --contexts 1024 4096 --batches 1 --max-prefill 4096
@@ -191,9 +192,16 @@ def main(argv=None) -> dict:
             report["prefill"].append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
     set_dense(model, False)
-    wins = [r["context"] for r in report["decode"] if r["attention_speedup"] > 1]
-    report["crossover"] = {"decode_attention": min(wins) if wins else None,  # attention incl. projections
-                           "prefill": min((r["context"] for r in report["prefill"] if r["speedup"] > 1), default=None)}
+    # Per batch size: the smallest measured context from which on sparse decode attention (projections
+    # included) is faster at every larger measured context; prefill likewise.
+    def crossover(rows, faster):
+        rows = sorted(rows, key=lambda r: r["context"])
+        wins = [i for i in range(len(rows)) if all(faster(r) for r in rows[i:])]
+        return rows[wins[0]]["context"] if wins else None
+    report["crossover"] = {f"decode_attention_batch_{B}": crossover([r for r in report["decode"] if r["batch"] == B],
+                                                                   lambda r: r["attention_speedup"] > 1)
+                           for B in args.batches}
+    report["crossover"]["prefill"] = crossover(report["prefill"], lambda r: r["speedup"] > 1)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
