@@ -68,3 +68,23 @@ def test_adamw_decays_exactly_the_matrices():
     for n, p in model.named_parameters():
         want = before[n] * (1 - 0.05) if p.dim() >= 2 else before[n]
         torch.testing.assert_close(p.detach(), want, rtol=1e-6, atol=0, msg=n)
+
+
+def test_step_bumps_version_counters_for_weight_caches():
+    """The fused AdamW kernel writes the parameters without bumping their version counters; the step
+    must bump them, since MLA's absorbed-weight cache and the engine's prefix cache read them to see a
+    weight change. Fails when the hook is left out: GRPO then generates with the first step's kv_b
+    halves forever (its toy reward stays flat)."""
+    model = minke.build(minke.preset("tiny"), seed=0)
+    attn = model.layers[0].self_attn
+    with torch.inference_mode():
+        attn._absorbed_weights()  # cached, as the engine's decode does between trainer steps
+    opt = build_optimizer(model, lr=0.1)
+    before = {n: p._version for n, p in model.named_parameters()}
+    model(torch.randint(0, 1024, (1, 6))).logits.square().mean().backward()
+    opt.step()
+    assert all(p._version > before[n] for n, p in model.named_parameters()), "a parameter's version did not move"
+    with torch.inference_mode():
+        w = attn._kv_b()
+        w_uk, w_uv_t = attn._absorbed_weights()
+    assert torch.equal(w_uk, w[:, :attn.nope]) and torch.equal(w_uv_t, w[:, attn.nope:].transpose(1, 2))

@@ -33,7 +33,13 @@ def build_optimizer(model: nn.Module, lr: float, weight_decay: float = 0.1,
 
     params = list(model.parameters())
     fused = all(not isinstance(p, DTensor) and p.device.type in ("cpu", "cuda") for p in params)
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+    opt = torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused)
+    if fused:  # torch's fused kernel writes the parameters without bumping their version counters, which
+        # the caches of weight-derived tensors read to see a change (MLA's absorbed halves, packed decode
+        # weights, the engine's prefix cache; GRPO decodes with the model it trains): bump them per step
+        opt.register_step_post_hook(lambda o, args, kwargs: torch.autograd.graph.increment_version(
+            [p for g in o.param_groups for p in g["params"]]))
+    return opt
 
 
 @dataclass
