@@ -72,18 +72,16 @@ def masked_softmax(scores, mask):
 
 # ---- absorbed MQA mode -------------------------------------------------------------------------
 # oneDNN, which runs CPU half-precision GEMMs, builds a kernel for every new shape (and stride): about
-# 10 ms each on a busy 2-core machine, measured. Decode's history grows by one key a step, so half-precision
-# attention over it splits the keys into a prefix that is a multiple of KEY_BUCKET (a new shape every
-# KEY_BUCKET steps) and a tail of 1..KEY_BUCKET keys (shapes that repeat, their kernels cached).
+# 3-10 ms each on a busy 2-core machine, measured (the first layer of every bf16 decode step paid 3.7 ms
+# for it). Decode's history grows by one key a step, so half-precision attention over it runs the keys
+# as a prefix of a multiple of KEY_BUCKET keys (a new shape every KEY_BUCKET steps) and the rest copied
+# into a zero-padded tail of exactly KEY_BUCKET keys (one shape, ever), its padding's scores dropped.
 KEY_BUCKET = 64
 
 
-def key_parts(S: int, dtype: torch.dtype, device) -> list[tuple[int, int]]:
-    """[start, end) ranges of the S keys that the GEMMs run over one at a time (one, but on CPU in half precision)."""
-    if torch.device(device).type != "cpu" or dtype not in (torch.bfloat16, torch.float16) or S <= KEY_BUCKET:
-        return [(0, S)]
-    S0 = (S - 1) // KEY_BUCKET * KEY_BUCKET
-    return [(0, S0), (S0, S)]
+def buckets_keys(dtype: torch.dtype, device) -> bool:
+    """Whether absorbed attention runs its keys as a bucketed prefix and a padded tail (CPU, half precision)."""
+    return torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
 
 def absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, scale):
@@ -92,24 +90,37 @@ def absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, scale):
 
     Plain (b)mm, the H·T queries of a row against its S cached latents: decode runs this on tiny
     tensors, where einsum's planning costs more than the arithmetic; no operand is broadcast, so the
-    cache is never copied. Scores in the cache's dtype, softmax in fp32. A batch of one runs 2-D GEMMs
-    (torch's batched bf16 GEMM for a batch of one ran 3x slower at S = 4096; fp32: even); the keys go in
-    ``key_parts``."""
+    cache is never copied (but for the < KEY_BUCKET keys of a half-precision tail). Scores in the cache's
+    dtype, softmax in fp32. A batch of one runs 2-D GEMMs (torch's batched bf16 GEMM for a batch of one
+    ran 3x slower at S = 4096; fp32: even)."""
     B, H, T, C = q_lat.shape
     S, R = c_kv.shape[1], k_pe.shape[-1]
     if B == 1:
         q, q_pe, c_kv, k_pe = q_lat.reshape(H * T, C), q_pe.reshape(H * T, R), c_kv[0], k_pe[0]
     else:
         q, q_pe = q_lat.reshape(B, H * T, C), q_pe.reshape(B, H * T, R)
-    parts = key_parts(S, c_kv.dtype, c_kv.device)
-    scores = [q @ c_kv[..., a:b, :].mT + q_pe @ k_pe[..., a:b, :].mT for a, b in parts]  # (…, H·T, b − a)
-    scores = (scores[0] if len(parts) == 1 else torch.cat(scores, -1)).view(B, H, T, S)
+    if not buckets_keys(c_kv.dtype, c_kv.device):
+        scores = (q @ c_kv.mT + q_pe @ k_pe.mT).view(B, H, T, S)
+        p = masked_softmax(scores.float() * scale, mask).to(c_kv.dtype)
+        return (p.view(*c_kv.shape[:-2], H * T, S) @ c_kv).view(B, H, T, C)
+    S0, n = S // KEY_BUCKET * KEY_BUCKET, S % KEY_BUCKET  # prefix keys, tail keys
+
+    def tail(x):  # (…, S, F) → its last n rows in (…, KEY_BUCKET, F), zero-padded
+        t = x.new_zeros(*x.shape[:-2], KEY_BUCKET, x.shape[-1])
+        t[..., :n, :] = x[..., S0:, :]
+        return t
+    c_tail = tail(c_kv) if n else None
+    parts = []  # scores (…, H·T, ·) of the prefix, then of the tail's n real keys
+    if S0:
+        parts.append(q @ c_kv[..., :S0, :].mT + q_pe @ k_pe[..., :S0, :].mT)
+    if n:
+        parts.append((q @ c_tail.mT + q_pe @ tail(k_pe).mT)[..., :n])
+    scores = (parts[0] if len(parts) == 1 else torch.cat(parts, -1)).view(B, H, T, S)
     p = masked_softmax(scores.float() * scale, mask).to(c_kv.dtype).view(*c_kv.shape[:-2], H * T, S)
-    if len(parts) == 1:
-        return (p @ c_kv).view(B, H, T, C)
-    (a0, b0), (a1, b1) = parts  # contiguous slices of p: oneDNN's kernels are per stride too
-    return (p[..., a0:b0].contiguous() @ c_kv[..., a0:b0, :]
-            + p[..., a1:b1].contiguous() @ c_kv[..., a1:b1, :]).view(B, H, T, C)
+    o = p[..., :S0].contiguous() @ c_kv[..., :S0, :] if S0 else 0  # contiguous: oneDNN's kernels are per stride
+    if n:
+        o = o + torch.nn.functional.pad(p[..., S0:], (0, KEY_BUCKET - n)) @ c_tail
+    return o.view(B, H, T, C)
 
 
 def absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, scale):
