@@ -102,13 +102,15 @@ class MLA(nn.Module):
         return o.view(H, B, T, -1).permute(1, 2, 0, 3)  # (B, T, H, V)
 
     def _absorbed_weights(self):
-        """kv_b_proj's key half (H, N, C) and value half transposed (H, C, V), each contiguous. In half
-        precision on CPU, bmm copies a strided operand at every call (both halves, every layer and step),
-        so outside autograd the contiguous halves are kept, made again when the weight changes (its
-        storage or in-place version counter: an optimizer step, load_state_dict)."""
+        """kv_b_proj's key half (H, N, C) and value half transposed (H, C, V). In half precision on CPU,
+        bmm copies a strided operand at every call (both halves, every layer and step), so there, outside
+        autograd, contiguous copies are kept and made again when the weight changes (its storage or
+        in-place version counter: load_state_dict, minke's optimizer step; torch's fused optimizers write
+        without moving the counter, which build_optimizer corrects). Elsewhere: views, nothing kept."""
         w = self._kv_b()
         w_uk, w_uv_t = w[:, : self.nope], w[:, self.nope:].transpose(1, 2)
-        if torch.is_grad_enabled() and w.requires_grad:
+        half_cpu = w.device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
+        if not half_cpu or (torch.is_grad_enabled() and w.requires_grad):
             return w_uk, w_uv_t
         stamp = (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype, w.device)  # inference: no counter
         if getattr(self, "_absorbed", (None,))[0] != stamp:
