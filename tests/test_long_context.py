@@ -166,6 +166,7 @@ def test_retrieved_is_exact():
     assert passkey.retrieved(" 12345.", 12345) and passkey.retrieved("12345", 12345)
     assert not passkey.retrieved(" 123456.", 12345) and not passkey.retrieved(" 1234.", 12345)
     assert not passkey.retrieved(" The pass key", 12345) and not passkey.retrieved("", 12345)
+    assert passkey.digits_right(" 12395.", 12345) == 0.8 and passkey.digits_right("", 12345) == 0.0
 
 
 class ForcedEngine(Engine):
@@ -190,7 +191,9 @@ def test_passkey_scores_a_model_forced_right_or_wrong(pk_tok, right):
     model = minke.build(preset("tiny", vocab_size=320, max_position_embeddings=512, num_nextn_predict_layers=0))
     res = passkey.evaluate(ForcedEngine(model, pk_tok, right), pk_tok, 512, depths=[0.0, 0.5, 1.0], trials=3)
     assert [r["rate"] for r in res["depths"]] == [float(right)] * 3
-    assert res["overall"] == {"n": 9, "correct": 9 * right, "rate": float(right)}
+    o = res["overall"]
+    assert (o["n"], o["correct"], o["rate"]) == (9, 9 * right, float(right))
+    assert o["digits"] == 1.0 if right else 0.5 <= o["digits"] < 1.0  # key + 1: most digits still in place
     assert [r["depth"] for r in res["depths"]] == [0.0, 0.5, 1.0]
     json.dumps(res)  # the result is JSON
 

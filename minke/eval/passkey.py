@@ -135,13 +135,20 @@ def retrieved(text: str, key: int) -> bool:
     return m is not None and m.group() == str(key)
 
 
+def digits_right(text: str, key: int) -> float:
+    """Partial credit: the share of the key's digits that the answer's first number has in place."""
+    m = re.search(r"\d+", text)
+    got, want = (m.group() if m else ""), str(key)
+    return sum(a == b for a, b in zip(got, want)) / len(want)
+
+
 def evaluate(model, tok, context: int, depths: Sequence[float] = DEPTHS, trials: int = 10, seed: int = 0,
              max_batch: int = 16, answer_tokens: int = ANSWER_TOKENS) -> dict:
     """Greedy passkey retrieval at each depth (fractions in [0, 1]) over ``trials`` keys and fillers.
 
     ``model``: a Transformer (run through a fresh Engine) or an Engine. Returns {"config": …,
-    "depths": [{"depth", "n", "correct", "rate", "key_position", "prompt_tokens"}…], "overall": {"n",
-    "correct", "rate"}, "samples": [{"depth", "key", "answer", "correct"}…] (the first trial per depth)}."""
+    "depths": [{"depth", "n", "correct", "rate", "digits", "key_position", "prompt_tokens"}…], "overall":
+    {"n", "correct", "rate", "digits"}, "samples": [{"depth", "key", "answer", "correct"}…] (the first trial per depth)}."""
     from ..inference.engine import Engine
     from ..inference.sampling import SamplingParams
 
@@ -165,11 +172,13 @@ def evaluate(model, tok, context: int, depths: Sequence[float] = DEPTHS, trials:
     seconds = time.perf_counter() - t0
     answers = [tok.decode(c.token_ids, skip_special_tokens=True) for c in done]
     right = [retrieved(a, c[1]) for a, c in zip(answers, cases)]
+    digits = [digits_right(a, c[1]) for a, c in zip(answers, cases)]
     rows, samples = [], []
     for j, d in enumerate(depths):
         idx = range(j * trials, (j + 1) * trials)
         rows.append({"depth": d, "n": trials, "correct": sum(right[i] for i in idx),
                      "rate": sum(right[i] for i in idx) / trials,
+                     "digits": sum(digits[i] for i in idx) / trials,
                      "key_position": sum(cases[i][3] for i in idx) / trials,
                      "prompt_tokens": [min(len(cases[i][2]) for i in idx), max(len(cases[i][2]) for i in idx)]})
         i = idx[0]
@@ -178,17 +187,20 @@ def evaluate(model, tok, context: int, depths: Sequence[float] = DEPTHS, trials:
     return {"config": {"context": context, "depths": list(depths), "trials": trials, "seed": seed,
                        "max_position_embeddings": engine.context, "rope_scaling": engine.config.rope_scaling,
                        "seconds": round(seconds, 2)},
-            "depths": rows, "overall": {"n": n, "correct": sum(right), "rate": sum(right) / n}, "samples": samples}
+            "depths": rows, "overall": {"n": n, "correct": sum(right), "rate": sum(right) / n,
+                                        "digits": sum(digits) / n}, "samples": samples}
 
 
 def format_table(result: dict) -> str:
     c = result["config"]
     lines = [f"passkey retrieval at context {c['context']} ({c['trials']} keys per depth, greedy, "
-             f"{c['seconds']:.1f}s)", f"{'depth':>6}  {'key at':>7}  {'retrieved':>9}"]
+             f"{c['seconds']:.1f}s)", f"{'depth':>6}  {'key at':>7}  {'retrieved':>9}  {'digits':>7}"]
     for r in result["depths"]:
-        lines.append(f"{100 * r['depth']:>5.0f}%  {r['key_position']:>7.0f}  {100 * r['rate']:>8.1f}%")
+        lines.append(f"{100 * r['depth']:>5.0f}%  {r['key_position']:>7.0f}  {100 * r['rate']:>8.1f}%  "
+                     f"{100 * r['digits']:>6.1f}%")
     o = result["overall"]
-    lines.append(f"{'all':>6}  {'':>7}  {100 * o['rate']:>8.1f}%  ({o['correct']}/{o['n']})")
+    lines.append(f"{'all':>6}  {'':>7}  {100 * o['rate']:>8.1f}%  {100 * o['digits']:>6.1f}%  "
+                 f"({o['correct']}/{o['n']})")
     return "\n".join(lines)
 
 
