@@ -36,27 +36,35 @@ MODEL="hidden_size=128 intermediate_size=256 moe_intermediate_size=64 q_lora_ran
 EVAL="--problems 34 --k 4 --temperature 0.6 --top-p 0.95 --max-tokens 160 --greedy --batch 64"
 
 # ---- 1. tokenizer + pretraining -------------------------------------------------------------------
-# Data: 40,000 documents "Question: …\nAnswer: <worked steps> \boxed{…}" from the arithmetic and
-#   countdown tasks (difficulty 1–3, train split) ≈ 60 tokens each → 2.4M tokens; held-out loss on
+# Data: 60,000 documents "Question: …\nAnswer: <worked steps> \boxed{…}" from the arithmetic and
+#   countdown tasks (difficulty 1–3, train split) ≈ 60 tokens each → 3.6M tokens; held-out loss on
 #   400 documents of the tasks' test split. A byte-level BPE (single digits) is trained on the same
-#   documents plus R1's instruction sentence (so a prompt costs ~15 tokens of it, not ~60).
-# Steps: 32 sequences × 128 tokens = 4,096 tokens/step; 1,500 steps = 6.1M tokens ≈ 2.6 epochs.
-#   LR 3e-3: 50 warmup steps, constant to step 750, cosine to 3e-4 (V3 §4.2's shape).
+#   documents plus R1's instruction sentence and R1-Zero's template (so prompts cost ~15 and ~96 tokens).
+# Steps: 16 sequences × 256 tokens = 4,096 tokens/step; 2,000 steps = 8.2M tokens ≈ 2.3 epochs.
+#   256-token windows, so an R1-Zero prompt and its answer fit the context the model was trained at.
+#   LR 3e-3: 50 warmup steps, constant to step 1,000, cosine to 3e-4 (V3 §4.2's shape).
+#   (1,500 steps of 32 × 128 on 40,000 documents reached 30% greedy on one-operation sums; this 54%.)
 if ! done_ "$OUT/pretrain"; then
 timed pretrain $PY -m minke.cli pretrain --out "$OUT/pretrain" $(resume "$OUT/pretrain") \
-    --docs 40000 --eval-docs 400 --vocab-size 512 --preset tiny --set $MODEL --seq-len 128 \
-    --steps 1500 --batch-size 32 --lr 3e-3 --warmup 50 --decay-from 0.5 \
-    --eval-every 300 --save-every 500 --log-every 100
+    --docs 60000 --eval-docs 400 --vocab-size 512 --preset tiny --set $MODEL --seq-len 256 \
+    --steps 2000 --batch-size 16 --lr 3e-3 --warmup 50 --decay-from 0.5 \
+    --eval-every 500 --save-every 500 --log-every 100
 fi
 
 # ---- 2. cold-start SFT ----------------------------------------------------------------------------
-# R1's cold start: chat-formatted examples whose response is R1's output form
-#   "<think>\n<worked steps>\n</think>\n\n\boxed{answer}", loss on the response only, whole examples
-#   packed into 256-token rows with per-example attention masks. 20,000 train problems over both tasks
-#   and difficulties 1–3 (~110 tokens each → ~8,600 rows); 300 steps × 16 rows ≈ 0.55 epoch.
+# R1's cold start: chat-formatted examples in R1's output form "<think>\n<reasoning>\n</think>\n\n
+#   \boxed{answer}", loss on the response only, whole examples packed into 256-token rows with
+#   per-example attention masks. 20,000 train problems over both tasks and difficulties 1–3 (~100
+#   tokens each → ~8,000 rows); 300 steps × 16 rows ≈ 0.6 epoch.
+# The cold start mixes two reasoning styles, half and half (--direct 0.5, chosen per prompt): the worked
+#   steps, or only "The answer is N." (as answer keys are written). Both are well-formed R1 outputs, so
+#   the format reward cannot tell them apart; only the accuracy reward can, and GRPO has to find out
+#   from it that working the steps out pays (response length and accuracy rise together, R1-Zero's
+#   lesson). With every example worked (--direct 0) the same pipeline's SFT checkpoint scores higher and
+#   GRPO from it barely moves: see README "The speedrun" for both measurements.
 if ! done_ "$OUT/sft"; then
 timed sft $PY -m minke.cli sft --model "$OUT/pretrain/final" --out "$OUT/sft" $(resume "$OUT/sft") \
-    --examples 20000 --seq-len 256 --steps 300 --batch-size 16 --lr 1e-3 --warmup 20 \
+    --examples 20000 --direct 0.5 --seq-len 256 --steps 300 --batch-size 16 --lr 1e-3 --warmup 20 \
     --eval-every 100 --save-every 100 --log-every 50 --eval-problems 0
 fi
 
