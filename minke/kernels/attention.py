@@ -133,6 +133,7 @@ def absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, scale):
     p = torch.where(mask, scores * scale, float("-inf")).softmax(dim=-1)
     return torch.einsum("bhts,bsc->bhtc", p, c_kv)
 
+
 # ---- sparse (DSA) absorbed mode ----------------------------------------------------------------
 def gather_tokens(x, idx):
     """x (B, S, F) per-token rows, idx (B, T, K) token indices → (B, T, K, F): each query's selected rows."""
