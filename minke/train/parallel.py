@@ -88,7 +88,11 @@ def init_distributed(device: str | torch.device | None = None) -> Dist:
 
 
 def shutdown() -> None:
+    """Every rank leaves together: the others wait for rank 0's last work (final checkpoint, report)
+    before the process group goes, so no rank tears gloo down while a peer still holds it (a rank that
+    left first was seen to abort: "terminate called without an active exception")."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
