@@ -11,6 +11,9 @@ Data (one of):
 - built-in cold start (default): train-split task problems (``--tasks``, ``--difficulties``) with their
   worked solutions in R1's output form ``<think>\\n…steps…\\n</think>\\n\\n\\boxed{answer}``
   (data/prompts.py ``r1_response``); held out: the same number of test-split problems per batch.
+  ``--direct F`` makes a share of them reason only "The answer is …." (a cold start that does not always
+  work the steps out, so RL has that to learn); ``--retries N`` makes countdown's reasoning a search that
+  first tries, checks and rejects up to N wrong combinations (``Countdown.search_solution``).
 - ``--data FILE.jsonl …``: one example per line, OpenAI ``{"messages": [...]}`` or
   ``{"prompt": "...", "response": "..."}`` (``minke sample`` writes the former); held out: the last
   ``--eval-fraction`` of the examples.
