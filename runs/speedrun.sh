@@ -61,7 +61,7 @@ fi
 #   the format reward cannot tell them apart; only the accuracy reward can, and GRPO has to find out
 #   from it that working the steps out pays (response length and accuracy rise together, R1-Zero's
 #   lesson). With every example worked (--direct 0) the same pipeline's SFT checkpoint scores higher and
-#   GRPO from it barely moves: see README "The speedrun" for both measurements.
+#   GRPO from it barely moves: see README "Stages" for both measurements.
 if ! done_ "$OUT/sft"; then
 timed sft $PY -m minke.cli sft --model "$OUT/pretrain/final" --out "$OUT/sft" $(resume "$OUT/sft") \
     --examples 20000 --direct 0.5 --seq-len 256 --steps 300 --batch-size 16 --lr 1e-3 --warmup 20 \
