@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .report import save_json
+
 FILLER = (" The grass grows green.", " The sky looks blue.", " The sun shines yellow.", " Here we go.",
           " There and back again.")
 INTRO = "An important pass key hides inside a lot of irrelevant text. Find it and remember it."
@@ -290,10 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     result["config"].update(model=str(path), extrapolate=a.extrapolate, yarn=a.yarn)
     print(format_table(result))
     if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}", file=sys.stderr)
+        print(f"wrote {save_json(result, a.out)}", file=sys.stderr)
     return 0
 
 

@@ -23,6 +23,15 @@ from pathlib import Path
 SAME = ("k", "temperature", "top_p", "problems", "max_tokens", "seed")
 
 
+def save_json(obj, path: str | Path) -> Path:
+    """Write an evaluation result (or summary) as indented JSON, making the directory; the one writer
+    behind `minke eval --out`, the passkey evaluation's and the report's summary.json."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+    return path
+
+
 def load_stage(path: str | Path) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -80,7 +89,7 @@ def write(out: Path, stages: dict[str, dict], grpo_dir: Path | None, seconds: di
     if len(names) >= 2:
         a, b = stages[names[-2]]["overall"]["pass@1"], stages[names[-1]]["overall"]["pass@1"]
         summary["improvement"] = {"from": names[-2], "to": names[-1], "pass@1_points": round(100 * (b - a), 2)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    save_json(summary, out / "summary.json")
 
     lines = ["# minke speedrun: pretrain → cold-start SFT → GRPO", "",
              f"Held-out problems: {first['problems']} (test split; every task at every difficulty), k = {k} samples "

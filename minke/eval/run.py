@@ -17,7 +17,6 @@ Output: one table row per (task, difficulty) and an overall row; --out writes th
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections import defaultdict
@@ -28,6 +27,7 @@ from ..data.prompts import FORMATS
 from ..tasks import TASKS, Problem
 from . import data, metrics
 from .sampling import OpenAIBackend, backend_for, sample_responses
+from .report import save_json
 
 def evaluate(model, tok, problems: Sequence[Problem], k: int = 4, temperature: float = 0.6, top_p: float = 0.95,
              max_tokens: int = 512, fmt: str = "chat", seed: int = 0, greedy: bool = False,
@@ -235,10 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     result["config"]["model"] = backend.model if a.base_url else str(a.model)
     print(format_table(result))
     if a.out:
-        out = Path(a.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {out}", file=sys.stderr)
+        print(f"wrote {save_json(result, a.out)}", file=sys.stderr)
     return 0
 
 
