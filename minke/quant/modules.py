@@ -13,8 +13,11 @@ eh_proj and the attention core stay in high precision.
   an expert is dequantized only when tokens reach it.
 
 Routed experts are recognised by shape (three stacked 3-D Parameters named gate_proj, up_proj,
-down_proj), so this module imports nothing from minke.model. Expert parallelism's EPExperts is not
-converted (``to_fp8_training`` refuses it).
+down_proj), so this module imports nothing from minke.model. Parallelism comes after FP8
+(``to_fp8_training`` refuses an already parallelized EPExperts): FSDP2 gathers each FP8TrainLinear's
+and FP8TrainExperts' weight before the forward, so the quantization sees the whole matrix and its
+128×128 blocks are those of one process; expert parallelism's EPExperts runs FP8TrainExperts' math
+on its local experts (minke/train/parallel.py).
 """
 
 from __future__ import annotations
@@ -59,7 +62,9 @@ class FP8TrainLinear(nn.Linear):
 
 
 class FP8TrainExperts(nn.Module):
-    """Routed experts computed with FP8 GEMMs; the same Parameters (and names) as the Experts it replaces."""
+    """Routed experts computed with FP8 GEMMs; the same Parameters (and names) as the Experts it replaces.
+    ``fp8_first``: the global id of expert 0 here (nonzero for expert parallelism's local slices), for errors."""
+    fp8_first = 0
 
     def __init__(self, experts: nn.Module, name: str = "experts", pow2: bool = False):
         super().__init__()
@@ -67,7 +72,7 @@ class FP8TrainExperts(nn.Module):
         self.fp8_name, self.fp8_pow2 = name, pow2
 
     def _swiglu(self, x, gate, up, down, e):
-        n, p = f"{self.fp8_name}.{e}", self.fp8_pow2
+        n, p = f"{self.fp8_name}.{e + self.fp8_first}", self.fp8_pow2
         h = F.silu(fp8_linear(x, gate, None, p, f"{n}.gate_proj")) * fp8_linear(x, up, None, p, f"{n}.up_proj")
         return fp8_linear(h, down, None, p, f"{n}.down_proj")
 
@@ -80,8 +85,10 @@ class FP8TrainExperts(nn.Module):
         w = [p.unbind(0) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         ys = [self._swiglu(xe, w[0][e], w[1][e], w[2][e], e)
               for e, xe in enumerate(x.split(counts.tolist())) if len(xe)]
-        if not ys:
-            return x.new_empty(x.shape)
+        if not ys:  # no rows (an expert-parallel rank nobody routed to): (0, D) in the dtype rows would
+            # have, and still in x's graph, so the backward of the all-to-all that brought x runs on every rank
+            dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            return x.to(dt) * 0
         return torch.cat([y.to(ys[0].dtype) for y in ys])
 
 
@@ -96,8 +103,8 @@ def to_fp8_training(model: nn.Module, pow2: bool = False) -> list[str]:
             done.append(name)
         elif name.endswith("mlp.experts"):
             if not is_experts(m) or type(m).__name__ == "EPExperts":
-                raise ValueError(f"{name}: FP8 training does not convert {type(m).__name__} (expert parallelism); "
-                                 "apply FP8 before parallelizing, without --ep")
+                raise ValueError(f"{name}: FP8 training does not convert {type(m).__name__} (expert parallelism "
+                                 "already applied); call to_fp8_training before parallel.parallelize")
             _replace(model, name, FP8TrainExperts(m, name, pow2))
             done.append(name)
     return done

@@ -50,6 +50,7 @@ from torch.distributed.tensor import DTensor, Shard
 from ..model.moe import Experts, gather_rows, inverse_permutation
 from ..model.transformer import Transformer
 from ..model.weights import load_state
+from ..quant.modules import FP8TrainExperts
 
 
 # ---- process group ------------------------------------------------------------------------------
@@ -194,11 +195,23 @@ class _LocalExperts:
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
 
+class _LocalFP8Experts(_LocalExperts):
+    """The same slices computed with FP8TrainExperts' math (FP8 GEMMs), when ``to_fp8_training`` ran
+    before ``parallelize``; ``fp8_first`` makes errors name the global expert id."""
+
+    expert, grouped, _swiglu = FP8TrainExperts.expert, FP8TrainExperts.grouped, FP8TrainExperts._swiglu
+
+    def __init__(self, gate_proj, up_proj, down_proj, fp8_name: str, fp8_pow2: bool, fp8_first: int):
+        super().__init__(gate_proj, up_proj, down_proj)
+        self.fp8_name, self.fp8_pow2, self.fp8_first = fp8_name, fp8_pow2, fp8_first
+
+
 class EPExperts(nn.Module):
     """Drop-in for ``Experts`` under expert parallelism: same parameter names and full shapes (as
-    DTensors sharded on dim 0), this rank holding experts [rank·El, (rank+1)·El)."""
+    DTensors sharded on dim 0), this rank holding experts [rank·El, (rank+1)·El). Replacing an
+    ``FP8TrainExperts`` it keeps FP8 GEMMs for the local experts (``fp8``: its name and pow2)."""
 
-    def __init__(self, experts: Experts, mesh: DeviceMesh):
+    def __init__(self, experts: Experts | FP8TrainExperts, mesh: DeviceMesh):
         super().__init__()
         self.group, self.world = mesh.get_group(), mesh.size()
         E = experts.gate_proj.shape[0]
@@ -206,12 +219,17 @@ class EPExperts(nn.Module):
             raise ValueError(f"expert parallelism needs n_routed_experts ({E}) divisible by the world size "
                              f"({self.world}); run with ep=False to FSDP-shard the experts instead")
         self.n_local = E // self.world
-        lo = mesh.get_local_rank() * self.n_local
+        self.first = lo = mesh.get_local_rank() * self.n_local
+        self.fp8 = (experts.fp8_name, experts.fp8_pow2) if isinstance(experts, FP8TrainExperts) else None
         for name in ("gate_proj", "up_proj", "down_proj"):
             p = getattr(experts, name)
             local = p.detach()[lo:lo + self.n_local].clone()
             setattr(self, name, nn.Parameter(DTensor.from_local(local, mesh, [Shard(0)], run_check=False),
                                              requires_grad=p.requires_grad))
+
+    def extra_repr(self) -> str:
+        return f"experts [{self.first}, {self.first + self.n_local}) of {self.n_local * self.world}" + \
+            (", FP8 GEMMs" if self.fp8 else "")
 
     def expert(self, e: int, x: torch.Tensor):
         raise NotImplementedError("the looped reference (MoE.reference) runs on an unparallelized model")
@@ -230,7 +248,8 @@ class EPExperts(nn.Module):
         order = local_id.argsort(stable=True)
         weights = [_ScaleGrad.apply(p.to_local(), 1.0 / W).to(x.dtype)
                    for p in (self.gate_proj, self.up_proj, self.down_proj)]
-        y = _LocalExperts(*weights).grouped(gather_rows(rows, order), recv_counts.view(W, El).sum(0))
+        local = _LocalExperts(*weights) if self.fp8 is None else _LocalFP8Experts(*weights, *self.fp8, self.first)
+        y = local.grouped(gather_rows(rows, order), recv_counts.view(W, El).sum(0))
         if not y.shape[0]:
             # Nothing arrived: keep the weights in the graph so their (zero) gradient exists on every
             # rank; a None grad here would make this rank skip the collectives of the gradient norm.

@@ -466,7 +466,7 @@ def fit(a, out: Path, d: parallel.Dist, amp, model, tok: Tokenizer, loader, held
     cfg = model.config
     check_config(cfg, a)
     model.train()
-    if a.fp8:  # before parallelize, which wraps these modules (expert parallelism keeps its experts in BF16)
+    if a.fp8:  # before parallelize, which wraps these modules (EPExperts keeps FP8TrainExperts' FP8 GEMMs)
         to_fp8_training(model)
     model = parallel.parallelize(model, d)  # expert parallel + FSDP2; the model itself with one process
     opt = build_optimizer(model, a.lr, a.weight_decay)  # after parallelize: it must hold the sharded parameters
