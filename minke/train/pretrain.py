@@ -120,6 +120,9 @@ def add_training_args(p: argparse.ArgumentParser, default_out: str, steps: int =
                    help="FP8 GEMMs as DeepSeek-V3 trains (§3.3): attention/FFN linears and experts in E4M3 with "
                         "1x128 activation and 128x128 weight scales; embedding, head, gate, norms, attention core "
                         "stay BF16/FP32")
+    g.add_argument("--bf16-moments", action="store_true",
+                   help="keep AdamW's exp_avg and exp_avg_sq in BF16 as DeepSeek-V3 does (§3.3): half the optimizer "
+                        "state; master weights and gradients stay FP32")
     g.add_argument("--eval-every", type=int, default=eval_every, help="held-out loss every N steps (and at the start/end)")
     g.add_argument("--eval-batches", type=int, default=8, help="held-out batches per evaluation")
     g.add_argument("--eval-problems", type=int, default=eval_problems,
@@ -469,7 +472,7 @@ def fit(a, out: Path, d: parallel.Dist, amp, model, tok: Tokenizer, loader, held
     if a.fp8:  # before parallelize, which wraps these modules (EPExperts keeps FP8TrainExperts' FP8 GEMMs)
         to_fp8_training(model)
     model = parallel.parallelize(model, d)  # expert parallel + FSDP2; the model itself with one process
-    opt = build_optimizer(model, a.lr, a.weight_decay)  # after parallelize: it must hold the sharded parameters
+    opt = build_optimizer(model, a.lr, a.weight_decay, bf16_moments=a.bf16_moments)  # after parallelize: sharded
     sched = build_scheduler(opt, a.steps, a.warmup, a.decay_from, a.min_lr_ratio)
     moes = model.named_moe_layers(a.mtp_lambda > 0)
     names = [n for n, _ in moes]
