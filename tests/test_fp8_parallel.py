@@ -105,18 +105,19 @@ def test_rank_whose_fp8_experts_get_no_rows_still_steps(fp8_run):
 
 
 def test_pretrain_fp8_under_torchrun_matches_one_process(tmp_path):
-    """`torchrun --nproc_per_node 2 -m minke.cli pretrain --fp8` (expert parallel + FSDP2) against `minke
-    pretrain --fp8` in one process: losses and held-out loss within 5e-4 relative (measured ≤ 5.1e-5 over 4
-    steps; MTP's 63-token rows do not fall into one process's tiles, the rest do), routing biases equal."""
+    """`torchrun --nproc_per_node 2 -m minke.cli pretrain --fp8 --bf16-moments` (expert parallel + FSDP2, the
+    BF16 moments as DTensors, gathered into the step-4 checkpoint) against the same in one process: losses
+    and held-out loss within 5e-4 relative (measured ≤ 5e-5 over 4 steps; MTP's 63-token rows do not fall
+    into one process's tiles, the rest do), routing biases equal, the checkpoint's moments BF16."""
     from minke.data.tokenizer import train_tokenizer
     from minke.tasks import corpus
-    from minke.train import pretrain
+    from minke.train import checkpoint, pretrain
 
     tok = tmp_path / "tok"
     train_tokenizer(corpus(300, seed=0), vocab_size=320, out_dir=tok)
     flags = ["--tokenizer", str(tok), "--docs", "300", "--eval-docs", "30", "--seq-len", "64", "--batch-size", "4",
              "--steps", "4", "--warmup", "2", "--lr", "1e-2", "--eval-every", "4", "--save-every", "4",
-             "--eval-batches", "2", "--eval-problems", "0", "--log-every", "100", "--fp8"]
+             "--eval-batches", "2", "--eval-problems", "0", "--log-every", "100", "--fp8", "--bf16-moments"]
     with one_thread():
         assert pretrain.main([*flags, "--out", str(tmp_path / "one")]) == 0
     torchrun("-m", "minke.cli", "pretrain", *flags, "--out", str(tmp_path / "two"))
@@ -132,3 +133,5 @@ def test_pretrain_fp8_under_torchrun_matches_one_process(tmp_path):
     for k in w1:
         if k.endswith("e_score_correction_bias"):
             assert torch.equal(w1[k], w2[k]), k
+    state = checkpoint.load_state(tmp_path / "two" / "final")["optimizer"]["state"]
+    assert {v.dtype for s in state.values() for k, v in s.items() if k != "step"} == {torch.bfloat16}

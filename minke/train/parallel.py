@@ -15,6 +15,10 @@ built model from outside:
 Expert weights are DTensors sharded on dim 0 over that mesh, so the state dict, the optimizer, the
 gradient norm and ``full_tensor()`` see full (E, ·, ·) tensors, exactly like FSDP's own parameters.
 
+FP8 (``minke.quant.modules.to_fp8_training``) goes on before this: FSDP2 gathers each FP8 linear's whole
+weight before its forward (its 128×128 blocks are one process's), and EPExperts replacing FP8TrainExperts
+runs the FP8 GEMMs on its local experts.
+
 Gradient scale. FSDP averages the dense gradients over ranks, which makes the step the gradient of the
 mean of the W local losses (= the full-batch loss, local batches being equal). A rank's experts
 receive rows from all W ranks, so their gradient arrives as a *sum* of W local-loss gradients; it is
