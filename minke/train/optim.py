@@ -42,7 +42,9 @@ class AdamWBF16Moments(torch.optim.AdamW):
     A moment's decay by β must stay visible: 1 − β ≥ 2⁻⁸ (V3's β = (0.9, 0.95) are; the common β₂ = 0.999
     is not, and with it v could stop shrinking), else ValueError."""
 
-    chunk = 1 << 24  # elements whose FP32 moments exist at once (2 × 64 MiB)
+    # elements whose FP32 moments exist at once (2 × 4 MiB; a larger tensor alone): small enough that the
+    # allocator reuses that memory from chunk to chunk instead of faulting in fresh pages for every moment
+    chunk = 1 << 20
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 1e-2, *, amsgrad: bool = False, **kw):
