@@ -16,6 +16,24 @@ def test_deterministic_and_solution_checks(name, difficulty):
         assert extract_boxed(p.solution) is not None
 
 
+# The difficulty scale each task's docstring states: operand count and digits (arithmetic), how many
+# numbers and their range (countdown). Levels 1-3 are the speedrun's; the jump to four-number countdown
+# and three-digit operands comes at level 4.
+@pytest.mark.parametrize("difficulty,operands,digits", [(1, 2, 2), (2, 3, 2), (3, 4, 2), (4, 5, 3), (5, 5, 3)])
+def test_arithmetic_difficulty_scale(difficulty, operands, digits):
+    ps = problems("arithmetic", "train", 300, difficulty)
+    nums = [[int(t) for t in p.meta["expression"].split()[::2]] for p in ps]
+    assert {len(n) for n in nums} == {operands}
+    assert max(len(str(x)) for n in nums for x in n) == digits
+
+
+@pytest.mark.parametrize("difficulty,count,hi", [(1, 3, 10), (2, 3, 20), (3, 3, 50), (4, 4, 25), (5, 4, 50)])
+def test_countdown_difficulty_scale(difficulty, count, hi):
+    ps = problems("countdown", "train", 300, difficulty)
+    assert {len(p.meta["numbers"]) for p in ps} == {count}
+    assert max(max(p.meta["numbers"]) for p in ps) == hi and min(min(p.meta["numbers"]) for p in ps) == 1
+
+
 def test_extract_boxed():
     assert extract_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
     assert extract_boxed(r"\boxed{3} and a truncated \boxed{4") == "3"

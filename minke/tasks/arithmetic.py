@@ -1,7 +1,7 @@
 """Integer arithmetic with +, -, * and the usual precedence.
 
-Difficulty d (clamped to 1..5): d + 1 operands (at most 5), each of 1 to D = 2 + (d - 1) // 2 digits,
-except that a factor right of "*" has at most D - 1 digits (a product chain grows fast).
+Difficulty d (clamped to 1..5): d + 1 operands (at most 5), each of 1 to D digits (D = 2 up to d = 3,
+then 3), except that a factor right of "*" has at most D - 1 digits (a product chain grows fast).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class Arithmetic(Task):
 
     def sample(self, rng: random.Random, difficulty: int) -> Problem:
         d = max(1, min(difficulty, 5))
-        digits = 2 + (d - 1) // 2
+        digits = 2 + (d > 3)
         ops = [rng.choice("+-*") for _ in range(min(d, 4))]
         nums = [rng.randint(0, 10 ** rng.randint(1, digits - (op == "*")) - 1) for op in [""] + ops]
         expr = _show(nums, ops)

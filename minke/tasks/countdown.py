@@ -2,7 +2,7 @@
 
 Division must be exact: `check` rejects an answer with any non-integer intermediate value (as in
 the game; negatives are allowed). Generated solutions keep every intermediate a positive integer.
-Difficulty d: 3 numbers in 1..20 (d=1), 4 numbers in 1..25 / 1..50 / 1..99 (d=2 / 3 / 4+).
+Difficulty d: 3 numbers in 1..10 / 1..20 / 1..50 (d = 1 / 2 / 3), 4 numbers in 1..25 / 1..50 (d = 4 / 5+).
 The problem is built by combining the numbers at random, so a solution always exists.
 """
 
@@ -67,7 +67,7 @@ class Countdown(Task):
     name = "countdown"
 
     def sample(self, rng: random.Random, difficulty: int) -> Problem:
-        count, hi = [(3, 20), (4, 25), (4, 50), (4, 99)][max(1, min(difficulty, 4)) - 1]
+        count, hi = [(3, 10), (3, 20), (3, 50), (4, 25), (4, 50)][max(1, min(difficulty, 5)) - 1]
         while True:
             nums = [rng.randint(1, hi) for _ in range(count)]
             pool = [(Fraction(n), (str(n), 3)) for n in nums]
