@@ -294,3 +294,13 @@ def test_compiled_training_matches_eager(tmp_path, tok_dir, uninterrupted):
     compiled = [r["loss"] for r in history(out) if r["kind"] == "train"]
     assert len(compiled) == len(eager) == 8
     assert compiled == pytest.approx(eager, rel=1e-3), (compiled, eager)
+
+
+def test_resume_accepts_options_added_after_the_checkpoint_only_when_off():
+    from minke.train.pretrain import config_diff
+
+    old = {"lr": 1e-3, "model": {"hidden_size": 64}}
+    assert config_diff(old, {**old, "bf16_moments": False, "dsa": None}) == []
+    assert config_diff(old, {**old, "bf16_moments": True}) == ["bf16_moments: None in the checkpoint, True now"]
+    assert config_diff({**old, "fp8": True}, {**old, "fp8": False}) == ["fp8: True in the checkpoint, False now"]
+    assert config_diff(old, {**old, "lr": 2e-3}) == ["lr: 0.001 in the checkpoint, 0.002 now"]

@@ -349,9 +349,14 @@ def load_data(a, tok_dir: Path | None, out: Path) -> tuple[Tokenizer, torch.Tens
 
 
 def config_diff(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """What differs between a checkpoint's run configuration and this run's. An option the checkpoint
+    does not know (added to minke after it was written) that is off now (False, None, 0) is no
+    difference: off is how the older run trained."""
     diff = []
     for k in sorted(set(old) | set(new)):
         o, n = old.get(k), new.get(k)
+        if k not in old and not n and not isinstance(n, dict):
+            continue
         if isinstance(o, dict) and isinstance(n, dict):
             diff += config_diff(o, n, f"{prefix}{k}.")
         elif o != n:
