@@ -77,8 +77,11 @@ def test_torchrun_two_ranks_match_one_process(ckpt, tmp_path, monkeypatch):
     one, two = _train(tmp_path / "one"), _train(tmp_path / "two")
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
-        for k in ("reward", "length_mean", "grad_norm", "entropy"):
+        for k in ("reward", "length_mean", "entropy"):
             assert b[k] == pytest.approx(a[k], rel=1e-3), (a["step"], k)
+        # the norm comes back in the parameters' bf16: two summation orders may round it one ulp (2^-8
+        # relative) apart; unsummed gradients would be off by ~30%
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=2**-7), (a["step"], "grad_norm")
 
 
 def test_mu_steps_report_the_last_pass_clip_and_ratio(ckpt, tmp_path):
