@@ -69,10 +69,10 @@ fi
 
 # ---- 3. GRPO --------------------------------------------------------------------------------------
 # Each step: 16 train problems × 8 samples at temperature 1 through the engine (one prefill per
-#   problem, forked; ~40 tokens per response); reward = accuracy (the task's checker) + format
+#   problem, forked; ~30 tokens per response); reward = accuracy (the task's checker) + format
 #   (<think>…</think> then \boxed{}); group-normalised advantages; one clipped-ratio AdamW step at a constant
-#   2e-4 (ε 0.2, no KL: β = 0 keeps no reference model). 100 steps = 12,800 rollouts; ~3 s a step.
-#   (The gain levels off: 34.1 at step 100, 33.2 at 150, 35.2 at 200, which would not fit 30 minutes;
+#   2e-4 (ε 0.2, no KL: β = 0 keeps no reference model). 100 steps = 12,800 rollouts; 2–3 s a step.
+#   (The gain levels off: 34.1 at step 100, 33.2 at 150, 35.2 at 200;
 #   lr 4e-4, μ 2, T 0.7, --no-std and --dynamic-sampling measured no better: README "Stages".)
 if ! done_ "$OUT/grpo"; then
 timed grpo $PY -m minke.cli grpo --model "$OUT/sft/final" --out "$OUT/grpo" $(resume "$OUT/grpo") \
