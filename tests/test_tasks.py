@@ -34,6 +34,27 @@ def test_countdown_difficulty_scale(difficulty, count, hi):
     assert max(max(p.meta["numbers"]) for p in ps) == hi and min(min(p.meta["numbers"]) for p in ps) == 1
 
 
+@pytest.mark.parametrize("difficulty", [1, 2, 3, 4])
+def test_arithmetic_worked_steps_are_true_and_split_by_place_value(difficulty):
+    """Every "x op y = z" line of a worked solution is true arithmetic, and a 2-digit operand is split
+    into tens and units (81 - 57 as 81 - 50, then - 7; 34 * 2 as 30 * 2 + 4 * 2)."""
+    import re
+
+    line = re.compile(r"(-?\d+) ([-+*]) (\d+) = (-?\d+)")
+    for p in problems("arithmetic", "train", 200, difficulty):
+        for text in p.solution.split("\n")[:-1]:
+            m = line.fullmatch(text)
+            if m is None:
+                assert text.startswith("So "), text
+                continue
+            a, op, b, c = int(m[1]), m[2], int(m[3]), int(m[4])
+            assert c == (a + b if op == "+" else a - b if op == "-" else a * b), text
+    p = get_task("arithmetic").generate(0, 1)
+    assert p.prompt == "What is 81 - 57?" and p.solution == "81 - 50 = 31\n31 - 7 = 24\n\\boxed{24}"
+    q = next(q for q in problems("arithmetic", "train", 200, 2) if "34 * 2" in q.prompt)
+    assert q.solution.startswith("30 * 2 = 60\n4 * 2 = 8\n60 + 8 = 68\n")
+
+
 def test_extract_boxed():
     assert extract_boxed(r"\boxed{1} then \boxed{\frac{1}{2}}") == r"\frac{1}{2}"
     assert extract_boxed(r"\boxed{3} and a truncated \boxed{4") == "3"

@@ -2,6 +2,10 @@
 
 Difficulty d (clamped to 1..5): d + 1 operands (at most 5), each of 1 to D digits (D = 2 up to d = 3,
 then 3), except that a factor right of "*" has at most D - 1 digits (a product chain grows fast).
+
+The worked solution splits every operation on a multi-digit operand by place value, so each line is
+an easy one for a small model: 81 - 57 as 81 - 50 = 31, 31 - 7 = 24; 57 * 8 as 50 * 8 = 400,
+7 * 8 = 56, 400 + 56 = 456.
 """
 
 from __future__ import annotations
@@ -16,6 +20,22 @@ MAX_DIGITS = 100  # answers have at most 15 digits (5 operands of 3 digits)
 
 def _apply(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def _split(a: int, op: str, b: int) -> list[str]:
+    """Lines computing a op b by place value: the tens (and above) of b first, then its units; for
+    "*", the units of a times b and the rest of a times b, then their sum. One line when b (for "+"
+    and "-") or a (for "*") has a single nonzero part."""
+    if op == "*":
+        if a < 10 or a % 10 == 0 or b < 2:
+            return [f"{a} * {b} = {a * b}"]
+        hi, lo = a - a % 10, a % 10
+        return [f"{hi} * {b} = {hi * b}", f"{lo} * {b} = {lo * b}", f"{hi * b} + {lo * b} = {a * b}"]
+    if b < 10 or b % 10 == 0:
+        return [f"{a} {op} {b} = {_apply(a, op, b)}"]
+    hi, lo = b - b % 10, b % 10
+    mid = _apply(a, op, hi)
+    return [f"{a} {op} {hi} = {mid}", f"{mid} {op} {lo} = {_apply(mid, op, lo)}"]
 
 
 def _show(terms: list[int], ops: list[str]) -> str:
@@ -36,7 +56,7 @@ class Arithmetic(Task):
         terms, rest = [nums[0]], []
         for op, n in zip(ops, nums[1:]):
             if op == "*":
-                steps.append(f"{terms[-1]} * {n} = {terms[-1] * n}")
+                steps += _split(terms[-1], "*", n)
                 terms[-1] *= n
             else:
                 terms.append(n)
@@ -46,7 +66,7 @@ class Arithmetic(Task):
         # Then + and - from left to right.
         acc = terms[0]
         for op, t in zip(rest, terms[1:]):
-            steps.append(f"{acc} {op} {t} = {_apply(acc, op, t)}")
+            steps += _split(acc, op, t)
             acc = _apply(acc, op, t)
         solution = "\n".join(steps + [f"\\boxed{{{acc}}}"])
         return Problem(self.name, f"What is {expr}?", str(acc), solution, {"expression": expr})
