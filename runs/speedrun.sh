@@ -37,10 +37,10 @@ EVAL="--problems 34 --k 4 --temperature 0.6 --top-p 0.95 --max-tokens 160 --gree
 
 # ---- 1. tokenizer + pretraining -------------------------------------------------------------------
 # Data: 60,000 documents "Question: …\nAnswer: <worked steps> \boxed{…}" from the arithmetic and
-#   countdown tasks (difficulty 1–3, train split) ≈ 50 tokens each → 3.0M tokens; held-out loss on
+#   countdown tasks (difficulty 1–3, train split) ≈ 54 tokens each → 3.3M tokens; held-out loss on
 #   400 documents of the tasks' test split. A byte-level BPE (single digits) is trained on the same
 #   documents plus R1's instruction sentence and R1-Zero's template (so prompts cost ~15 and ~96 tokens).
-# Steps: 16 sequences × 256 tokens = 4,096 tokens/step; 2,000 steps = 8.2M tokens ≈ 2.7 epochs.
+# Steps: 16 sequences × 256 tokens = 4,096 tokens/step; 2,000 steps = 8.2M tokens ≈ 2.5 epochs.
 #   256-token windows, so an R1-Zero prompt and its answer fit the context the model was trained at.
 #   LR 3e-3: 50 warmup steps, constant to step 1,000, cosine to 3e-4 (V3 §4.2's shape).
 if ! done_ "$OUT/pretrain"; then
@@ -72,7 +72,7 @@ fi
 #   problem, forked; ~30 tokens per response); reward = accuracy (the task's checker) + format
 #   (<think>…</think> then \boxed{}); group-normalised advantages; one clipped-ratio AdamW step at a constant
 #   2e-4 (ε 0.2, no KL: β = 0 keeps no reference model). 100 steps = 12,800 rollouts; 2–3 s a step.
-#   (The gain levels off: 34.1 at step 100, 33.2 at 150, 35.2 at 200;
+#   (Before the place-value steps the gain leveled off: 34.1 at step 100, 33.2 at 150, 35.2 at 200;
 #   lr 4e-4, μ 2, T 0.7, --no-std and --dynamic-sampling measured no better: README "Stages".)
 if ! done_ "$OUT/grpo"; then
 timed grpo $PY -m minke.cli grpo --model "$OUT/sft/final" --out "$OUT/grpo" $(resume "$OUT/grpo") \
