@@ -246,14 +246,14 @@ def test_base_url_scores_a_model_that_knows_answers():
     from minke.serve import server
 
     model, tok, ps = taught()
-    direct = evaluate(model, tok, ps, k=2, max_tokens=24, greedy=True)
+    direct = evaluate(model, tok, ps, k=2, max_tokens=48, greedy=True)
     assert direct["overall"]["greedy"] == 0.5 and direct["overall"]["pass@1"] == 0.5
     with serving(server.create_app(Engine(model, max_batch=8, decode_fn=tok.decode), tok, model_name="t")) as url:
         backend = OpenAIBackend(url, tok)
         assert backend.model == "t"  # the server's first model when --api-model is not given
         for fmt in FORMATS:  # the server adds bos to a text prompt: the ids match the in-process ones
             assert tok.encode(backend._prompt(ps[0], fmt), add_bos=True) == prompt_ids(tok, ps[0], fmt)
-        remote = evaluate(backend, tok, ps, k=2, max_tokens=24, greedy=True)
+        remote = evaluate(backend, tok, ps, k=2, max_tokens=48, greedy=True)
     assert remote["rows"] == direct["rows"]
 
 

@@ -108,7 +108,8 @@ def test_pretrain_fp8_under_torchrun_matches_one_process(tmp_path):
     """`torchrun --nproc_per_node 2 -m minke.cli pretrain --fp8 --bf16-moments` (expert parallel + FSDP2, the
     BF16 moments as DTensors, gathered into the step-4 checkpoint) against the same in one process: losses
     and held-out loss within 5e-4 relative (measured ≤ 5e-5 over 4 steps; MTP's 63-token rows do not fall
-    into one process's tiles, the rest do), routing biases equal, the checkpoint's moments BF16."""
+    into one process's tiles, the rest do), routing biases equal (MTP's within one update), the checkpoint's
+    moments BF16."""
     from minke.data.tokenizer import train_tokenizer
     from minke.tasks import corpus
     from minke.train import checkpoint, pretrain
@@ -132,6 +133,10 @@ def test_pretrain_fp8_under_torchrun_matches_one_process(tmp_path):
     assert w1.keys() == w2.keys()
     for k in w1:
         if k.endswith("e_score_correction_bias"):
-            assert torch.equal(w1[k], w2[k]), k
+            if k.startswith("mtp."):  # its rows' FP8 tiles differ (above): a near-tie token may route to
+                # another expert, and a sign update of γ = 1e-3 flip, once
+                assert (w1[k] - w2[k]).abs().max() <= 1e-3 + 1e-6, k
+            else:
+                assert torch.equal(w1[k], w2[k]), k
     state = checkpoint.load_state(tmp_path / "two" / "final")["optimizer"]["state"]
     assert {v.dtype for s in state.values() for k, v in s.items() if k != "step"} == {torch.bfloat16}
