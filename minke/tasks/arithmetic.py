@@ -23,9 +23,9 @@ def _apply(a: int, op: str, b: int) -> int:
 
 
 def _split(a: int, op: str, b: int) -> list[str]:
-    """Lines computing a op b by place value: the tens (and above) of b first, then its units; for
-    "*", the units of a times b and the rest of a times b, then their sum. One line when b (for "+"
-    and "-") or a (for "*") has a single nonzero part."""
+    """Lines computing a op b by place value: for "+" and "-", the tens (and above) of b first, then
+    its units; for "*", the tens (and above) of a times b, its units times b, then their sum. One line
+    when b (for "+" and "-") or a (for "*") has a single nonzero part."""
     if op == "*":
         if a < 10 or a % 10 == 0 or b < 2:
             return [f"{a} * {b} = {a * b}"]
