@@ -107,18 +107,25 @@ def check_mode(ep: bool, d: parallel.Dist, out: str) -> dict:
     res["reload_diff"] = max((whole(v) - whole(mine[k])).abs().max().item() for k, v in fresh.state_dict().items())
 
     if ep:
-        # Starve rank 1: a bias of -100 on experts 4..7 (the second routing group) sends them nothing.
-        # Forward, backward and the gradient norm must still complete, with zero gradients there.
-        for m in model.moe_layers():
-            m.gate.e_score_correction_bias[cfg.n_routed_experts // 2:] = -100.0
-        loss_fn(model, parallel.shard_batch(data[0], d)).backward()
-        parallel.clip_grad_norm_(model.parameters(), CLIP)
-        g = model.moe_layers()[0].experts.gate_proj.grad.to_local()
-        res["starved_grad_abs"] = float(parallel.all_reduce_sum(g.abs().sum() * (d.rank == 1)))
+        res["starved_grad_abs"] = starved_grad(model, data[0], d)
     return res
 
 
-def main():
+def starved_grad(model, batch: torch.Tensor, d: parallel.Dist) -> float:
+    """Starve rank 1: a bias of -100 on experts 4..7 (the second routing group) sends them nothing.
+    Forward, backward and the gradient norm must still complete; returns the sum of |gradient| of rank
+    1's experts (0 expected)."""
+    for m in model.moe_layers():
+        m.gate.e_score_correction_bias[model.config.n_routed_experts // 2:] = -100.0
+    loss_fn(model, parallel.shard_batch(batch, d)).backward()
+    parallel.clip_grad_norm_(model.parameters(), CLIP)
+    g = model.moe_layers()[0].experts.gate_proj.grad.to_local()
+    return float(parallel.all_reduce_sum(g.abs().sum() * (d.rank == 1)))
+
+
+def main(check=None):
+    """Run ``check(ep, d, out)`` in both modes on 2 ranks; rank 0 writes <out>/result.json."""
+    check = check or check_mode
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--hang-after", type=float, default=240, help="seconds; then print every stack and exit")
@@ -129,7 +136,7 @@ def main():
     assert d.world == 2, d
     result = {"world": d.world}
     for ep in (True, False):
-        result["ep" if ep else "fsdp"] = check_mode(ep, d, args.out)
+        result["ep" if ep else "fsdp"] = check(ep, d, args.out)
     parallel.barrier()
     if d.is_main:
         with open(os.path.join(args.out, "result.json"), "w") as f:

@@ -22,7 +22,7 @@ import dist_worker
 import fp8_dist_worker
 import minke
 from minke.train import parallel
-from test_parallel import ROOT, one_thread, torchrun, train_records
+from test_parallel import ROOT, one_thread, pretrain_one_vs_torchrun, torchrun
 
 REL = 1e-4  # tiles that coincide: summation order only (tests/test_parallel.py)
 
@@ -110,27 +110,10 @@ def test_pretrain_fp8_under_torchrun_matches_one_process(tmp_path):
     and held-out loss within 5e-4 relative (measured ≤ 5e-5 over 4 steps; MTP's 63-token rows do not fall
     into one process's tiles, the rest do), routing biases equal (MTP's within one update), the checkpoint's
     moments BF16."""
-    from minke.data.tokenizer import train_tokenizer
-    from minke.tasks import corpus
-    from minke.train import checkpoint, pretrain
+    from minke.train import checkpoint
 
-    tok = tmp_path / "tok"
-    train_tokenizer(corpus(300, seed=0), vocab_size=320, out_dir=tok)
-    flags = ["--tokenizer", str(tok), "--docs", "300", "--eval-docs", "30", "--seq-len", "64", "--batch-size", "4",
-             "--steps", "4", "--warmup", "2", "--lr", "1e-2", "--eval-every", "4", "--save-every", "4",
-             "--eval-batches", "2", "--eval-problems", "0", "--log-every", "100", "--fp8", "--bf16-moments"]
-    with one_thread():
-        assert pretrain.main([*flags, "--out", str(tmp_path / "one")]) == 0
-    torchrun("-m", "minke.cli", "pretrain", *flags, "--out", str(tmp_path / "two"))
-    one, two = train_records(tmp_path / "one"), train_records(tmp_path / "two")
-    assert [r["kind"] for r in one] == [r["kind"] for r in two]
-    for a, b in zip(one, two):
-        for k in ("loss", "ce", "mtp", "eval_ce"):
-            if k in a:
-                assert b[k] == pytest.approx(a[k], rel=5e-4), (a["step"], k)
-    w1 = minke.load(tmp_path / "one" / "final", dtype=torch.float32).state_dict()
-    w2 = minke.load(tmp_path / "two" / "final", dtype=torch.float32).state_dict()
-    assert w1.keys() == w2.keys()
+    w1, w2 = pretrain_one_vs_torchrun(tmp_path, ["--seq-len", "64", "--eval-problems", "0", "--fp8", "--bf16-moments"],
+                                      5e-4)
     for k in w1:
         if k.endswith("e_score_correction_bias"):
             if k.startswith("mtp."):  # its rows' FP8 tiles differ (above): a near-tie token may route to

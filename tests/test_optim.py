@@ -195,7 +195,7 @@ def test_bf16_moments_on_fsdp2_dtensors_resume_exactly(one_rank_mesh):
 
 
 # ---- minke pretrain --bf16-moments ----------------------------------------------------------------
-from test_pretrain import flags, history, same_weights, tok_dir  # noqa: E402,F401 (tok_dir: a fixture)
+from test_pretrain import flags, history, killed_in_step, same_weights, tok_dir  # noqa: E402,F401 (tok_dir: a fixture)
 
 LR = ("--lr", "3e-3")  # test_pretrain's 1e-2 spikes the gradient norm to 20 at step 8: chaos, not the moments
 
@@ -230,23 +230,10 @@ def test_pretrain_bf16_moments_resume_bitwise(tmp_path, tok_dir, runs, monkeypat
     """Killed mid-step 6 after the step-4 checkpoint, then --resume: bitwise the uninterrupted BF16-moment
     run (the checkpoint holds BF16 moments, loaded back as BF16: torch's load_state_dict alone would widen
     them to FP32, and the resumed run would round differently from the uninterrupted one)."""
-    from minke.data import loader
     from minke.train import checkpoint
 
     out = tmp_path / "b"
-    calls = {"n": 0}
-    next_batch = loader.PackedLoader.next_batch
-
-    def dies_in_step_6(self):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return next_batch(self)
-
-    monkeypatch.setattr(loader.PackedLoader, "next_batch", dies_in_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        pretrain.main(flags(out, tok_dir, *LR, "--bf16-moments"))
-    monkeypatch.undo()
+    killed_in_step(monkeypatch, flags(out, tok_dir, *LR, "--bf16-moments"))
     state = checkpoint.load_state(checkpoint.latest(out))["optimizer"]["state"]
     assert {v.dtype for s in state.values() for k, v in s.items() if k != "step"} == {torch.bfloat16}
     assert pretrain.main(flags(out, tok_dir, *LR, "--bf16-moments", "--resume", str(out))) == 0

@@ -67,21 +67,27 @@ def test_short_run_learns_and_leaves_a_loadable_checkpoint(tmp_path, tok_dir):
     assert "exact-answer accuracy" in (out / "report.md").read_text()
 
 
-def test_resume_after_interruption_is_bitwise_identical(tmp_path, tok_dir, uninterrupted, monkeypatch):
-    out = tmp_path / "b"
+def killed_in_step(monkeypatch, argv: list[str], step: int = 6) -> None:
+    """`minke pretrain argv`, killed (KeyboardInterrupt) while fetching step ``step``'s batch: mid-step,
+    after the checkpoints before it."""
     calls = {"n": 0}
     next_batch = loader.PackedLoader.next_batch
 
-    def dies_in_step_6(self):
+    def dies(self):
         calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt  # killed mid-step, after the step-4 checkpoint
+        if calls["n"] == step:
+            raise KeyboardInterrupt
         return next_batch(self)
 
-    monkeypatch.setattr(loader.PackedLoader, "next_batch", dies_in_step_6)
+    monkeypatch.setattr(loader.PackedLoader, "next_batch", dies)
     with pytest.raises(KeyboardInterrupt):
-        pretrain.main(flags(out, tok_dir))
+        pretrain.main(argv)
     monkeypatch.undo()
+
+
+def test_resume_after_interruption_is_bitwise_identical(tmp_path, tok_dir, uninterrupted, monkeypatch):
+    out = tmp_path / "b"
+    killed_in_step(monkeypatch, flags(out, tok_dir))  # after the step-4 checkpoint
     assert [m["step"] for m in history(out) if m["kind"] == "train"] == [1, 2, 3, 4, 5]
     assert checkpoint.latest(out).name == "step-000004"
     assert pretrain.main(flags(out, tok_dir, "--resume", str(out))) == 0
