@@ -99,8 +99,9 @@ def test_fp8_training_matches_one_process(fp8_run, reference, mode, rel):
 
 
 def test_rank_whose_fp8_experts_get_no_rows_still_steps(fp8_run):
-    """Fails (a deadlock, reported with stacks after the worker's --hang-after) when FP8TrainExperts
-    answers zero rows with a tensor outside the graph: that rank then skips the backward all-to-all."""
+    """Fails (a deadlock, reported with stacks after the worker's --hang-after) when EPExperts passes on
+    the experts' answer to zero rows as it is (FP8TrainExperts': a tensor outside the rows' graph): that
+    rank then skips the backward all-to-all."""
     assert fp8_run["ep"]["starved_grad_abs"] == 0.0
 
 

@@ -85,10 +85,8 @@ class FP8TrainExperts(nn.Module):
         w = [p.unbind(0) for p in (self.gate_proj, self.up_proj, self.down_proj)]
         ys = [self._swiglu(xe, w[0][e], w[1][e], w[2][e], e)
               for e, xe in enumerate(x.split(counts.tolist())) if len(xe)]
-        if not ys:  # no rows (an expert-parallel rank nobody routed to): (0, D) in the dtype rows would
-            # have, and still in x's graph, so the backward of the all-to-all that brought x runs on every rank
-            dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-            return x.to(dt) * 0
+        if not ys:
+            return x.new_empty(x.shape)
         return torch.cat([y.to(ys[0].dtype) for y in ys])
 
 

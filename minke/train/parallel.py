@@ -253,11 +253,14 @@ class EPExperts(nn.Module):
         weights = [_ScaleGrad.apply(p.to_local(), 1.0 / W).to(x.dtype)
                    for p in (self.gate_proj, self.up_proj, self.down_proj)]
         local = _LocalExperts(*weights) if self.fp8 is None else _LocalFP8Experts(*weights, *self.fp8, self.first)
-        y = local.grouped(gather_rows(rows, order), recv_counts.view(W, El).sum(0))
+        mine = gather_rows(rows, order)
+        y = local.grouped(mine, recv_counts.view(W, El).sum(0))
         if not y.shape[0]:
-            # Nothing arrived: keep the weights in the graph so their (zero) gradient exists on every
-            # rank; a None grad here would make this rank skip the collectives of the gradient norm.
-            y = y + sum(w.flatten()[0] for w in weights) * 0
+            # Nothing arrived: keep the rows and the weights in the graph, whatever the experts' math
+            # returned for no rows, so the backward of the all-to-all that brought the rows runs on every
+            # rank (else a deadlock) and the weights' (zero) gradient exists (a None grad would make this
+            # rank skip the collectives of the gradient norm).
+            y = y + mine.to(y.dtype) * 0 + sum(w.flatten()[0] for w in weights) * 0
         return _AllToAll.apply(gather_rows(y, inverse_permutation(order)), recv, send, self.group)
 
 
