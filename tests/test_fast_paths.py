@@ -142,6 +142,7 @@ def test_training_step_gradients_match_transformers(hf_v3_dir):
 
 # ---- decode: packed GEMM weights (kernels/linear.py) -------------------------------------------
 from minke.kernels import linear as kl  # noqa: E402
+from minke.model.layers import MLP  # noqa: E402
 
 needs_onednn = pytest.mark.skipif(not kl.packed_available(torch.float32), reason="needs torch built with oneDNN")
 needs_bf16 = pytest.mark.skipif(not kl.packed_available(torch.bfloat16), reason="needs a CPU with native bf16")
@@ -149,18 +150,41 @@ needs_bf16 = pytest.mark.skipif(not kl.packed_available(torch.bfloat16), reason=
 
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_linear_matches_f_linear(dtype):
+@pytest.mark.parametrize("kind", ["packed", "t", None])
+def test_laid_out_linear_matches_f_linear(dtype, kind):
+    """Each decode layout (oneDNN packed, Wᵀ stored contiguous, plain) computes F.linear, with and
+    without a bias, for decode's one row and any leading dims."""
     if not kl.packed_available(dtype):
         pytest.skip("no native bf16 on this CPU")
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 40, generator=g).to(dtype), torch.randn(48, generator=g).to(dtype)
-    for shape in ((1, 40), (3, 5, 40)):  # decode's one row; any leading dims
+    prepared = kl.Prepared(w, kind)
+    for shape in ((1, 40), (3, 5, 40)):
         x = torch.randn(*shape, generator=g).to(dtype)
-        ref = torch.nn.functional.linear(x.double(), w.double(), b.double())
-        out = kl.packed_linear(x, kl.pack(w), b)
-        assert out.shape == ref.shape and out.dtype == dtype
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
-        assert (out.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+        for bias in (b, None):
+            ref = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
+            out = prepared(x, bias)
+            assert out.shape == ref.shape and out.dtype == dtype
+            tol = 1e-5 if dtype == torch.float32 else 2e-2
+            assert (out.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+
+
+@needs_onednn
+def test_layout_rule():
+    """The layouts the measured table in kernels/linear.py picks: fp32 Wᵀ for outputs at least as wide
+    as the input or past WIDE_OUTPUT, oneDNN packed for the other large fp32 matrices and every large
+    bf16 one, plain below MIN_PACK_ELEMENTS or off the CPU."""
+    f = torch.float32
+    assert kl.layout(torch.empty(32000, 768)) == "t"  # the LM head
+    assert kl.layout(torch.empty(768, 384)) == "t"  # an expert's down projection
+    assert kl.layout(torch.empty(1152, 384)) == "t"
+    assert kl.layout(torch.empty(768, 2048)) == "packed"  # a dense MLP's down projection
+    assert kl.layout(torch.empty(384, 768)) == "packed"
+    assert kl.layout(torch.empty(16, 768)) is None  # too small to gain
+    assert kl.layout(torch.empty(4, 768, 384, dtype=f)) == "t"  # per-expert stacks: each matrix
+    if kl.packed_available(torch.bfloat16):
+        assert kl.layout(torch.empty(32000, 768, dtype=torch.bfloat16)) == "packed"
+    assert kl.layout(torch.empty(32000, 768, dtype=torch.float64)) is None
 
 
 def _greedy(model, prompts, n, packed, **kw):
@@ -184,7 +208,12 @@ def test_engine_packed_decode_matches_plain(monkeypatch, dtype):
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (5, 17, 9, 30)]
     plain, _ = _greedy(model, prompts, 12, False)
     packed, e = _greedy(model, prompts, 12, True)
-    assert len(e.decode_weights.linears) > 0 and len(e.decode_weights.experts) == len(model.moe_layers())
+    dw = e.decode_weights
+    assert len(dw.linears) > 0 and len(dw.experts) == len(model.moe_layers())
+    assert len(dw.mlps) == sum(type(m) is MLP for m in model.modules())  # dense layers' and shared experts'
+    kinds = {p.w.kind for p in dw.linears} | {p.gate_up.kind for p in dw.mlps} | {p.down[0].kind for p in dw.experts}
+    if dtype == torch.float32:
+        assert kinds == {"t", "packed"}  # both layouts run
     assert packed == plain
     assert "forward" not in vars(model.lm_head)  # the modules are as they were after the step
 
@@ -195,7 +224,8 @@ def test_packed_weights_follow_in_place_updates(monkeypatch):
     sees it (fails when packs are made once and kept)."""
     monkeypatch.setattr(kl, "MIN_PACK_ELEMENTS", {torch.float32: 0, torch.bfloat16: 0})
     model = minke.build(minke.preset("tiny"), seed=0).eval()
-    dw = kl.DecodeWeights(model, (moe.Experts,))
+    dw = kl.DecodeWeights(model, (moe.Experts,), (MLP,))
+    assert dw.mlps and dw.experts and dw.linears
     x = torch.randint(0, 1024, (1, 6))
     with torch.inference_mode(), dw:
         before = model(x).logits
@@ -226,9 +256,10 @@ def test_packed_forward_falls_back_outside_inference(monkeypatch):
     monkeypatch.setattr(kl, "MIN_PACK_ELEMENTS", {torch.float32: 0, torch.bfloat16: 0})
     model = minke.build(minke.preset("tiny"), seed=0)
     x = torch.randint(0, 1024, (1, 4))
-    with kl.DecodeWeights(model, (moe.Experts,)):
+    with kl.DecodeWeights(model, (moe.Experts,), (MLP,)):
         model(x).logits.sum().backward()
     assert model.lm_head.weight.grad is not None and model.layers[1].mlp.experts.gate_proj.grad is not None
+    assert model.layers[0].mlp.gate_proj.weight.grad is not None  # a fused MLP's own forward ran
 
     class OwnForward(torch.nn.Linear):  # e.g. an FP8 linear: its forward is the point, never replaced
         pass

@@ -1,16 +1,35 @@
-"""Decode's GEMMs on CPU with weights pre-packed by oneDNN, beside the plain ``F.linear`` they replace.
+"""Decode's GEMMs on CPU with weights laid out once for matrix-vector products, beside the plain
+``F.linear`` they replace.
 
 Batch-1 decode multiplies one row by every weight matrix: it is a stream of matrix-vector products,
-bound by how fast the weights come from memory. torch's plain ``F.linear`` re-lays out (bf16) or
-reads (fp32) the weight in a layout its GEMV kernel does not stream well; oneDNN's blocked layout,
-packed once, reads it near memory speed (inductor's ``freezing`` does the same for compiled CPU
-models). In bf16, on a CPU with AVX512-BF16, the packed GEMV moves about twice as many weights per
-second as the fp32 one and three times plain bf16 ``F.linear`` (benchmarks/README.md).
+bound by how fast the weights come from memory. torch's plain ``F.linear`` reads an (O, K) weight in a
+layout its GEMV kernel does not stream well. Two layouts do better, each for its shapes (measured
+with cold weights at one row on one core of this project's AMD EPYC, fp32, GB/s of weights read):
 
-``DecodeWeights(model)`` holds packed copies of a model's ``nn.Linear`` weights and of its stacked
-expert weights, and while entered (``with weights:``) routes those modules through them. Packs are
-refreshed whenever a weight changed since it was packed (its version counter or storage moved), so
-a trainer updating the model in place (RL) is seen by the next decode step. Anything the packed path
+| (O, K)       | plain | oneDNN packed | Wᵀ (K, O) |
+|--------------|-------|---------------|-----------|
+| 384 × 768    | 11.2  | 12.0          | 8.5       |
+| 768 × 384    | 9.3   | 9.1           | 13.8      |
+| 768 × 2048   | 14.8  | 15.7          | 13.5      |
+| 1152 × 384   | 8.8   | 9.2           | 15.0      |
+| 4096 × 768   | 11.9  | 16.1          | 19.3      |
+| 32000 × 768  | 10.5  | 16.2          | 20.2      |
+
+- ``"t"``: the transpose stored contiguous, y = x @ Wᵀ, which the BLAS runs as a stream of
+  row-times-scalar updates across O: the fastest where the output is at least as wide as the input
+  or wider than 1024 (fp32 only: bf16 GEMMs on Wᵀ are no faster than plain).
+- ``"packed"``: oneDNN's blocked layout (``_reorder_linear_weight``), what inductor's ``freezing`` does
+  for compiled CPU models: the rest of the large fp32 matrices, and every bf16 one on a CPU with
+  AVX512-BF16, where it reads twice the weights per second of the fp32 path and three times plain bf16.
+- smaller matrices stay plain: oneDNN's dispatch costs ~15 µs a call, more than they take.
+
+Besides single matrices, matrices that read the same input are fused into one: a SwiGLU MLP's gate and
+up projections, and each routed expert's (one GEMV per expert for gate and up, one for down).
+
+``DecodeWeights(model)`` holds the laid-out copies of a model's ``nn.Linear`` weights, SwiGLU MLPs and
+stacked experts, and while entered (``with weights:``) routes those modules through them. Copies are
+refreshed whenever a weight changed since it was laid out (its version counter or storage moved), so
+a trainer updating the model in place (RL) is seen by the next decode step. Anything the fast path
 does not take (another dtype or device, autocast, grad mode) runs the module's own forward.
 
 Shape legend: M rows, K in features, O out features, E experts, I expert width, D hidden.
@@ -23,10 +42,9 @@ import torch.nn.functional as F
 from torch import nn
 
 PACK_BATCH_HINT = 1  # oneDNN picks the packed layout for this many rows: decode's
-# A packed GEMV costs ~15 us more per call than torch's own (oneDNN's dispatch); it pays from about
-# this many weight elements, measured at one row on one core: bf16 1.3x at 384x768, fp32 only 1.1x at
-# 2048x768 (and slower below). Smaller matrices, hot in cache, stay on the plain path.
-MIN_PACK_ELEMENTS = {torch.bfloat16: 1 << 17, torch.float32: 1 << 20}
+# Below this many weight elements a matrix, hot in cache or not, runs as fast plain (bf16: 384×384).
+MIN_PACK_ELEMENTS = {torch.bfloat16: 1 << 17, torch.float32: 1 << 18}
+WIDE_OUTPUT = 1024  # fp32: Wᵀ from this many outputs, whatever the input width
 
 
 def packed_available(dtype: torch.dtype, device="cpu") -> bool:
@@ -39,10 +57,22 @@ def packed_available(dtype: torch.dtype, device="cpu") -> bool:
     return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def layout(weight: torch.Tensor) -> str | None:
+    """The layout an (…, O, K) weight (one matrix, or one per expert) decodes fastest in: "t", "packed",
+    or None (plain: too small to gain, or a dtype/device the fast paths do not take)."""
+    if not packed_available(weight.dtype, weight.device):
+        return None
+    O, K = weight.shape[-2:]
+    if O * K < MIN_PACK_ELEMENTS[weight.dtype]:
+        return None
+    if weight.dtype == torch.float32 and (O >= K or O >= WIDE_OUTPUT):
+        return "t"
+    return "packed"
+
+
 def worth_packing(weight: torch.Tensor) -> bool:
-    """A (…, O, K) weight (one matrix, or one per expert) that the packed path runs faster."""
-    return (packed_available(weight.dtype, weight.device)
-            and weight.shape[-1] * weight.shape[-2] >= MIN_PACK_ELEMENTS[weight.dtype])
+    """A weight that one of the fast layouts runs faster than plain."""
+    return layout(weight) is not None
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor:
@@ -56,100 +86,159 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return y.view(*x.shape[:-1], y.shape[-1])
 
 
+class Prepared:
+    """One (O, K) weight in the layout ``layout`` picked (or plain), and F.linear through it."""
+
+    def __init__(self, weight: torch.Tensor, kind: str | None):
+        w = weight.detach()
+        self.kind = kind
+        self.w = pack(w) if kind == "packed" else w.t().contiguous() if kind == "t" else w
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.kind == "packed":
+            return packed_linear(x, self.w, bias)
+        if self.kind == "t":
+            x2 = x.reshape(-1, x.shape[-1])
+            y = torch.addmm(bias, x2, self.w) if bias is not None else torch.mm(x2, self.w)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        return F.linear(x, self.w, bias)
+
+
 def _stamp(*ts: torch.Tensor) -> tuple:
     """What identifies a weight's current values: storage and in-place version of each tensor (an
     inference tensor, made under inference_mode, has no version counter)."""
     return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in ts)
 
 
-class _PackedLinear:
-    """A forward for one nn.Linear through its packed weight (falls back to the module's own)."""
+def _plain(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Inputs the fast path does not take: the module's own forward runs."""
+    return (x.dtype != w.dtype or x.device.type != "cpu" or torch.is_grad_enabled()
+            or torch.is_autocast_enabled("cpu"))
 
-    def __init__(self, module: nn.Linear):
-        self.module, self.stamp, self.packed = module, None, None
+
+class _Module:
+    """A fast forward for one module (installed as ``attr`` while DecodeWeights is entered), its
+    laid-out weights made again whenever ``weights()`` changed."""
+    attr = "forward"
+
+    def __init__(self, module: nn.Module):
+        self.module, self.stamp = module, None
 
     def refresh(self) -> None:
-        m = self.module
-        if self.stamp != _stamp(m.weight):
-            self.packed, self.stamp = pack(m.weight), _stamp(m.weight)
+        stamp = _stamp(*self.weights())
+        if self.stamp != stamp:
+            self.prepare(*(w.detach() for w in self.weights()))
+            self.stamp = stamp
+
+
+class _Linear(_Module):
+    def weights(self):
+        return (self.module.weight,)
+
+    def prepare(self, w):
+        self.w = Prepared(w, layout(w))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
-        if x.dtype != m.weight.dtype or x.device.type != "cpu" or torch.is_grad_enabled() \
-                or torch.is_autocast_enabled("cpu"):
+        if _plain(x, m.weight):
             return type(m).forward(m, x)
-        return packed_linear(x, self.packed, None if m.bias is None else m.bias.detach())
+        return self.w(x, None if m.bias is None else m.bias.detach())
 
 
-class _PackedExperts:
-    """``Experts.grouped`` through packed weights: per expert with rows, one GEMV for gate and up
-    together ([gate; up] packed as one (2I, D) matrix), one for down."""
+class _MLP(_Module):
+    """A SwiGLU MLP (gate_proj, up_proj, down_proj nn.Linear without bias): gate and up as one GEMV."""
 
-    def __init__(self, module: nn.Module):
-        self.module, self.stamp, self.gate_up, self.down = module, None, [], []
+    def weights(self):
+        m = self.module
+        return m.gate_proj.weight, m.up_proj.weight, m.down_proj.weight
+
+    def prepare(self, g, u, d):
+        gu = torch.cat([g, u])
+        self.gate_up, self.down = Prepared(gu, layout(gu)), Prepared(d, layout(d))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        if _plain(x, m.gate_proj.weight):
+            return type(m).forward(m, x)
+        g, u = self.gate_up(x).chunk(2, -1)
+        return self.down(F.silu(g) * u)
+
+
+class _Experts(_Module):
+    """``Experts.grouped`` through laid-out weights: per expert with rows, one GEMV for gate and up
+    together ([gate; up] as one (2I, D) matrix), one for down."""
+    attr = "grouped"
 
     def weights(self):
         m = self.module
         return m.gate_proj, m.up_proj, m.down_proj  # (E, I, D), (E, I, D), (E, D, I)
 
-    def refresh(self) -> None:
-        stamp = _stamp(*self.weights())
-        if self.stamp != stamp:
-            g, u, d = (w.detach() for w in self.weights())
-            self.gate_up = [pack(torch.cat([g[e], u[e]])) for e in range(len(g))]
-            self.down = [pack(d[e]) for e in range(len(d))]
-            self.stamp = stamp
+    def prepare(self, g, u, d):
+        gu = torch.cat([g, u], 1)
+        kg, kd = layout(gu), layout(d)
+        self.gate_up = [Prepared(gu[e], kg) for e in range(len(gu))]
+        self.down = [Prepared(d[e], kd) for e in range(len(d))]
 
     def __call__(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, D) sorted by expert, counts (E,) rows each → (M, D), as ``Experts.grouped``."""
         m = self.module
-        if x.dtype != m.gate_proj.dtype or x.device.type != "cpu" or torch.is_grad_enabled() \
-                or torch.is_autocast_enabled("cpu"):
+        if _plain(x, m.gate_proj):
             return type(m).grouped(m, x, counts)
         ys, start = [], 0
         for e, c in enumerate(counts.tolist()):  # CPU: reading counts costs no device sync
             if c:
-                g, u = packed_linear(x[start:start + c], self.gate_up[e]).chunk(2, -1)
-                ys.append(packed_linear(F.silu(g) * u, self.down[e]))
+                g, u = self.gate_up[e](x[start:start + c]).chunk(2, -1)
+                ys.append(self.down[e](F.silu(g) * u))
                 start += c
         return torch.cat(ys) if ys else x.new_empty(x.shape)
 
 
+def _swiglu_mlp(m: nn.Module) -> bool:
+    return all(type(getattr(m, n, None)) is nn.Linear and getattr(m, n).bias is None
+               for n in ("gate_proj", "up_proj", "down_proj"))
+
+
 class DecodeWeights:
-    """Packed copies of ``model``'s nn.Linear and expert weights in their dtype, used while entered.
+    """Laid-out copies of ``model``'s nn.Linear, SwiGLU MLP and expert weights in their dtype, used
+    while entered.
 
-    ``with weights:`` refreshes stale packs, then routes every nn.Linear's forward and every experts
-    module's ``grouped`` through them; leaving restores the modules. Not re-entrant; the caller holds
-    whatever lock keeps other threads off the model meanwhile (the engine's). Weights that
-    ``worth_packing`` refuses (dtype, device, too small to gain) are left alone."""
+    ``with weights:`` refreshes stale copies, then routes every such module's forward (an experts
+    module's ``grouped``) through them; leaving restores the modules. Not re-entrant; the caller holds
+    whatever lock keeps other threads off the model meanwhile (the engine's). Weights that ``layout``
+    refuses (dtype, device, too small to gain) are left alone."""
 
-    def __init__(self, model: nn.Module, experts: tuple[type, ...] = ()):
+    def __init__(self, model: nn.Module, experts: tuple[type, ...] = (), mlps: tuple[type, ...] = ()):
         """``experts``: the classes of stacked SwiGLU experts (model.moe.Experts: gate_proj, up_proj
-        (E, I, D), down_proj (E, D, I), ``grouped(x, counts)``), named by the caller, since kernels import
-        nothing from the model. Only these exact classes and plain nn.Linear are taken: a subclass with
-        its own forward (an FP8 linear) keeps it."""
-        self.linears: list[_PackedLinear] = []
-        self.experts: list[_PackedExperts] = []
+        (E, I, D), down_proj (E, D, I), ``grouped(x, counts)``); ``mlps``: the classes of SwiGLU MLPs
+        (model.layers.MLP: gate_proj, up_proj, down_proj nn.Linear, forward down(silu(gate(x)) · up(x))),
+        both named by the caller, since kernels import nothing from the model. Only these exact classes
+        and plain nn.Linear are taken: a subclass with its own forward (an FP8 linear) keeps it."""
+        self.linears: list[_Linear] = []
+        self.mlps: list[_MLP] = []
+        self.experts: list[_Experts] = []
+        fused: set[int] = set()  # the linears inside a fused MLP
         for m in model.modules():
-            if type(m) is nn.Linear and worth_packing(m.weight):
-                self.linears.append(_PackedLinear(m))
+            if type(m) in mlps and _swiglu_mlp(m) and worth_packing(m.gate_proj.weight):
+                self.mlps.append(_MLP(m))
+                fused.update(id(getattr(m, n)) for n in ("gate_proj", "up_proj", "down_proj"))
             elif type(m) in experts and worth_packing(m.gate_proj):
-                self.experts.append(_PackedExperts(m))
+                self.experts.append(_Experts(m))
+        for m in model.modules():
+            if type(m) is nn.Linear and id(m) not in fused and worth_packing(m.weight):
+                self.linears.append(_Linear(m))
+
+    def _all(self) -> list[_Module]:
+        return [*self.linears, *self.mlps, *self.experts]
 
     def __len__(self) -> int:
-        return len(self.linears) + len(self.experts)
+        return len(self._all())
 
     def __enter__(self) -> "DecodeWeights":
-        for p in self.linears:
+        for p in self._all():
             p.refresh()
-            p.module.forward = p
-        for p in self.experts:
-            p.refresh()
-            p.module.grouped = p
+            setattr(p.module, p.attr, p)
         return self
 
     def __exit__(self, *exc) -> None:
-        for p in self.linears:
-            p.module.__dict__.pop("forward", None)
-        for p in self.experts:
-            p.module.__dict__.pop("grouped", None)
+        for p in self._all():
+            p.module.__dict__.pop(p.attr, None)
