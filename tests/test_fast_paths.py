@@ -148,18 +148,26 @@ needs_onednn = pytest.mark.skipif(not kl.packed_available(torch.float32), reason
 needs_bf16 = pytest.mark.skipif(not kl.packed_available(torch.bfloat16), reason="needs a CPU with native bf16")
 
 
+no_cpp = pytest.param(False, id="mkl")  # the C++ GEMV not built: MKL multiplies the "t" layout
+needs_cpp = pytest.mark.skipif(kl.cpp_kernels() is None, reason="the C++ decode GEMV could not be built here")
+
+
 @needs_onednn
+@pytest.mark.parametrize("cpp", [pytest.param(True, id="cpp", marks=needs_cpp), no_cpp])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["packed", "t", None])
-def test_laid_out_linear_matches_f_linear(dtype, kind):
+def test_laid_out_linear_matches_f_linear(monkeypatch, dtype, kind, cpp):
     """Each decode layout (oneDNN packed, Wᵀ stored contiguous, plain) computes F.linear, with and
-    without a bias, for decode's one row and any leading dims."""
+    without a bias, for decode's one and two rows (the C++ GEMV where built) and a batch (the packed
+    copy "t" makes for it), any leading dims."""
     if not kl.packed_available(dtype):
         pytest.skip("no native bf16 on this CPU")
+    if not cpp:
+        monkeypatch.setattr(kl, "_cpp", False)
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 40, generator=g).to(dtype), torch.randn(48, generator=g).to(dtype)
     prepared = kl.Prepared(w, kind)
-    for shape in ((1, 40), (3, 5, 40)):
+    for shape in ((1, 40), (2, 40), (1, 1, 40), (3, 5, 40)):
         x = torch.randn(*shape, generator=g).to(dtype)
         for bias in (b, None):
             ref = torch.nn.functional.linear(x.double(), w.double(), None if bias is None else bias.double())
@@ -167,24 +175,58 @@ def test_laid_out_linear_matches_f_linear(dtype, kind):
             assert out.shape == ref.shape and out.dtype == dtype
             tol = 1e-5 if dtype == torch.float32 else 2e-2
             assert (out.double() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    assert (prepared.batched is not None) == (kind == "t")  # the 15-row call made the packed copy
+
+
+@needs_cpp
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpp_gemv_matches_matmul(threads):
+    """kernels/gemv.cpp against x @ wt in float64 on the shapes decode has and their edges: outputs on
+    both sides of its narrow/wide split (768), widths that are not a multiple of the vector or of its 8
+    rows per pass, K split across threads, a bias, x rows with a stride."""
+    cpp = kl.cpp_kernels()
+    g = torch.Generator().manual_seed(0)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for K, O in ((768, 384), (384, 768), (768, 769), (1027, 1152), (13, 5), (2048, 3000)):
+            wt = torch.randn(K, O, generator=g)
+            bias = torch.randn(O, generator=g)
+            for M in (1, 2):
+                x = torch.randn(M, K + 3, generator=g)[:, :K]  # rows 3 floats apart
+                ref = x.double() @ wt.double()
+                for bb in (None, bias):
+                    out = cpp.linear_t(x, wt, bb)
+                    want = ref if bb is None else ref + bb.double()
+                    assert out.shape == (M, O)
+                    assert (out.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item(), (K, O, M)
+    finally:
+        torch.set_num_threads(old)
+    with pytest.raises(RuntimeError, match="fp32 only"):
+        cpp.linear_t(torch.ones(1, 4, dtype=torch.float64), torch.ones(4, 2, dtype=torch.float64), None)
 
 
 @needs_onednn
-def test_layout_rule():
-    """The layouts the measured table in kernels/linear.py picks: fp32 Wᵀ for outputs at least as wide
-    as the input or past WIDE_OUTPUT, oneDNN packed for the other large fp32 matrices and every large
-    bf16 one, plain below MIN_PACK_ELEMENTS or off the CPU."""
-    f = torch.float32
-    assert kl.layout(torch.empty(32000, 768)) == "t"  # the LM head
-    assert kl.layout(torch.empty(768, 384)) == "t"  # an expert's down projection
-    assert kl.layout(torch.empty(1152, 384)) == "t"
-    assert kl.layout(torch.empty(768, 2048)) == "packed"  # a dense MLP's down projection
-    assert kl.layout(torch.empty(384, 768)) == "packed"
-    assert kl.layout(torch.empty(16, 768)) is None  # too small to gain
-    assert kl.layout(torch.empty(4, 768, 384, dtype=f)) == "t"  # per-expert stacks: each matrix
+def test_layout_rule(monkeypatch):
+    """The layouts kernels/linear.py picks (benchmarks/README.md has the measurements): with the C++
+    GEMV, fp32 Wᵀ from MIN_CPP_ELEMENTS; with MKL instead, Wᵀ for outputs at least as wide as the input
+    or past WIDE_OUTPUT and oneDNN packed for the other large fp32 matrices; packed for every large bf16
+    one; plain below the thresholds or off the CPU."""
+    t = lambda *shape, dtype=torch.float32: kl.layout(torch.empty(*shape, dtype=dtype))  # noqa: E731
+    if kl.cpp_kernels() is not None:
+        assert t(32000, 768) == t(768, 2048) == t(384, 768) == t(288, 768) == t(4, 768, 384) == "t"
+        assert t(16, 768) is None  # the router's size: too small to gain
+    monkeypatch.setattr(kl, "_cpp", False)
+    assert t(32000, 768) == "t"  # the LM head
+    assert t(768, 384) == "t"  # an expert's down projection
+    assert t(1152, 384) == "t"
+    assert t(768, 2048) == "packed"  # a dense MLP's down projection
+    assert t(384, 768) == "packed"
+    assert t(288, 768) is None
+    assert t(4, 768, 384) == "t"  # per-expert stacks: each matrix
     if kl.packed_available(torch.bfloat16):
-        assert kl.layout(torch.empty(32000, 768, dtype=torch.bfloat16)) == "packed"
-    assert kl.layout(torch.empty(32000, 768, dtype=torch.float64)) is None
+        assert t(32000, 768, dtype=torch.bfloat16) == "packed"
+    assert t(32000, 768, dtype=torch.float64) is None
 
 
 def _greedy(model, prompts, n, packed, **kw):
@@ -196,14 +238,18 @@ def _greedy(model, prompts, n, packed, **kw):
 
 
 @needs_onednn
+@pytest.mark.parametrize("cpp", [pytest.param(True, id="cpp", marks=needs_cpp), no_cpp])
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
-def test_engine_packed_decode_matches_plain(monkeypatch, dtype):
+def test_engine_packed_decode_matches_plain(monkeypatch, dtype, cpp):
     """Greedy decode with packed GEMM weights gives the tokens of the model's own forward, over a batch
     mix (three prompts of other lengths, one of them joining as another leaves), dense and MoE layers,
     the MTP module's weights packed but unused. Fails when the packed experts skip an expert's rows."""
     model = minke.build(minke.preset("tiny"), seed=3, dtype=dtype).eval()
-    assert len(kl.DecodeWeights(model)) == 0  # by default too small to gain: the plain path
+    assert [p.module for p in kl.DecodeWeights(model)._all()] in ([], [model.lm_head])  # by default the rest is too small to gain
     monkeypatch.setattr(kl, "MIN_PACK_ELEMENTS", {torch.float32: 0, torch.bfloat16: 0})
+    monkeypatch.setattr(kl, "MIN_CPP_ELEMENTS", 0)
+    if not cpp:
+        monkeypatch.setattr(kl, "_cpp", False)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (5, 17, 9, 30)]
     plain, _ = _greedy(model, prompts, 12, False)
@@ -213,7 +259,7 @@ def test_engine_packed_decode_matches_plain(monkeypatch, dtype):
     assert len(dw.mlps) == sum(type(m) is MLP for m in model.modules())  # dense layers' and shared experts'
     kinds = {p.w.kind for p in dw.linears} | {p.gate_up.kind for p in dw.mlps} | {p.down[0].kind for p in dw.experts}
     if dtype == torch.float32:
-        assert kinds == {"t", "packed"}  # both layouts run
+        assert kinds == ({"t"} if cpp else {"t", "packed"})  # the C++ GEMV takes every fp32 matrix
     assert packed == plain
     assert "forward" not in vars(model.lm_head)  # the modules are as they were after the step
 

@@ -3,24 +3,18 @@
 
 Batch-1 decode multiplies one row by every weight matrix: it is a stream of matrix-vector products,
 bound by how fast the weights come from memory. torch's plain ``F.linear`` reads an (O, K) weight in a
-layout its GEMV kernel does not stream well. Two layouts do better, each for its shapes (measured
-with cold weights at one row on one core of this project's AMD EPYC, fp32, GB/s of weights read):
+layout its GEMV kernel does not stream well. The layouts here (measured in benchmarks/README.md):
 
-| (O, K)       | plain | oneDNN packed | Wᵀ (K, O) |
-|--------------|-------|---------------|-----------|
-| 384 × 768    | 11.2  | 12.0          | 8.5       |
-| 768 × 384    | 9.3   | 9.1           | 13.8      |
-| 768 × 2048   | 14.8  | 15.7          | 13.5      |
-| 1152 × 384   | 8.8   | 9.2           | 15.0      |
-| 4096 × 768   | 11.9  | 16.1          | 19.3      |
-| 32000 × 768  | 10.5  | 16.2          | 20.2      |
-
-- ``"t"``: the transpose stored contiguous, y = x @ Wᵀ, which the BLAS runs as a stream of
-  row-times-scalar updates across O: the fastest where the output is at least as wide as the input
-  or wider than 1024 (fp32 only: bf16 GEMMs on Wᵀ are no faster than plain).
+- ``"t"`` (fp32): the transpose stored contiguous, (K, O), which decode's one or two rows multiply
+  with kernels/gemv.cpp: it reads the matrix front to back with the outputs held in L1, the access
+  pattern the hardware prefetcher streams fastest, and gets near a plain copy's bandwidth on every
+  shape where MKL's GEMV gets half of it on some. Built for the machine on first use
+  (``cpp_kernels``); where it cannot be built, MKL multiplies the same layout, chosen then only for
+  the shapes it streams well (``mkl_prefers_t``). More rows than ``CPP_MAX_ROWS`` (a batch) go to a
+  oneDNN-packed copy made at the first such call.
 - ``"packed"``: oneDNN's blocked layout (``_reorder_linear_weight``), what inductor's ``freezing`` does
-  for compiled CPU models: the rest of the large fp32 matrices, and every bf16 one on a CPU with
-  AVX512-BF16, where it reads twice the weights per second of the fp32 path and three times plain bf16.
+  for compiled CPU models: every large bf16 matrix on a CPU with AVX512-BF16, where it reads twice the
+  weights per second of the fp32 path and three times plain bf16, and the fp32 ones ``"t"`` does not take.
 - smaller matrices stay plain: oneDNN's dispatch costs ~15 µs a call, more than they take.
 
 Besides single matrices, matrices that read the same input are fused into one: a SwiGLU MLP's gate and
@@ -30,21 +24,71 @@ up projections, and each routed expert's (one GEMV per expert for gate and up, o
 stacked experts, and while entered (``with weights:``) routes those modules through them. Copies are
 refreshed whenever a weight changed since it was laid out (its version counter or storage moved), so
 a trainer updating the model in place (RL) is seen by the next decode step. Anything the fast path
-does not take (another dtype or device, autocast, grad mode) runs the module's own forward.
+does not take (another dtype or device, autocast, grad mode) runs the module's own forward. The copies
+cost memory: one per weight, two for an fp32 weight that batched decode also ran.
 
 Shape legend: M rows, K in features, O out features, E experts, I expert width, D hidden.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 PACK_BATCH_HINT = 1  # oneDNN picks the packed layout for this many rows: decode's
 # Below this many weight elements a matrix, hot in cache or not, runs as fast plain (bf16: 384×384).
 MIN_PACK_ELEMENTS = {torch.bfloat16: 1 << 17, torch.float32: 1 << 18}
-WIDE_OUTPUT = 1024  # fp32: Wᵀ from this many outputs, whatever the input width
+MIN_CPP_ELEMENTS = 1 << 15  # the C++ GEMV's call costs a few µs: it gains from (fp32) 128 KB matrices
+WIDE_OUTPUT = 1024  # without the C++ kernel, MKL streams fp32 Wᵀ from this many outputs, whatever the input width
+CPP_MAX_ROWS = 2  # kernels/gemv.cpp takes up to this many rows; a batch is compute-bound, oneDNN's
+
+_cpp: object = None  # the built extension; False once it could not be built
+_cpp_lock = threading.Lock()
+
+
+def cpp_kernels():
+    """kernels/gemv.cpp built for this machine (``-O3 -march=native``, so the build is named by the
+    CPU's flags) on first use: about 25 s, then cached by torch under TORCH_EXTENSIONS_DIR. None where
+    it cannot be built (no C++ compiler: the reason is logged once) or ``MINKE_CPP_KERNELS=0``."""
+    global _cpp
+    with _cpp_lock:
+        if _cpp is None:
+            _cpp = False
+            if os.environ.get("MINKE_CPP_KERNELS", "1") != "0":
+                try:
+                    from torch.utils.cpp_extension import load
+                    src = os.path.join(os.path.dirname(__file__), "gemv.cpp")
+                    _cpp = load(name=f"minke_gemv_{_machine_tag()}", sources=[src],
+                                extra_cflags=["-O3", "-march=native"], verbose=False)
+                except Exception as e:  # noqa: BLE001 - any build failure means: decode without it
+                    log.warning("minke: the C++ decode GEMV could not be built (%s); MKL's runs instead", e)
+    return _cpp or None
+
+
+def _machine_tag() -> str:
+    """A short hash of this CPU's model and instruction-set flags (a -march=native build runs only there)."""
+    info = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = "".join(line for line in f if line.startswith(("model name", "flags")))[:8192]
+    except OSError:
+        import platform
+        info = platform.processor() + platform.machine()
+    return hashlib.sha256(info.encode()).hexdigest()[:10]
+
+
+def mkl_prefers_t(O: int, K: int) -> bool:
+    """Whether MKL's GEMV streams fp32 Wᵀ (K, O) faster than oneDNN's packed (O, K): where the output
+    is at least as wide as the input, or wider than WIDE_OUTPUT (benchmarks/README.md)."""
+    return O >= K or O >= WIDE_OUTPUT
 
 
 def packed_available(dtype: torch.dtype, device="cpu") -> bool:
@@ -63,11 +107,11 @@ def layout(weight: torch.Tensor) -> str | None:
     if not packed_available(weight.dtype, weight.device):
         return None
     O, K = weight.shape[-2:]
+    if weight.dtype == torch.float32 and O * K >= MIN_CPP_ELEMENTS and cpp_kernels() is not None:
+        return "t"
     if O * K < MIN_PACK_ELEMENTS[weight.dtype]:
         return None
-    if weight.dtype == torch.float32 and (O >= K or O >= WIDE_OUTPUT):
-        return "t"
-    return "packed"
+    return "t" if weight.dtype == torch.float32 and mkl_prefers_t(O, K) else "packed"
 
 
 def worth_packing(weight: torch.Tensor) -> bool:
@@ -93,13 +137,22 @@ class Prepared:
         w = weight.detach()
         self.kind = kind
         self.w = pack(w) if kind == "packed" else w.t().contiguous() if kind == "t" else w
+        self.batched = None  # "t": the packed copy more than CPP_MAX_ROWS rows use, made at the first such call
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.kind == "packed":
             return packed_linear(x, self.w, bias)
         if self.kind == "t":
             x2 = x.reshape(-1, x.shape[-1])
-            y = torch.addmm(bias, x2, self.w) if bias is not None else torch.mm(x2, self.w)
+            cpp = cpp_kernels() if x2.shape[0] <= CPP_MAX_ROWS and x2.dtype == torch.float32 else None
+            if cpp is not None:
+                y = cpp.linear_t(x2.contiguous(), self.w, bias)
+            elif x2.shape[0] > CPP_MAX_ROWS:
+                if self.batched is None:
+                    self.batched = pack(self.w.t())
+                return packed_linear(x, self.batched, bias)
+            else:
+                y = torch.addmm(bias, x2, self.w) if bias is not None else torch.mm(x2, self.w)
             return y.view(*x.shape[:-1], y.shape[-1])
         return F.linear(x, self.w, bias)
 
