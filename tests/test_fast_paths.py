@@ -141,6 +141,7 @@ def test_training_step_gradients_match_transformers(hf_v3_dir):
 
 
 # ---- decode: packed GEMM weights (kernels/linear.py) -------------------------------------------
+from minke.kernels import cpp as kcpp  # noqa: E402
 from minke.kernels import linear as kl  # noqa: E402
 from minke.model.layers import MLP  # noqa: E402
 
@@ -149,7 +150,7 @@ needs_bf16 = pytest.mark.skipif(not kl.packed_available(torch.bfloat16), reason=
 
 
 no_cpp = pytest.param(False, id="mkl")  # the C++ GEMV not built: MKL multiplies the "t" layout
-needs_cpp = pytest.mark.skipif(kl.cpp_kernels() is None, reason="the C++ decode GEMV could not be built here")
+needs_cpp = pytest.mark.skipif(kcpp.cpp_kernels() is None, reason="the C++ decode kernels could not be built here")
 
 
 @needs_onednn
@@ -163,7 +164,7 @@ def test_laid_out_linear_matches_f_linear(monkeypatch, dtype, kind, cpp):
     if not kl.packed_available(dtype):
         pytest.skip("no native bf16 on this CPU")
     if not cpp:
-        monkeypatch.setattr(kl, "_cpp", False)
+        monkeypatch.setattr(kcpp, "_built", False)
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(48, 40, generator=g).to(dtype), torch.randn(48, generator=g).to(dtype)
     prepared = kl.Prepared(w, kind)
@@ -181,10 +182,10 @@ def test_laid_out_linear_matches_f_linear(monkeypatch, dtype, kind, cpp):
 @needs_cpp
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpp_gemv_matches_matmul(threads):
-    """kernels/gemv.cpp against x @ wt in float64 on the shapes decode has and their edges: outputs on
+    """kernels/decode.cpp's linear_t against x @ wt in float64 on the shapes decode has and their edges: outputs on
     both sides of its narrow/wide split (768), widths that are not a multiple of the vector or of its 8
     rows per pass, K split across threads, a bias, x rows with a stride."""
-    cpp = kl.cpp_kernels()
+    cpp = kcpp.cpp_kernels()
     g = torch.Generator().manual_seed(0)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -202,7 +203,7 @@ def test_cpp_gemv_matches_matmul(threads):
                     assert (out.double() - want).abs().max().item() <= 1e-5 * want.abs().max().item(), (K, O, M)
     finally:
         torch.set_num_threads(old)
-    with pytest.raises(RuntimeError, match="fp32 only"):
+    with pytest.raises(RuntimeError, match="fp32 on the CPU only"):
         cpp.linear_t(torch.ones(1, 4, dtype=torch.float64), torch.ones(4, 2, dtype=torch.float64), None)
 
 
@@ -213,10 +214,10 @@ def test_layout_rule(monkeypatch):
     or past WIDE_OUTPUT and oneDNN packed for the other large fp32 matrices; packed for every large bf16
     one; plain below the thresholds or off the CPU."""
     t = lambda *shape, dtype=torch.float32: kl.layout(torch.empty(*shape, dtype=dtype))  # noqa: E731
-    if kl.cpp_kernels() is not None:
+    if kcpp.cpp_kernels() is not None:
         assert t(32000, 768) == t(768, 2048) == t(384, 768) == t(288, 768) == t(4, 768, 384) == "t"
         assert t(16, 768) is None  # the router's size: too small to gain
-    monkeypatch.setattr(kl, "_cpp", False)
+    monkeypatch.setattr(kcpp, "_built", False)
     assert t(32000, 768) == "t"  # the LM head
     assert t(768, 384) == "t"  # an expert's down projection
     assert t(1152, 384) == "t"
@@ -249,7 +250,7 @@ def test_engine_packed_decode_matches_plain(monkeypatch, dtype, cpp):
     monkeypatch.setattr(kl, "MIN_PACK_ELEMENTS", {torch.float32: 0, torch.bfloat16: 0})
     monkeypatch.setattr(kl, "MIN_CPP_ELEMENTS", 0)
     if not cpp:
-        monkeypatch.setattr(kl, "_cpp", False)
+        monkeypatch.setattr(kcpp, "_built", False)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (5, 17, 9, 30)]
     plain, _ = _greedy(model, prompts, 12, False)

@@ -99,3 +99,67 @@ def test_half_precision_keys_in_parts_match_reference(monkeypatch, B):
         ours = att.absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, 0.3)
         ref = att.absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, 0.3)
         assert ours.shape == ref.shape and (ours.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+
+
+# ---- kernels/decode.cpp (one fp32 query token on the CPU) ----------------------------------------
+import minke.kernels.cpp as kcpp  # noqa: E402
+
+needs_cpp = pytest.mark.skipif(kcpp.cpp_kernels() is None, reason="the C++ decode kernels could not be built here")
+
+
+@needs_cpp
+@pytest.mark.parametrize("S", [1, 31, 32, 33, 100])
+@pytest.mark.parametrize("H", [1, 3, 12])
+def test_latent_attention_matches_reference(S, H):
+    """decode.cpp's single-pass absorbed attention against the einsum formula: token counts on both
+    sides of its 32-token blocks, head counts on both sides of its 4-query groups, latents that are
+    views of one [c_kv | k_pe] row (their row stride is not their width), and scores that grow along
+    the cache, so the online softmax rescales its running outputs at every block."""
+    g = torch.Generator().manual_seed(S * 10 + H)
+    C, R = 64, 16
+    rows = torch.randn(S, C + R + 8, generator=g)
+    rows[:, :C] += torch.linspace(0, 6, S)[:, None]  # later tokens score higher for the positive queries
+    c_kv, k_pe = rows[:, :C], rows[:, C:C + R]
+    q_lat = torch.randn(H, C, generator=g).abs()
+    q_pe = torch.randn(H, R, generator=g)
+    ref = att.absorbed_attention_reference(q_lat[None, :, None], q_pe[None, :, None], c_kv[None], k_pe[None], None, 0.2)
+    out = kcpp.cpp_kernels().latent_attention(q_lat, q_pe, c_kv, k_pe, 0.2)
+    assert out.shape == (H, C)
+    assert (out - ref.reshape(H, C)).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+@needs_cpp
+def test_absorbed_attention_takes_the_kernel_only_where_it_applies(monkeypatch):
+    """absorbed_attention with the kernel built equals the torch path for one fp32 token seeing every
+    key (mask None or all True), and a mask that hides keys keeps the torch path (the kernel sees every
+    key): both equal the reference. The weight folds equal their bmm."""
+    q_lat, q_pe, c_kv, k_pe = _latents(1, 12, 1, 70, C=64, R=16, seed=3)
+    calls = []
+    built = kcpp.cpp_kernels()
+
+    class Spy:
+        def __getattr__(self, name):
+            calls.append(name)
+            return getattr(built, name)
+    monkeypatch.setattr(kcpp, "_built", Spy())
+    ref = att.absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, None, 0.3)
+    for mask in (None, torch.ones(1, 1, 1, 70, dtype=torch.bool)):
+        out = att.absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, 0.3)
+        assert (out - ref).abs().max().item() <= 1e-5
+    assert calls == ["latent_attention", "latent_attention"]
+    hide = torch.ones(1, 1, 1, 70, dtype=torch.bool)
+    hide[..., 10:20] = False
+    out = att.absorbed_attention(q_lat, q_pe, c_kv, k_pe, hide, 0.3)
+    assert (out - att.absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, hide, 0.3)).abs().max().item() <= 1e-5
+    assert calls == ["latent_attention", "latent_attention"]  # not taken for the hiding mask
+
+    g = torch.Generator().manual_seed(4)
+    H, N, V, C = 12, 24, 20, 64
+    w = torch.randn(H, N + V, C, generator=g)  # kv_b_proj's weight by head
+    q_nope = torch.randn(1, 1, H, N + 8, generator=g)[..., :N]  # a view, as MLA's split of q gives
+    o_lat = torch.randn(1, H, 1, C, generator=g)
+    q_ref = (q_nope.permute(2, 0, 1, 3).reshape(H, 1, N) @ w[:, :N]).view(H, 1, 1, C).transpose(0, 1)
+    o_ref = (o_lat.transpose(0, 1).reshape(H, 1, C) @ w[:, N:].transpose(1, 2)).view(H, 1, 1, V).permute(1, 2, 0, 3)
+    assert (att.absorb_query(q_nope, w[:, :N], w) - q_ref).abs().max().item() <= 1e-5
+    assert (att.absorb_value(o_lat, w[:, N:].transpose(1, 2), w) - o_ref).abs().max().item() <= 1e-5
+    assert calls[2:] == ["absorb_query", "absorb_value"]

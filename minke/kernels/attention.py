@@ -5,7 +5,10 @@
   query blocks), which inductor fuses on CPU under torch.compile.
 - Absorbed MQA mode (decode): ``absorbed_attention`` attends in latent space over the cached
   (c_kv, k_pe) of each row: every head shares one key (c_kv ‖ k_pe) and one value (c_kv) per token.
-  ``absorbed_attention_reference`` is the same formula written with einsum, in fp32.
+  ``absorbed_attention_reference`` is the same formula written with einsum, in fp32. ``absorb_query``
+  and ``absorb_value`` fold kv_b_proj's halves into the query and out of the output. One fp32 query
+  token on the CPU runs all three in kernels/decode.cpp (one pass over the cache, flash-decoding's
+  online softmax), where it is built.
 
 Masks: None means causal with the T queries being the last T of the S keys; otherwise bool
 (B, 1, T, S), True where a query may attend.
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from .cpp import cpp_kernels
 
 MATH_ATTENTION_MAX_KEYS = 512  # CPU under torch.compile: explicit attention up to this many keys
 MATH_ATTENTION_BLOCK = 128  # causal explicit attention: queries in blocks of this many, each over its prefix
@@ -84,6 +89,35 @@ def buckets_keys(dtype: torch.dtype, device) -> bool:
     return torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
 
+def _one_token_cpu(*ts) -> bool:
+    """Inputs decode.cpp's kernels take: fp32 on the CPU, outside autograd."""
+    return (not torch.is_grad_enabled() or not any(t.requires_grad for t in ts)) and \
+        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+
+
+def absorb_query(q_nope, w_uk, w_kv_b):
+    """q_nope (B, T, H, N) → q_lat (B, H, T, C), each head's query through kv_b_proj's key half w_uk
+    (H, N, C) (a view or the caller's contiguous copy): plain bmm over the head axis (einsum's planning
+    costs more than decode's tiny arithmetic). One fp32 token: decode.cpp reads w_kv_b (H, N+V, C),
+    kv_b_proj's whole weight by head, instead."""
+    B, T, H, N = q_nope.shape
+    if B * T == 1 and _one_token_cpu(q_nope, w_kv_b) and w_kv_b.is_contiguous() and (cpp := cpp_kernels()):
+        return cpp.absorb_query(q_nope.reshape(H, N), w_kv_b).view(1, H, 1, -1)
+    q_lat = q_nope.permute(2, 0, 1, 3).reshape(H, B * T, N) @ w_uk  # (H, B·T, C)
+    return q_lat.view(H, B, T, -1).transpose(0, 1)
+
+
+def absorb_value(o_lat, w_uv_t, w_kv_b):
+    """o_lat (B, H, T, C) → o (B, T, H, V), each head's output through kv_b_proj's value half, w_uv_t
+    (H, C, V) transposed for the bmm; one fp32 token: decode.cpp reads w_kv_b (H, N+V, C) instead."""
+    B, H, T, C = o_lat.shape
+    if B * T == 1 and _one_token_cpu(o_lat, w_kv_b) and w_kv_b.is_contiguous() and (cpp := cpp_kernels()):
+        n_nope = w_kv_b.shape[1] - w_uv_t.shape[-1]
+        return cpp.absorb_value(o_lat.reshape(H, C), w_kv_b, n_nope).view(1, 1, H, -1)
+    o = o_lat.transpose(0, 1).reshape(H, B * T, C) @ w_uv_t  # (H, B·T, V)
+    return o.view(H, B, T, -1).permute(1, 2, 0, 3)
+
+
 def absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, scale):
     """q_lat (B, H, T, C) the queries with kv_b_proj's key half folded in, q_pe (B, H, T, R), c_kv
     (B, S, C), k_pe (B, S, R) → o_lat (B, H, T, C) = softmax(q_lat·c_kvᵀ + q_pe·k_peᵀ)·c_kv.
@@ -95,6 +129,11 @@ def absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, scale):
     ran 3x slower at S = 4096; fp32: even)."""
     B, H, T, C = q_lat.shape
     S, R = c_kv.shape[1], k_pe.shape[-1]
+    if B == 1 and T == 1 and C % 16 == 0 and R % 16 == 0 and _one_token_cpu(q_lat, q_pe, c_kv, k_pe) \
+            and c_kv.stride(-1) == 1 and k_pe.stride(-1) == 1 and (mask is None or bool(mask.all())) \
+            and (cpp := cpp_kernels()):
+        # one token of one row sees every cached token: decode.cpp's single pass over the cache
+        return cpp.latent_attention(q_lat.reshape(H, C), q_pe.reshape(H, R), c_kv[0], k_pe[0], scale).view(1, H, 1, C)
     if B == 1:
         q, q_pe, c_kv, k_pe = q_lat.reshape(H * T, C), q_pe.reshape(H * T, R), c_kv[0], k_pe[0]
     else:

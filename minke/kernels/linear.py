@@ -6,7 +6,7 @@ bound by how fast the weights come from memory. torch's plain ``F.linear`` reads
 layout its GEMV kernel does not stream well. The layouts here (measured in benchmarks/README.md):
 
 - ``"t"`` (fp32): the transpose stored contiguous, (K, O), which decode's one or two rows multiply
-  with kernels/gemv.cpp: it reads the matrix front to back with the outputs held in L1, the access
+  with kernels/decode.cpp: it reads the matrix front to back with the outputs held in L1, the access
   pattern the hardware prefetcher streams fastest, and gets near a plain copy's bandwidth on every
   shape where MKL's GEMV gets half of it on some. Built for the machine on first use
   (``cpp_kernels``); where it cannot be built, MKL multiplies the same layout, chosen then only for
@@ -32,58 +32,18 @@ Shape legend: M rows, K in features, O out features, E experts, I expert width, 
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import os
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-log = logging.getLogger(__name__)
+from .cpp import cpp_kernels
 
 PACK_BATCH_HINT = 1  # oneDNN picks the packed layout for this many rows: decode's
 # Below this many weight elements a matrix, hot in cache or not, runs as fast plain (bf16: 384×384).
 MIN_PACK_ELEMENTS = {torch.bfloat16: 1 << 17, torch.float32: 1 << 18}
 MIN_CPP_ELEMENTS = 1 << 15  # the C++ GEMV's call costs a few µs: it gains from (fp32) 128 KB matrices
 WIDE_OUTPUT = 1024  # without the C++ kernel, MKL streams fp32 Wᵀ from this many outputs, whatever the input width
-CPP_MAX_ROWS = 2  # kernels/gemv.cpp takes up to this many rows; a batch is compute-bound, oneDNN's
-
-_cpp: object = None  # the built extension; False once it could not be built
-_cpp_lock = threading.Lock()
-
-
-def cpp_kernels():
-    """kernels/gemv.cpp built for this machine (``-O3 -march=native``, so the build is named by the
-    CPU's flags) on first use: about 25 s, then cached by torch under TORCH_EXTENSIONS_DIR. None where
-    it cannot be built (no C++ compiler: the reason is logged once) or ``MINKE_CPP_KERNELS=0``."""
-    global _cpp
-    with _cpp_lock:
-        if _cpp is None:
-            _cpp = False
-            if os.environ.get("MINKE_CPP_KERNELS", "1") != "0":
-                try:
-                    from torch.utils.cpp_extension import load
-                    src = os.path.join(os.path.dirname(__file__), "gemv.cpp")
-                    _cpp = load(name=f"minke_gemv_{_machine_tag()}", sources=[src],
-                                extra_cflags=["-O3", "-march=native"], verbose=False)
-                except Exception as e:  # noqa: BLE001 - any build failure means: decode without it
-                    log.warning("minke: the C++ decode GEMV could not be built (%s); MKL's runs instead", e)
-    return _cpp or None
-
-
-def _machine_tag() -> str:
-    """A short hash of this CPU's model and instruction-set flags (a -march=native build runs only there)."""
-    info = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = "".join(line for line in f if line.startswith(("model name", "flags")))[:8192]
-    except OSError:
-        import platform
-        info = platform.processor() + platform.machine()
-    return hashlib.sha256(info.encode()).hexdigest()[:10]
-
+CPP_MAX_ROWS = 2  # kernels/decode.cpp's linear_t takes up to this many rows; a batch is compute-bound, oneDNN's
 
 def mkl_prefers_t(O: int, K: int) -> bool:
     """Whether MKL's GEMV streams fp32 Wᵀ (K, O) faster than oneDNN's packed (O, K): where the output

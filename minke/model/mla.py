@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels.attention import (absorbed_attention, attention, gather_tokens, masked_softmax,
-                                 sparse_absorbed_attention)
+from ..kernels.attention import (absorb_query, absorb_value, absorbed_attention, attention, gather_tokens,
+                                 masked_softmax, sparse_absorbed_attention)
 from .dsa import Indexer, indexer_kl, selection_mask
 from .layers import RMSNorm, apply_rope, softmax_scale
 
@@ -86,20 +86,18 @@ class MLA(nn.Module):
 
     def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, valid=None):
         """Attend in latent space: scores = (q_nope·W_uk)·c_kv + q_pe·k_pe; out = (p·c_kv)·W_uv.
-        The weight folds are plain bmm over the head axis (einsum's planning costs more than decode's
-        tiny arithmetic); the attention over the cache is kernels.attention.absorbed_attention.
+        The weight folds are kernels.attention.absorb_query / absorb_value, the attention over the cache
+        kernels.attention.absorbed_attention.
         With ``valid`` (B, T, K) (DSA), c_kv (B, T, K, C) and k_pe (B, T, K, R) are each query's selected
         tokens and the kernel is sparse_absorbed_attention."""
-        B, T, H, _ = q_nope.shape
         w_uk, w_uv_t = self._absorbed_weights()  # (H, N, C), (H, C, V)
-        q_lat = q_nope.permute(2, 0, 1, 3).reshape(H, B * T, self.nope) @ w_uk  # (H, B·T, C)
-        q_lat = q_lat.view(H, B, T, -1).transpose(0, 1)  # (B, H, T, C)
+        w = self._kv_b()  # (H, N+V, C): both halves, as a one-token kernel reads them
+        q_lat = absorb_query(q_nope, w_uk, w)  # (B, H, T, C)
         if valid is None:
             o_lat = absorbed_attention(q_lat, q_pe.transpose(1, 2), c_kv, k_pe, mask, self.scale)  # (B, H, T, C)
         else:
             o_lat = sparse_absorbed_attention(q_lat, q_pe.transpose(1, 2), c_kv, k_pe, valid, self.scale)
-        o = o_lat.transpose(0, 1).reshape(H, B * T, self.kv_rank) @ w_uv_t  # (H, B·T, V)
-        return o.view(H, B, T, -1).permute(1, 2, 0, 3)  # (B, T, H, V)
+        return absorb_value(o_lat, w_uv_t, w)  # (B, T, H, V)
 
     def _absorbed_weights(self):
         """kv_b_proj's key half (H, N, C) and value half transposed (H, C, V). In half precision on CPU,

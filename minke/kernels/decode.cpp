@@ -1,0 +1,252 @@
+// Decode's kernels on CPU, fp32: its matrix-vector products and MLA's absorbed attention for one query
+// token. Each has its plain torch reference in the tests (tests/test_fast_paths.py, tests/test_kernels.py).
+//
+// Every kernel reads its big operand (a weight, the cached latents) once, front to back, in the one
+// access pattern the hardware prefetcher streams at full speed; what it accumulates stays in L1. The
+// compiler vectorizes the inner loops (built with -O3 -march=native for the machine it runs on;
+// -fopenmp-simd lets the dot products' `omp simd reduction` reassociate, and nothing else).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+void check_f32(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), name, ": fp32 on the CPU only");
+  TORCH_CHECK(t.stride(-1) == 1, name, ": rows must be contiguous");
+}
+
+// y (M, O) += x (M, K)[:, k0:k1] @ w (K, O)[k0:k1]: R rows of w per pass over the outputs.
+template <int R>
+void rows(const float* x, const float* w, float* y, int64_t M, int64_t O, int64_t k0, int64_t k1, int64_t ldx) {
+  int64_t k = k0;
+  for (; k + R <= k1; k += R) {
+    for (int64_t m = 0; m < M; ++m) {
+      float xs[R];
+      for (int r = 0; r < R; ++r) xs[r] = x[m * ldx + k + r];
+      float* __restrict__ ym = y + m * O;
+      const float* __restrict__ wk = w + k * O;
+#pragma GCC ivdep
+      for (int64_t o = 0; o < O; ++o) {
+        float a = ym[o];
+        for (int r = 0; r < R; ++r) a += xs[r] * wk[r * O + o];
+        ym[o] = a;
+      }
+    }
+  }
+  for (; k < k1; ++k) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float xk = x[m * ldx + k];
+      float* __restrict__ ym = y + m * O;
+      const float* __restrict__ wk = w + k * O;
+      for (int64_t o = 0; o < O; ++o) ym[o] += xk * wk[o];
+    }
+  }
+}
+
+// y (M, O) = x[:, k0:k1] @ w[k0:k1]. One row of w per pass while the outputs are narrow (they stay in
+// L1 across rows), 8 above that.
+void slice(const float* x, const float* w, float* y, int64_t M, int64_t O, int64_t k0, int64_t k1, int64_t ldx) {
+  std::fill(y, y + M * O, 0.f);
+  if (O <= 768)
+    rows<1>(x, w, y, M, O, k0, k1, ldx);
+  else
+    rows<8>(x, w, y, M, O, k0, k1, ldx);
+}
+
+inline float dot(const float* __restrict__ a, const float* __restrict__ b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+}  // namespace
+
+// linear_t: x (M, K) fp32 with contiguous rows, wt (K, O) fp32 contiguous (kernels/linear.py's "t"
+// layout: the weight transposed), bias (O,) or None → (M, O) = x @ wt + bias, for decode's one or two
+// rows. With more than one torch thread, K is split into one contiguous slice per thread, each summed
+// into its own partial outputs, then added up.
+torch::Tensor linear_t(const torch::Tensor& x, const torch::Tensor& wt, const c10::optional<torch::Tensor>& bias) {
+  check_f32(x, "linear_t x");
+  check_f32(wt, "linear_t wt");
+  TORCH_CHECK(x.dim() == 2 && wt.dim() == 2 && x.size(1) == wt.size(0) && wt.is_contiguous(),
+              "linear_t: x (M, K) and wt (K, O) contiguous");
+  const int64_t M = x.size(0), K = x.size(1), O = wt.size(1);
+  auto y = torch::empty({M, O}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const float* wp = wt.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t parts = std::min<int64_t>(at::get_num_threads(), std::max<int64_t>(1, K * O / (1 << 18)));
+  if (parts <= 1) {
+    slice(xp, wp, yp, M, O, 0, K, x.stride(0));
+  } else {
+    std::vector<float> partial((parts - 1) * M * O);
+    const int64_t step = (K + parts - 1) / parts;
+    at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        const int64_t k0 = std::min(K, p * step), k1 = std::min(K, k0 + step);
+        slice(xp, wp, p == 0 ? yp : partial.data() + (p - 1) * M * O, M, O, k0, k1, x.stride(0));
+      }
+    });
+    for (int64_t p = 1; p < parts; ++p) {
+      const float* part = partial.data() + (p - 1) * M * O;
+      for (int64_t i = 0; i < M * O; ++i) yp[i] += part[i];
+    }
+  }
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  return y;
+}
+
+// MLA's weight folds (mla.py attend_absorbed) for one query token. w (H, N+V, C) contiguous is
+// kv_b_proj's weight by head: rows [:N] the key half, rows [N:] the value half.
+// absorb_query: q_nope (H, N) → q_lat (H, C), q_lat[h] = q_nope[h] @ w[h, :N].
+torch::Tensor absorb_query(const torch::Tensor& q, const torch::Tensor& w) {
+  check_f32(q, "absorb_query q");
+  check_f32(w, "absorb_query w");
+  TORCH_CHECK(q.dim() == 2 && w.dim() == 3 && w.is_contiguous() && q.size(0) == w.size(0) && q.size(1) <= w.size(1),
+              "absorb_query: q (H, N) and w (H, N+V, C) contiguous");
+  const int64_t H = q.size(0), N = q.size(1), C = w.size(2);
+  auto y = torch::empty({H, C}, q.options());
+  for (int64_t h = 0; h < H; ++h)
+    slice(q.data_ptr<float>() + h * q.stride(0), w.data_ptr<float>() + h * w.stride(0), y.data_ptr<float>() + h * C,
+          1, C, 0, N, N);
+  return y;
+}
+
+// absorb_value: o_lat (H, C) → o (H, V), o[h][v] = w[h, N + v] · o_lat[h].
+torch::Tensor absorb_value(const torch::Tensor& o, const torch::Tensor& w, int64_t N) {
+  check_f32(o, "absorb_value o");
+  check_f32(w, "absorb_value w");
+  TORCH_CHECK(o.dim() == 2 && w.dim() == 3 && w.is_contiguous() && o.size(0) == w.size(0) && o.size(1) == w.size(2) &&
+                  0 <= N && N < w.size(1),
+              "absorb_value: o (H, C) and w (H, N+V, C) contiguous");
+  const int64_t H = o.size(0), C = o.size(1), V = w.size(1) - N;
+  auto y = torch::empty({H, V}, o.options());
+  for (int64_t h = 0; h < H; ++h) {
+    const float* oh = o.data_ptr<float>() + h * o.stride(0);
+    const float* wh = w.data_ptr<float>() + (h * w.size(1) + N) * C;
+    float* yh = y.data_ptr<float>() + h * V;
+    for (int64_t v = 0; v < V; ++v) yh[v] = dot(wh + v * C, oh, C);
+  }
+  return y;
+}
+
+// latent_attention: MLA's absorbed (MQA) attention of Q queries (one token's heads) over all S cached
+// tokens: o[q] = softmax_s(scale · (q_lat[q]·c_kv[s] + q_pe[q]·k_pe[s])) · c_kv[s].
+// q_lat (Q, C), q_pe (Q, R), c_kv (S, C), k_pe (S, R) (rows contiguous, any row stride; C and R
+// multiples of 16) → (Q, C). One pass over the cache in blocks of BLOCK tokens, with flash-decoding's
+// online softmax: a block's scores for every query (each token's latent read once, for G queries at a
+// time with G independent accumulators), then its weighted latents added into the outputs (the block
+// still in L1/L2, four 16-wide output chunks held in registers across its tokens), rescaled whenever
+// a query's running maximum grows.
+namespace {
+
+typedef float v16 __attribute__((vector_size(64), aligned(4)));  // 16 floats, unaligned loads allowed
+constexpr int64_t BLOCK = 32;
+
+inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
+inline float hsum(v16 v) {
+  float s = 0.f;
+  for (int i = 0; i < 16; ++i) s += v[i];
+  return s;
+}
+
+// p[t * BLOCK + j] = scale · (ql[t]·c + qr[t]·r) for G queries t (rows ldq / ldr apart)
+template <int G>
+inline void scores(const float* ql, int64_t ldq, const float* qr, int64_t ldr, const float* c, const float* r,
+                   int64_t C, int64_t R, float sc, float* p, int64_t j) {
+  v16 a[G];
+  for (int t = 0; t < G; ++t) a[t] = v16{};
+  for (int64_t i = 0; i < C; i += 16) {
+    const v16 cv = load(c + i);
+    for (int t = 0; t < G; ++t) a[t] += load(ql + t * ldq + i) * cv;
+  }
+  for (int64_t i = 0; i < R; i += 16) {
+    const v16 rv = load(r + i);
+    for (int t = 0; t < G; ++t) a[t] += load(qr + t * ldr + i) * rv;
+  }
+  for (int t = 0; t < G; ++t) p[t * BLOCK + j] = sc * hsum(a[t]);
+}
+
+// a[0:16U] = keep · a + Σ_j p[j] · c[j·ldc + 0:16U] over a block's n tokens, U chunks of a in registers
+template <int U>
+inline void accumulate(float* a, const float* c, int64_t ldc, const float* p, int64_t n, float keep) {
+  v16 o[U];
+  for (int u = 0; u < U; ++u) o[u] = load(a + 16 * u) * keep;
+  for (int64_t j = 0; j < n; ++j) {
+    const float pj = p[j];
+    for (int u = 0; u < U; ++u) o[u] += pj * load(c + j * ldc + 16 * u);
+  }
+  for (int u = 0; u < U; ++u) *reinterpret_cast<v16*>(a + 16 * u) = o[u];
+}
+
+}  // namespace
+
+torch::Tensor latent_attention(const torch::Tensor& q_lat, const torch::Tensor& q_pe, const torch::Tensor& c_kv,
+                               const torch::Tensor& k_pe, double scale) {
+  check_f32(q_lat, "latent_attention q_lat");
+  check_f32(q_pe, "latent_attention q_pe");
+  check_f32(c_kv, "latent_attention c_kv");
+  check_f32(k_pe, "latent_attention k_pe");
+  TORCH_CHECK(q_lat.dim() == 2 && q_pe.dim() == 2 && c_kv.dim() == 2 && k_pe.dim() == 2 && q_lat.size(0) == q_pe.size(0) &&
+                  q_lat.size(1) == c_kv.size(1) && q_pe.size(1) == k_pe.size(1) && c_kv.size(0) == k_pe.size(0),
+              "latent_attention: q_lat (Q, C), q_pe (Q, R), c_kv (S, C), k_pe (S, R)");
+  const int64_t Q = q_lat.size(0), C = q_lat.size(1), R = q_pe.size(1), S = c_kv.size(0);
+  TORCH_CHECK(S > 0, "latent_attention: no cached tokens");
+  TORCH_CHECK(C % 16 == 0 && R % 16 == 0, "latent_attention: C and R must be multiples of 16");
+  const int64_t lc = c_kv.stride(0), lr = k_pe.stride(0), lq = q_lat.stride(0), lp = q_pe.stride(0);
+  const float* ql = q_lat.data_ptr<float>();
+  const float* qr = q_pe.data_ptr<float>();
+  const float* cp = c_kv.data_ptr<float>();
+  const float* rp = k_pe.data_ptr<float>();
+  auto out = torch::zeros({Q, C}, q_lat.options());
+  float* acc = out.data_ptr<float>();
+  std::vector<float> mx(Q, -std::numeric_limits<float>::infinity()), sum(Q, 0.f), p(Q * BLOCK);
+  const float sc = static_cast<float>(scale);
+  for (int64_t s0 = 0; s0 < S; s0 += BLOCK) {
+    const int64_t n = std::min(BLOCK, S - s0);
+    for (int64_t j = 0; j < n; ++j) {
+      const float* c = cp + (s0 + j) * lc;
+      const float* r = rp + (s0 + j) * lr;
+      int64_t q = 0;
+      for (; q + 4 <= Q; q += 4) scores<4>(ql + q * lq, lq, qr + q * lp, lp, c, r, C, R, sc, p.data() + q * BLOCK, j);
+      for (; q < Q; ++q) scores<1>(ql + q * lq, lq, qr + q * lp, lp, c, r, C, R, sc, p.data() + q * BLOCK, j);
+    }
+    for (int64_t q = 0; q < Q; ++q) {
+      float* pq = p.data() + q * BLOCK;
+      float m = mx[q];
+      for (int64_t j = 0; j < n; ++j) m = std::max(m, pq[j]);
+      const float keep = std::exp(mx[q] - m);  // 0 on the first block (mx = -inf)
+      float t = 0.f;
+#pragma omp simd reduction(+ : t)
+      for (int64_t j = 0; j < n; ++j) {
+        pq[j] = std::exp(pq[j] - m);
+        t += pq[j];
+      }
+      sum[q] = sum[q] * keep + t;
+      mx[q] = m;
+      float* a = acc + q * C;
+      int64_t i = 0;
+      for (; i + 64 <= C; i += 64) accumulate<4>(a + i, cp + s0 * lc + i, lc, pq, n, keep);
+      for (; i < C; i += 16) accumulate<1>(a + i, cp + s0 * lc + i, lc, pq, n, keep);
+    }
+  }
+  for (int64_t q = 0; q < Q; ++q) {
+    const float inv = 1.f / sum[q];
+    float* a = acc + q * C;
+    for (int64_t i = 0; i < C; ++i) a[i] *= inv;
+  }
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("linear_t", &linear_t, "y = x @ wt (+ bias) for decode's few rows, wt (K, O) contiguous");
+  m.def("absorb_query", &absorb_query, "q_nope (H, N) through kv_b's key half of w (H, N+V, C) -> (H, C)");
+  m.def("absorb_value", &absorb_value, "o_lat (H, C) through kv_b's value half of w (H, N+V, C) -> (H, V)");
+  m.def("latent_attention", &latent_attention, "absorbed MLA attention of Q queries over S cached latents");
+}
