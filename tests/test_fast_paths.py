@@ -312,3 +312,31 @@ def test_packed_forward_falls_back_outside_inference(monkeypatch):
         pass
     model.lm_head.__class__ = OwnForward
     assert all(p.module is not model.lm_head for p in kl.DecodeWeights(model).linears)
+
+
+@needs_onednn
+@needs_cpp
+def test_moe_few_tokens_kernel_matches_grouped(monkeypatch):
+    """decode.cpp's moe_tokens (grouped_moe's path for one or two fp32 tokens under DecodeWeights)
+    against the sorted grouped path and the looped reference, the expert loads included; more tokens
+    than FEW_TOKENS keep the grouped path; an expert id out of range is an error naming it."""
+    monkeypatch.setattr(kl, "MIN_CPP_ELEMENTS", 0)
+    model = minke.build(minke.preset("tiny"), seed=5).eval()
+    layer = model.moe_layers()[0]
+    dw = kl.DecodeWeights(model, (moe.Experts,), (MLP,))
+    g = torch.Generator().manual_seed(6)
+    with torch.inference_mode():
+        for n in (1, 2, 3):
+            x = torch.randn(n, model.config.hidden_size, generator=g)
+            w, idx, _ = layer.gate(x)
+            ref = moe.looped_moe(layer.experts, x, w, idx)
+            with dw:
+                ours = dw.experts[0].few_tokens(x, w, idx)
+                out, load = moe.grouped_moe(layer.experts, x, w, idx, layer.n_experts)
+            assert (ours is None) == (n > kl.FEW_TOKENS)
+            if ours is not None:
+                assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+            assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+            assert torch.equal(load, torch.bincount(idx.flatten(), minlength=layer.n_experts))
+        with dw, pytest.raises(RuntimeError, match="expert id 99"):
+            dw.experts[0].few_tokens(x[:1], w[:1], torch.full_like(idx[:1], 99))

@@ -150,10 +150,13 @@ typedef float v16 __attribute__((vector_size(64), aligned(4)));  // 16 floats, u
 constexpr int64_t BLOCK = 32;
 
 inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
-inline float hsum(v16 v) {
-  float s = 0.f;
-  for (int i = 0; i < 16; ++i) s += v[i];
-  return s;
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v4 __attribute__((vector_size(16)));
+inline float hsum(v16 v) {  // a tree of halves, not 16 dependent adds
+  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
 // p[t * BLOCK + j] = scale · (ql[t]·c + qr[t]·r) for G queries t (rows ldq / ldr apart)
@@ -206,7 +209,7 @@ torch::Tensor latent_attention(const torch::Tensor& q_lat, const torch::Tensor& 
   const float* rp = k_pe.data_ptr<float>();
   auto out = torch::zeros({Q, C}, q_lat.options());
   float* acc = out.data_ptr<float>();
-  std::vector<float> mx(Q, -std::numeric_limits<float>::infinity()), sum(Q, 0.f), p(Q * BLOCK);
+  std::vector<float> mx(Q, -std::numeric_limits<float>::infinity()), sum(Q, 0.f), keeps(Q), p(Q * BLOCK);
   const float sc = static_cast<float>(scale);
   for (int64_t s0 = 0; s0 < S; s0 += BLOCK) {
     const int64_t n = std::min(BLOCK, S - s0);
@@ -230,11 +233,15 @@ torch::Tensor latent_attention(const torch::Tensor& q_lat, const torch::Tensor& 
       }
       sum[q] = sum[q] * keep + t;
       mx[q] = m;
-      float* a = acc + q * C;
-      int64_t i = 0;
-      for (; i + 64 <= C; i += 64) accumulate<4>(a + i, cp + s0 * lc + i, lc, pq, n, keep);
-      for (; i < C; i += 16) accumulate<1>(a + i, cp + s0 * lc + i, lc, pq, n, keep);
+      keeps[q] = keep;
     }
+    // weighted latents: a 64-float column of the block at a time for every query (it stays in L1)
+    const float* cb = cp + s0 * lc;
+    int64_t i = 0;
+    for (; i + 64 <= C; i += 64)
+      for (int64_t q = 0; q < Q; ++q) accumulate<4>(acc + q * C + i, cb + i, lc, p.data() + q * BLOCK, n, keeps[q]);
+    for (; i < C; i += 16)
+      for (int64_t q = 0; q < Q; ++q) accumulate<1>(acc + q * C + i, cb + i, lc, p.data() + q * BLOCK, n, keeps[q]);
   }
   for (int64_t q = 0; q < Q; ++q) {
     const float inv = 1.f / sum[q];
@@ -244,7 +251,47 @@ torch::Tensor latent_attention(const torch::Tensor& q_lat, const torch::Tensor& 
   return out;
 }
 
+// moe_tokens: DeepSeekMoE's routed output for a few tokens, x (N, D) → (N, D) = Σ_j w[n, j] · E_idx[n, j](x[n])
+// with each SwiGLU expert e given as gate_up[e] (D, 2I) = [gate; up]ᵀ and down[e] (I, D) = downᵀ, both
+// contiguous (kernels/linear.py's "t" layout): the gate's choice and weights w (N, K) fp32, idx (N, K).
+// What grouped_moe does for many tokens (sort by expert, one GEMM per expert, unsort, weigh, sum) in
+// one call per layer: each chosen expert's two GEMVs with its activation between.
+torch::Tensor moe_tokens(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& idx,
+                         const std::vector<torch::Tensor>& gate_up, const std::vector<torch::Tensor>& down) {
+  check_f32(x, "moe_tokens x");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && idx.sizes() == w.sizes() && w.size(0) == x.size(0) &&
+                  w.scalar_type() == at::kFloat && idx.scalar_type() == at::kLong && w.is_contiguous() &&
+                  idx.is_contiguous() && gate_up.size() == down.size() && !gate_up.empty(),
+              "moe_tokens: x (N, D), w (N, K) fp32, idx (N, K) int64, one gate_up and down per expert");
+  const int64_t N = x.size(0), D = x.size(1), K = w.size(1), E = gate_up.size(), I = down[0].size(0);
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK(gate_up[e].scalar_type() == at::kFloat && down[e].scalar_type() == at::kFloat &&
+                    gate_up[e].is_contiguous() && down[e].is_contiguous() && gate_up[e].size(0) == D &&
+                    gate_up[e].size(1) == 2 * I && down[e].size(0) == I && down[e].size(1) == D,
+                "moe_tokens: expert ", e, " needs gate_up (D, 2I) and down (I, D), fp32 contiguous");
+  }
+  auto out = torch::zeros({N, D}, x.options());
+  std::vector<float> h(2 * I), y(D);
+  const float* wp = w.data_ptr<float>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xn = x.data_ptr<float>() + n * x.stride(0);
+    float* on = out.data_ptr<float>() + n * D;
+    for (int64_t j = 0; j < K; ++j) {
+      const int64_t e = ip[n * K + j];
+      TORCH_CHECK(0 <= e && e < E, "moe_tokens: expert id ", e, " outside 0..", E - 1);
+      slice(xn, gate_up[e].data_ptr<float>(), h.data(), 1, 2 * I, 0, D, D);
+      for (int64_t i = 0; i < I; ++i) h[i] = h[i] / (1.f + std::exp(-h[i])) * h[I + i];  // silu(gate) · up
+      slice(h.data(), down[e].data_ptr<float>(), y.data(), 1, D, 0, I, I);
+      const float g = wp[n * K + j];
+      for (int64_t d = 0; d < D; ++d) on[d] += g * y[d];
+    }
+  }
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("moe_tokens", &moe_tokens, "the routed experts' weighted output for a few tokens");
   m.def("linear_t", &linear_t, "y = x @ wt (+ bias) for decode's few rows, wt (K, O) contiguous");
   m.def("absorb_query", &absorb_query, "q_nope (H, N) through kv_b's key half of w (H, N+V, C) -> (H, C)");
   m.def("absorb_value", &absorb_value, "o_lat (H, C) through kv_b's value half of w (H, N+V, C) -> (H, V)");

@@ -43,6 +43,7 @@ PACK_BATCH_HINT = 1  # oneDNN picks the packed layout for this many rows: decode
 MIN_PACK_ELEMENTS = {torch.bfloat16: 1 << 17, torch.float32: 1 << 18}
 MIN_CPP_ELEMENTS = 1 << 15  # the C++ GEMV's call costs a few µs: it gains from (fp32) 128 KB matrices
 WIDE_OUTPUT = 1024  # without the C++ kernel, MKL streams fp32 Wᵀ from this many outputs, whatever the input width
+FEW_TOKENS = 2  # decode.cpp's moe_tokens takes up to this many tokens (expert by expert, no batching)
 CPP_MAX_ROWS = 2  # kernels/decode.cpp's linear_t takes up to this many rows; a batch is compute-bound, oneDNN's
 
 def mkl_prefers_t(O: int, K: int) -> bool:
@@ -130,9 +131,9 @@ def _plain(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 class _Module:
-    """A fast forward for one module (installed as ``attr`` while DecodeWeights is entered), its
+    """A fast forward for one module (installed as its ``attrs`` while DecodeWeights is entered), its
     laid-out weights made again whenever ``weights()`` changed."""
-    attr = "forward"
+    attrs = {"forward": "__call__"}
 
     def __init__(self, module: nn.Module):
         self.module, self.stamp = module, None
@@ -179,8 +180,10 @@ class _MLP(_Module):
 
 class _Experts(_Module):
     """``Experts.grouped`` through laid-out weights: per expert with rows, one GEMV for gate and up
-    together ([gate; up] as one (2I, D) matrix), one for down."""
-    attr = "grouped"
+    together ([gate; up] as one (2I, D) matrix), one for down; and ``few_tokens``, which grouped_moe
+    asks first: up to FEW_TOKENS tokens of fp32 in the "t" layout go to decode.cpp's moe_tokens, one
+    call for the whole routed output (no sort, no gathers)."""
+    attrs = {"grouped": "__call__", "few_tokens": "few_tokens"}
 
     def weights(self):
         m = self.module
@@ -191,6 +194,16 @@ class _Experts(_Module):
         kg, kd = layout(gu), layout(d)
         self.gate_up = [Prepared(gu[e], kg) for e in range(len(gu))]
         self.down = [Prepared(d[e], kd) for e in range(len(d))]
+        self.t_layout = kg == kd == "t" and gu.dtype == torch.float32
+        self.t_weights = ([p.w for p in self.gate_up], [p.w for p in self.down]) if self.t_layout else None
+
+    def few_tokens(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
+        """x (N, D), gate weights w (N, K), expert ids idx (N, K) → the routed output (N, D), or None
+        (not a few fp32 tokens, or no kernel): grouped_moe's own path then."""
+        if not self.t_layout or x.shape[0] > FEW_TOKENS or _plain(x, self.module.gate_proj) \
+                or (cpp := cpp_kernels()) is None:
+            return None
+        return cpp.moe_tokens(x.contiguous(), w.float().contiguous(), idx.contiguous(), *self.t_weights)
 
     def __call__(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, D) sorted by expert, counts (E,) rows each → (M, D), as ``Experts.grouped``."""
@@ -249,9 +262,11 @@ class DecodeWeights:
     def __enter__(self) -> "DecodeWeights":
         for p in self._all():
             p.refresh()
-            setattr(p.module, p.attr, p)
+            for attr, method in p.attrs.items():
+                setattr(p.module, attr, getattr(p, method))
         return self
 
     def __exit__(self, *exc) -> None:
         for p in self._all():
-            p.module.__dict__.pop(p.attr, None)
+            for attr in p.attrs:
+                p.module.__dict__.pop(attr, None)

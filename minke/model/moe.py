@@ -159,8 +159,13 @@ def grouped_mm_ok(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 def grouped_moe(experts: Experts, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, n_experts: int):
     """Routed output: sort the N·K (token, expert) pairs by expert, run each expert once over its
     contiguous slice, put the rows back in token order and sum each token's K outputs, weighted by
-    the gate. Gathers and sums only: no scatter-add. Returns (out (N, D), load (E,))."""
+    the gate. Gathers and sums only: no scatter-add. Returns (out (N, D), load (E,)). An experts
+    module with a ``few_tokens(x, w, idx)`` method (decode's, installed by kernels/linear.py's
+    DecodeWeights) computes the output itself where that returns one."""
     N, K = idx.shape
+    few = getattr(experts, "few_tokens", None)  # a decode kernel's path for a few tokens (kernels/linear.py)
+    if few is not None and (out := few(x, w, idx)) is not None:
+        return out, torch.bincount(idx.flatten(), minlength=n_experts)
     flat = idx.flatten()
     order = flat.argsort(stable=True)
     load = torch.zeros(n_experts, dtype=torch.long, device=idx.device).scatter_add_(0, flat, torch.ones_like(flat))
