@@ -340,3 +340,27 @@ def test_moe_few_tokens_kernel_matches_grouped(monkeypatch):
             assert torch.equal(load, torch.bincount(idx.flatten(), minlength=layer.n_experts))
         with dw, pytest.raises(RuntimeError, match="expert id 99"):
             dw.experts[0].few_tokens(x[:1], w[:1], torch.full_like(idx[:1], 99))
+
+
+@needs_cpp
+def test_rms_norm_kernel_matches_module():
+    """DecodeWeights' RMSNorm (decode.cpp's rms_norm for up to NORM_ROWS fp32 rows) against the
+    module's own forward; more rows, a bf16 norm and grad mode keep the module's forward."""
+    from minke.model.layers import RMSNorm
+    model = torch.nn.Sequential(RMSNorm(48, eps=1e-5), RMSNorm(48).to(torch.bfloat16))
+    with torch.no_grad():
+        model[0].weight.normal_()
+    dw = kl.DecodeWeights(model, norms=(RMSNorm,))
+    assert [p.module for p in dw.norms] == [model[0]]  # fp32 only
+    g = torch.Generator().manual_seed(7)
+    for shape in ((1, 1, 48), (2, 3, 48), (9, 48)):
+        x = torch.randn(*shape, generator=g) * 3
+        with torch.inference_mode():
+            ref = model[0](x)
+            with dw:
+                out = model[0](x)
+        assert out.shape == ref.shape and (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    with dw:
+        x = torch.randn(1, 48, requires_grad=True)
+        model[0](x).sum().backward()
+    assert x.grad is not None and model[0].weight.grad is not None

@@ -67,7 +67,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..kernels.linear import DecodeWeights
-from ..model.layers import MLP
+from ..model.layers import MLP, RMSNorm
 from ..model.moe import Experts
 from ..text import first_stop
 from . import paged, sampling, speculative as spec
@@ -349,7 +349,8 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self.stats = EngineStats()
-        self.decode_weights = DecodeWeights(model, (Experts,), (MLP,)) if packed_decode else contextlib.nullcontext()
+        self.decode_weights = (DecodeWeights(model, (Experts,), (MLP,), (RMSNorm,)) if packed_decode
+                               else contextlib.nullcontext())
 
     # ---- requests ------------------------------------------------------------------------------
     def _make_request(self, prompt_ids, params: SamplingParams | None, request_id) -> _Request:

@@ -43,6 +43,7 @@ PACK_BATCH_HINT = 1  # oneDNN picks the packed layout for this many rows: decode
 MIN_PACK_ELEMENTS = {torch.bfloat16: 1 << 17, torch.float32: 1 << 18}
 MIN_CPP_ELEMENTS = 1 << 15  # the C++ GEMV's call costs a few µs: it gains from (fp32) 128 KB matrices
 WIDE_OUTPUT = 1024  # without the C++ kernel, MKL streams fp32 Wᵀ from this many outputs, whatever the input width
+NORM_ROWS = 8  # decode.cpp's rms_norm takes up to this many rows (a decode step's); more run torch's norm
 FEW_TOKENS = 2  # decode.cpp's moe_tokens takes up to this many tokens (expert by expert, no batching)
 CPP_MAX_ROWS = 2  # kernels/decode.cpp's linear_t takes up to this many rows; a batch is compute-bound, oneDNN's
 
@@ -219,6 +220,25 @@ class _Experts(_Module):
         return torch.cat(ys) if ys else x.new_empty(x.shape)
 
 
+class _Norm(_Module):
+    """An RMSNorm (``weight`` (D,), ``eps``; forward weight · x / rms(x) in fp32) over up to NORM_ROWS fp32
+    rows through decode.cpp's rms_norm: one call where the module's forward runs seven ops. Its weight
+    is read in place (nothing to lay out)."""
+
+    def weights(self):
+        return (self.module.weight,)
+
+    def prepare(self, w):
+        pass
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        rows = x.numel() // x.shape[-1] if x.dim() else 0
+        if _plain(x, m.weight) or not 0 < rows <= NORM_ROWS or (cpp := cpp_kernels()) is None:
+            return type(m).forward(m, x)
+        return cpp.rms_norm(x.reshape(rows, -1), m.weight.detach(), m.eps).view(x.shape)
+
+
 def _swiglu_mlp(m: nn.Module) -> bool:
     return all(type(getattr(m, n, None)) is nn.Linear and getattr(m, n).bias is None
                for n in ("gate_proj", "up_proj", "down_proj"))
@@ -233,15 +253,19 @@ class DecodeWeights:
     whatever lock keeps other threads off the model meanwhile (the engine's). Weights that ``layout``
     refuses (dtype, device, too small to gain) are left alone."""
 
-    def __init__(self, model: nn.Module, experts: tuple[type, ...] = (), mlps: tuple[type, ...] = ()):
+    def __init__(self, model: nn.Module, experts: tuple[type, ...] = (), mlps: tuple[type, ...] = (),
+                 norms: tuple[type, ...] = ()):
         """``experts``: the classes of stacked SwiGLU experts (model.moe.Experts: gate_proj, up_proj
         (E, I, D), down_proj (E, D, I), ``grouped(x, counts)``); ``mlps``: the classes of SwiGLU MLPs
-        (model.layers.MLP: gate_proj, up_proj, down_proj nn.Linear, forward down(silu(gate(x)) · up(x))),
-        both named by the caller, since kernels import nothing from the model. Only these exact classes
-        and plain nn.Linear are taken: a subclass with its own forward (an FP8 linear) keeps it."""
+        (model.layers.MLP: gate_proj, up_proj, down_proj nn.Linear, forward down(silu(gate(x)) · up(x)));
+        ``norms``: the classes of RMSNorms (model.layers.RMSNorm), taken in fp32 on the CPU where the C++
+        kernels are built; all named by the caller, since kernels import nothing from the model. Only
+        these exact classes and plain nn.Linear are taken: a subclass with its own forward (an FP8
+        linear) keeps it."""
         self.linears: list[_Linear] = []
         self.mlps: list[_MLP] = []
         self.experts: list[_Experts] = []
+        self.norms: list[_Norm] = []
         fused: set[int] = set()  # the linears inside a fused MLP
         for m in model.modules():
             if type(m) in mlps and _swiglu_mlp(m) and worth_packing(m.gate_proj.weight):
@@ -252,9 +276,12 @@ class DecodeWeights:
         for m in model.modules():
             if type(m) is nn.Linear and id(m) not in fused and worth_packing(m.weight):
                 self.linears.append(_Linear(m))
+            elif type(m) in norms and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" \
+                    and cpp_kernels() is not None:
+                self.norms.append(_Norm(m))
 
     def _all(self) -> list[_Module]:
-        return [*self.linears, *self.mlps, *self.experts]
+        return [*self.linears, *self.mlps, *self.experts, *self.norms]
 
     def __len__(self) -> int:
         return len(self._all())
