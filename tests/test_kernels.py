@@ -163,3 +163,21 @@ def test_absorbed_attention_takes_the_kernel_only_where_it_applies(monkeypatch):
     assert (att.absorb_query(q_nope, w[:, :N], w) - q_ref).abs().max().item() <= 1e-5
     assert (att.absorb_value(o_lat, w[:, N:].transpose(1, 2), w) - o_ref).abs().max().item() <= 1e-5
     assert calls[2:] == ["absorb_query", "absorb_value"]
+
+
+def test_stale_build_lock_is_removed(tmp_path, monkeypatch):
+    """A build lock older than STALE_LOCK_S (its process died mid-build: torch would wait on it
+    forever) is removed before loading; a fresh one, another process's build in progress, is kept."""
+    import os
+    import time
+
+    from torch.utils import cpp_extension
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = os.path.join(cpp_extension._get_build_directory("minke_decode_test", False), "lock")
+    open(lock, "w").close()
+    kcpp._clear_stale_lock(cpp_extension, "minke_decode_test")
+    assert os.path.exists(lock)
+    old = time.time() - kcpp.STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    kcpp._clear_stale_lock(cpp_extension, "minke_decode_test")
+    assert not os.path.exists(lock)

@@ -149,7 +149,28 @@ namespace {
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  // 16 floats, unaligned loads allowed
 constexpr int64_t BLOCK = 32;
 
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
 inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
+inline v16 splat(float x) { return v16{} + x; }
+
+// e^x for x <= 0 (a softmax's shifted scores), 16 at a time: x = n·ln2 + r with |r| <= ln2/2, e^r by its
+// degree-6 Taylor polynomial (relative error < 3e-7 there), 2^n built in the exponent bits. Below -87
+// it returns e^-87 (~2e-38) instead of 0, which no softmax sum notices. libm's expf is not vectorized
+// without -ffast-math, which this file is not built with.
+inline v16 vexp(v16 x) {
+  x = x < splat(-87.f) ? splat(-87.f) : x;
+  const v16 n = (x * splat(1.44269504f) + splat(12582912.f)) - splat(12582912.f);  // round to nearest
+  const v16 r = (x - n * splat(0.693145752f)) - n * splat(1.42860677e-6f);  // ln2 in two parts
+  v16 p = splat(1.f / 720);
+  p = p * r + splat(1.f / 120);
+  p = p * r + splat(1.f / 24);
+  p = p * r + splat(1.f / 6);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.f);
+  p = p * r + splat(1.f);
+  const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
+  return p * reinterpret_cast<const v16&>(bits);
+}
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
 inline float hsum(v16 v) {  // a tree of halves, not 16 dependent adds
@@ -226,11 +247,13 @@ torch::Tensor latent_attention(const torch::Tensor& q_lat, const torch::Tensor& 
       for (int64_t j = 0; j < n; ++j) m = std::max(m, pq[j]);
       const float keep = std::exp(mx[q] - m);  // 0 on the first block (mx = -inf)
       float t = 0.f;
-#pragma omp simd reduction(+ : t)
-      for (int64_t j = 0; j < n; ++j) {
-        pq[j] = std::exp(pq[j] - m);
-        t += pq[j];
+      int64_t j = 0;
+      for (; j + 16 <= n; j += 16) {
+        const v16 e = vexp(load(pq + j) - splat(m));
+        *reinterpret_cast<v16*>(pq + j) = e;
+        t += hsum(e);
       }
+      for (; j < n; ++j) t += (pq[j] = std::exp(pq[j] - m));
       sum[q] = sum[q] * keep + t;
       mx[q] = m;
       keeps[q] = keep;
