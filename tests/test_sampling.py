@@ -80,3 +80,16 @@ def test_greedy_rows_take_the_argmax_and_draw_nothing():
     logits = torch.tensor([LOGITS, LOGITS[::-1]])
     assert sample(logits, [SamplingParams(temperature=0)] * 2, [g, g]) == [0, len(LOGITS) - 1]
     assert torch.equal(g.get_state(), before)
+
+
+def test_finite_rows():
+    """A row can be sampled when it has no nan or +inf and at least one finite logit (-inf masks are
+    fine), also when its finite logits are so large that their sum overflows; all-finite batches take a
+    one-reduction fast path."""
+    from minke.inference.sampling import finite_rows
+    inf, nan, big = float("inf"), float("nan"), 3e38
+    x = torch.tensor([[0.0, 1.0, 2.0], [-inf, 1.0, -inf], [-inf, -inf, -inf], [nan, 1.0, 2.0],
+                      [inf, 1.0, 2.0], [big, big, big]])
+    assert finite_rows(x) == [True, True, False, False, False, True]
+    assert finite_rows(x[:1]) == [True] and finite_rows(x[5:]) == [True]
+    assert finite_rows(torch.randn(4, 7)) == [True] * 4
