@@ -364,3 +364,32 @@ def test_rms_norm_kernel_matches_module():
         x = torch.randn(1, 48, requires_grad=True)
         model[0](x).sum().backward()
     assert x.grad is not None and model[0].weight.grad is not None
+
+
+@needs_cpp
+@pytest.mark.parametrize("groups", [(1, 1), (4, 2), (8, 3)])
+@pytest.mark.parametrize("norm", [True, False])
+def test_sigmoid_gate_kernel_matches_gate(groups, norm):
+    """decode.cpp's sigmoid_gate (DecodeWeights' router for one or two fp32 tokens) against Gate's own
+    forward: the same experts in the same order, weights (times 2.5) within 5e-6 and scores within 1e-6, with and without
+    groups and normalization, a nonzero routing bias that changes the choice; other routers and more
+    tokens keep the module's forward."""
+    n_group, topk_group = groups
+    cfg = minke.preset("tiny", n_routed_experts=16, num_experts_per_tok=4, n_group=n_group, topk_group=topk_group,
+                       norm_topk_prob=norm, routed_scaling_factor=2.5)
+    gate = moe.Gate(cfg)
+    g = torch.Generator().manual_seed(n_group * 2 + norm)
+    with torch.no_grad():
+        gate.weight.normal_(generator=g)
+        gate.e_score_correction_bias.normal_(generator=g).mul_(0.3)
+    dw = kl.DecodeWeights(torch.nn.ModuleList([gate]), gates=(moe.Gate,))
+    assert [p.module for p in dw.gates] == [gate]
+    with torch.inference_mode():
+        for n in (1, 2, 3):
+            for _ in range(20):
+                x = torch.randn(n, cfg.hidden_size, generator=g)
+                ref = gate(x)
+                with dw:
+                    out = gate(x)
+                assert torch.equal(out[1], ref[1])
+                assert (out[0] - ref[0]).abs().max().item() <= 5e-6 and (out[2] - ref[2]).abs().max().item() <= 1e-6

@@ -68,7 +68,7 @@ import torch
 
 from ..kernels.linear import DecodeWeights
 from ..model.layers import MLP, RMSNorm
-from ..model.moe import Experts
+from ..model.moe import Experts, Gate
 from ..text import first_stop
 from . import paged, sampling, speculative as spec
 from .dsa_cache import DSAPagedCache
@@ -349,7 +349,7 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self.stats = EngineStats()
-        self.decode_weights = (DecodeWeights(model, (Experts,), (MLP,), (RMSNorm,)) if packed_decode
+        self.decode_weights = (DecodeWeights(model, (Experts,), (MLP,), (RMSNorm,), (Gate,)) if packed_decode
                                else contextlib.nullcontext())
 
     # ---- requests ------------------------------------------------------------------------------

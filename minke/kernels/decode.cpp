@@ -331,7 +331,70 @@ torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double ep
   return y;
 }
 
+// sigmoid_gate: DeepSeek-V3's router (model/moe.py Gate, topk_method noaux_tc, scoring sigmoid) for a few
+// fp32 tokens: scores s = sigmoid(x · Wᵀ); the choice c = s + bias picks, within the topk_group groups
+// whose two best c sum highest, the k experts of highest c; their weights are s (normalized over them
+// when ``norm``) times ``scale``. x (N, D), W (E, D), bias (E,) fp32 → [w (N, k), idx (N, k) int64 by
+// descending c, scores (N, E)]. Equal values go to the lower index (torch.topk leaves ties unspecified).
+std::vector<torch::Tensor> sigmoid_gate(const torch::Tensor& x, const torch::Tensor& W, const torch::Tensor& bias,
+                                        int64_t n_group, int64_t topk_group, int64_t k, bool norm, double scale) {
+  check_f32(x, "sigmoid_gate x");
+  check_f32(W, "sigmoid_gate W");
+  check_f32(bias, "sigmoid_gate bias");
+  const int64_t N = x.size(0), D = x.size(1), E = W.size(0);
+  TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && W.size(1) == D && W.is_contiguous() && bias.numel() == E &&
+                  n_group >= 1 && E % n_group == 0 && 1 <= topk_group && topk_group <= n_group && 1 <= k &&
+                  k <= E / n_group * topk_group && (n_group == 1 || E / n_group >= 2),
+              "sigmoid_gate: x (N, D), W (E, D), bias (E,), E divisible into n_group groups of >= 2, "
+              "k within the kept groups");
+  auto scores = torch::empty({N, E}, x.options());
+  auto wout = torch::empty({N, k}, x.options());
+  auto iout = torch::empty({N, k}, x.options().dtype(at::kLong));
+  const float* b = bias.data_ptr<float>();
+  const int64_t per = E / n_group;
+  std::vector<float> c(E), gs(n_group);
+  std::vector<int64_t> order(std::max(E, n_group));
+  auto by_desc = [](const std::vector<float>& v) {  // higher first, then the lower index
+    return [&v](int64_t i, int64_t j) { return v[i] > v[j] || (v[i] == v[j] && i < j); };
+  };
+  for (int64_t n = 0; n < N; ++n) {
+    const float* xn = x.data_ptr<float>() + n * x.stride(0);
+    float* sn = scores.data_ptr<float>() + n * E;
+    for (int64_t e = 0; e < E; ++e) {
+      sn[e] = 1.f / (1.f + std::exp(-dot(xn, W.data_ptr<float>() + e * D, D)));
+      c[e] = sn[e] + b[e];
+    }
+    if (n_group > 1) {
+      for (int64_t g = 0; g < n_group; ++g) {  // the sum of the group's two best choices
+        float a = -std::numeric_limits<float>::infinity(), a2 = a;
+        for (int64_t e = g * per; e < (g + 1) * per; ++e) {
+          if (c[e] > a) { a2 = a; a = c[e]; } else if (c[e] > a2) { a2 = c[e]; }
+        }
+        gs[g] = a + a2;
+      }
+      std::vector<int64_t> go(n_group);
+      for (int64_t g = 0; g < n_group; ++g) go[g] = g;
+      std::partial_sort(go.begin(), go.begin() + topk_group, go.end(), by_desc(gs));
+      std::vector<bool> kept(n_group, false);
+      for (int64_t g = 0; g < topk_group; ++g) kept[go[g]] = true;
+      for (int64_t e = 0; e < E; ++e)
+        if (!kept[e / per]) c[e] = -std::numeric_limits<float>::infinity();
+    }
+    for (int64_t e = 0; e < E; ++e) order[e] = e;
+    std::partial_sort(order.begin(), order.begin() + k, order.begin() + E, by_desc(c));
+    float total = 0.f;
+    for (int64_t j = 0; j < k; ++j) total += sn[order[j]];
+    for (int64_t j = 0; j < k; ++j) {
+      const float v = sn[order[j]];
+      wout.data_ptr<float>()[n * k + j] = (norm ? v / (total + 1e-20f) : v) * static_cast<float>(scale);
+      iout.data_ptr<int64_t>()[n * k + j] = order[j];
+    }
+  }
+  return {wout, iout, scores};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("sigmoid_gate", &sigmoid_gate, "DeepSeek-V3's noaux_tc sigmoid router for a few fp32 tokens");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few fp32 rows");
   m.def("moe_tokens", &moe_tokens, "the routed experts' weighted output for a few tokens");
   m.def("linear_t", &linear_t, "y = x @ wt (+ bias) for decode's few rows, wt (K, O) contiguous");

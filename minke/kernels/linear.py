@@ -239,6 +239,27 @@ class _Norm(_Module):
         return cpp.rms_norm(x.reshape(rows, -1), m.weight.detach(), m.eps).view(x.shape)
 
 
+class _Gate(_Module):
+    """DeepSeek-V3's router (``topk_method`` noaux_tc, ``scoring`` sigmoid: model/moe.py's Gate, whose
+    attributes it reads) over up to FEW_TOKENS fp32 tokens through decode.cpp's sigmoid_gate: one call
+    where the module runs about twenty ops. Other routers, more tokens, grad mode: the module's forward."""
+
+    def weights(self):
+        return (self.module.weight,)
+
+    def prepare(self, w):
+        pass
+
+    def __call__(self, x: torch.Tensor):
+        m = self.module
+        if x.dim() != 2 or x.shape[0] > FEW_TOKENS or _plain(x, m.weight) or m.method != "noaux_tc" \
+                or m.scoring != "sigmoid" or (cpp := cpp_kernels()) is None:
+            return type(m).forward(m, x)
+        w, idx, scores = cpp.sigmoid_gate(x.contiguous(), m.weight.detach(), m.e_score_correction_bias,
+                                          m.n_group, m.topk_group, m.k, bool(m.norm), float(m.route_scale))
+        return w, idx, scores
+
+
 def _swiglu_mlp(m: nn.Module) -> bool:
     return all(type(getattr(m, n, None)) is nn.Linear and getattr(m, n).bias is None
                for n in ("gate_proj", "up_proj", "down_proj"))
@@ -254,18 +275,21 @@ class DecodeWeights:
     refuses (dtype, device, too small to gain) are left alone."""
 
     def __init__(self, model: nn.Module, experts: tuple[type, ...] = (), mlps: tuple[type, ...] = (),
-                 norms: tuple[type, ...] = ()):
+                 norms: tuple[type, ...] = (), gates: tuple[type, ...] = ()):
         """``experts``: the classes of stacked SwiGLU experts (model.moe.Experts: gate_proj, up_proj
         (E, I, D), down_proj (E, D, I), ``grouped(x, counts)``); ``mlps``: the classes of SwiGLU MLPs
         (model.layers.MLP: gate_proj, up_proj, down_proj nn.Linear, forward down(silu(gate(x)) · up(x)));
-        ``norms``: the classes of RMSNorms (model.layers.RMSNorm), taken in fp32 on the CPU where the C++
-        kernels are built; all named by the caller, since kernels import nothing from the model. Only
+        ``norms``: the classes of RMSNorms (model.layers.RMSNorm) and ``gates`` of MoE routers
+        (model.moe.Gate), taken in fp32 on the CPU where the C++ kernels are built; all named by the caller, since kernels import nothing from the model. Only
         these exact classes and plain nn.Linear are taken: a subclass with its own forward (an FP8
         linear) keeps it."""
         self.linears: list[_Linear] = []
         self.mlps: list[_MLP] = []
         self.experts: list[_Experts] = []
         self.norms: list[_Norm] = []
+        self.gates: list[_Gate] = []
+        self._installs = None  # (module fast path, its module's __dict__, [(attribute, function)]), made once
+        self._stamp = None  # every weight's (storage, version) when last refreshed
         fused: set[int] = set()  # the linears inside a fused MLP
         for m in model.modules():
             if type(m) in mlps and _swiglu_mlp(m) and worth_packing(m.gate_proj.weight):
@@ -276,24 +300,32 @@ class DecodeWeights:
         for m in model.modules():
             if type(m) is nn.Linear and id(m) not in fused and worth_packing(m.weight):
                 self.linears.append(_Linear(m))
-            elif type(m) in norms and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" \
+            elif type(m) in (*norms, *gates) and m.weight.dtype == torch.float32 and m.weight.device.type == "cpu" \
                     and cpp_kernels() is not None:
-                self.norms.append(_Norm(m))
+                (self.norms if type(m) in norms else self.gates).append((_Norm if type(m) in norms else _Gate)(m))
 
     def _all(self) -> list[_Module]:
-        return [*self.linears, *self.mlps, *self.experts, *self.norms]
+        return [*self.linears, *self.mlps, *self.experts, *self.norms, *self.gates]
 
     def __len__(self) -> int:
         return len(self._all())
 
     def __enter__(self) -> "DecodeWeights":
-        for p in self._all():
-            p.refresh()
-            for attr, method in p.attrs.items():
-                setattr(p.module, attr, getattr(p, method))
+        # Every decode step enters: straight into the instance dicts (what nn.Module.__setattr__ does for
+        # a plain attribute, after checks that cost more than the rest of entering).
+        if self._installs is None:
+            self._installs = [(p, p.module.__dict__, [(a, getattr(p, m)) for a, m in p.attrs.items()])
+                              for p in self._all()]
+        stamp = _stamp(*(t for p, _, _ in self._installs for t in p.weights()))  # one pass; refresh if moved
+        if stamp != self._stamp:
+            for p, _, _ in self._installs:
+                p.refresh()
+            self._stamp = stamp
+        for _, d, fns in self._installs:
+            d.update(fns)
         return self
 
     def __exit__(self, *exc) -> None:
-        for p in self._all():
-            for attr in p.attrs:
-                p.module.__dict__.pop(attr, None)
+        for _, d, fns in self._installs:
+            for attr, _ in fns:
+                d.pop(attr, None)
