@@ -12,7 +12,11 @@ Figures (JSON to stdout and to ``--out``):
   ``minke_cache_bytes_per_token_with_mtp``) and what transformers' cache object holds after generation;
 - minke's batch-1 decode against the memory-bandwidth bound: bytes read per token = active weight
   bytes (the embedding table excluded: one row is read) + the latent cache read at that context,
-  bandwidth = a measured large-tensor copy (bytes read + written per second).
+  bandwidth = a measured large-tensor copy (bytes read + written per second). This machine's
+  bandwidth drifts from minute to minute, so each context runs ``--rounds`` times, each round between
+  two copy probes and compared with the higher of them; ``fraction_of_bound`` is the median over the
+  rounds (``rounds`` lists each), ``bound_tok_s`` uses the higher of the probes before and after all
+  runs (``copy_bandwidth_GB_s_each``).
 Timing: the clock is read after every engine step (minke) and at every token transformers hands its
 streamer; decode tokens/s = batch / median step time, robust to other processes on a shared machine.
 ``*_cpu`` figures divide by the step's CPU time in this process instead (steadier when other jobs
@@ -163,6 +167,7 @@ def compare(args, cfg, dtype) -> dict:
             model = minke.load(d, dtype=dtype)
             hf = None if args.no_transformers else load_hf(d, dtype)
 
+    bw_before = copy_bandwidth()
     ctxs = args.contexts
     max_ctx = max(ctxs)
     engine = lambda b, packed=True: Engine(model, max_batch=b, block_size=args.block_size,  # noqa: E731
@@ -175,9 +180,20 @@ def compare(args, cfg, dtype) -> dict:
 
     res: dict = {"minke": {}, "transformers": {}}
     runs = [(f"batch1_ctx{c}", rand(c)) for c in ctxs] + [(f"batch{args.batch}_ctx{ctxs[0]}", rand(ctxs[0], args.batch))]
+    rounds: dict = {}  # batch-1 runs: per round (tok/s, CPU tok/s, copy bandwidth before, after)
     for name, prompts in runs:
         n = args.new_tokens
-        m = minke_run(engine(len(prompts)), prompts, n)
+        if len(prompts) == 1:
+            probes, got = [copy_bandwidth()], []
+            for _ in range(args.rounds):
+                got.append(minke_run(engine(1), prompts, n))
+                probes.append(copy_bandwidth())
+            rounds[name] = [(g["decode_tok_s"], g["decode_tok_s_cpu"], a, b) for g, a, b in zip(got, probes, probes[1:])]
+            m = got[0]
+            m["decode_tok_s"] = statistics.median(g["decode_tok_s"] for g in got)
+            m["decode_tok_s_cpu"] = statistics.median(g["decode_tok_s_cpu"] for g in got)
+        else:
+            m = minke_run(engine(len(prompts)), prompts, n)
         res["minke"][name] = m
         print(f"{name}: minke {m['decode_tok_s']:.1f} tok/s", end="", file=sys.stderr, flush=True)
         if not args.no_plain:  # the reference path: the model's own GEMMs, no packed weights
@@ -194,7 +210,8 @@ def compare(args, cfg, dtype) -> dict:
                   f"{'' if same else ' [outputs differ]'}", end="", file=sys.stderr)
         print(file=sys.stderr)
 
-    bw, bw_cpu = copy_bandwidth()
+    bw_after = copy_bandwidth()
+    bw, bw_cpu = max(bw_before[0], bw_after[0]), max(bw_before[1], bw_after[1])
     pc = cfg.param_counts()
     elt = torch.empty((), dtype=dtype).element_size()
     weight_bytes = (pc["active"] - cfg.vocab_size * cfg.hidden_size) * elt
@@ -240,15 +257,19 @@ def compare(args, cfg, dtype) -> dict:
                                   if hf is not None and res["transformers"][big]["cache_bytes_per_token"] else None),
         "decompressed_would_be": cfg.kv_cache_bytes_per_token(elt)["decompressed"]}
     bound = {"copy_bandwidth_GB_s": round(bw / 1e9, 2), "copy_bandwidth_GB_per_cpu_s": round(bw_cpu / 1e9, 2),
+             "copy_bandwidth_GB_s_each": [round(bw_before[0] / 1e9, 2), round(bw_after[0] / 1e9, 2)],
              "active_weight_bytes": weight_bytes}
     for c in ctxs:
         per_tok = weight_bytes + c * cache_main
-        lim = bw / per_tok
+        each = [{"tok_s": round(t, 2), "copy_bandwidth_GB_s": round(max(a[0], b[0]) / 1e9, 2),
+                 "fraction_of_bound": round(t * per_tok / max(a[0], b[0]), 3),
+                 "fraction_of_bound_cpu_time": round(tc * per_tok / max(a[1], b[1]), 3)}
+                for t, tc, a, b in rounds[f"batch1_ctx{c}"]]
         got = res["minke"][f"batch1_ctx{c}"]["decode_tok_s"]
-        got_cpu = res["minke"][f"batch1_ctx{c}"]["decode_tok_s_cpu"]
-        bound[f"ctx{c}"] = {"bytes_per_token": per_tok, "bound_tok_s": round(lim, 2), "minke_tok_s": round(got, 2),
-                            "fraction_of_bound": round(got / lim, 3),
-                            "fraction_of_bound_cpu_time": round(got_cpu * per_tok / bw_cpu, 3)}
+        bound[f"ctx{c}"] = {"bytes_per_token": per_tok, "bound_tok_s": round(bw / per_tok, 2), "minke_tok_s": round(got, 2),
+                            "fraction_of_bound": statistics.median(r["fraction_of_bound"] for r in each),
+                            "fraction_of_bound_cpu_time": statistics.median(r["fraction_of_bound_cpu_time"] for r in each),
+                            "rounds": each}
     report["bandwidth_bound_batch1"] = bound
     return report
 
@@ -319,7 +340,9 @@ def main(argv=None):
     # ---- what to measure ----
     p.add_argument("--contexts", default="512,4096", help="comma-separated prompt lengths for batch-1 decode")
     p.add_argument("--batch", type=int, default=8, help="batch for the batched decode figure (first context)")
-    p.add_argument("--new-tokens", type=int, default=24, help="tokens decoded per run")
+    p.add_argument("--new-tokens", type=int, default=48, help="tokens decoded per run")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="batch-1 decode runs per context, each between two copy-bandwidth probes (medians)")
     p.add_argument("--block-size", type=int, default=64, help="minke's cache block size")
     p.add_argument("--no-transformers", action="store_true", help="time minke only")
     p.add_argument("--no-plain", action="store_true",

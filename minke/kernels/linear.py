@@ -21,7 +21,9 @@ Besides single matrices, matrices that read the same input are fused into one: a
 up projections, and each routed expert's (one GEMV per expert for gate and up, one for down).
 
 ``DecodeWeights(model)`` holds the laid-out copies of a model's ``nn.Linear`` weights, SwiGLU MLPs and
-stacked experts, and while entered (``with weights:``) routes those modules through them. Copies are
+stacked experts, and while entered (``with weights:``) routes those modules through them; with the C++
+kernels built it also takes a step's few fp32 rows of RMSNorm, the MoE router and the routed experts
+(one kernel call each, where torch runs many small ops). Copies are
 refreshed whenever a weight changed since it was laid out (its version counter or storage moved), so
 a trainer updating the model in place (RL) is seen by the next decode step. Anything the fast path
 does not take (another dtype or device, autocast, grad mode) runs the module's own forward. The copies
