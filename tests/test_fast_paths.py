@@ -242,19 +242,33 @@ def _greedy(model, prompts, n, packed, **kw):
 @pytest.mark.parametrize("cpp", [pytest.param(True, id="cpp", marks=needs_cpp), no_cpp])
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=needs_bf16)])
 def test_engine_packed_decode_matches_plain(monkeypatch, dtype, cpp):
-    """Greedy decode with packed GEMM weights gives the tokens of the model's own forward, over a batch
-    mix (three prompts of other lengths, one of them joining as another leaves), dense and MoE layers,
-    the MTP module's weights packed but unused. Fails when the packed experts skip an expert's rows."""
-    model = minke.build(minke.preset("tiny"), seed=3, dtype=dtype).eval()
+    """Greedy decode with the fast paths (laid-out GEMM weights; with the C++ build, its kernels for
+    attention, router, experts and norms too) gives the tokens of the model's own forward with none of
+    them, over a batch mix (three prompts of other lengths, one of them joining as another leaves, the
+    last decoding alone) and a lone prompt, dense and MoE layers, the MTP module's weights laid out but
+    unused. Rope dims 16, so the attention kernel applies. Fails when the packed experts skip an
+    expert's rows."""
+    model = minke.build(minke.preset("tiny", qk_rope_head_dim=16), seed=3, dtype=dtype).eval()
     assert [p.module for p in kl.DecodeWeights(model)._all()] in ([], [model.lm_head])  # by default the rest is too small to gain
     monkeypatch.setattr(kl, "MIN_PACK_ELEMENTS", {torch.float32: 0, torch.bfloat16: 0})
     monkeypatch.setattr(kl, "MIN_CPP_ELEMENTS", 0)
-    if not cpp:
-        monkeypatch.setattr(kcpp, "_built", False)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 1024, (n,), generator=g).tolist() for n in (5, 17, 9, 30)]
+    built = kcpp._built
+    monkeypatch.setattr(kcpp, "_built", False)  # the reference: torch's paths only
     plain, _ = _greedy(model, prompts, 12, False)
+    alone, _ = _greedy(model, prompts[1:2], 12, False)
+    calls = []
+    if cpp:
+        class Spy:
+            def __getattr__(self, name):
+                calls.append(name)
+                return getattr(built, name)
+        monkeypatch.setattr(kcpp, "_built", Spy())
+    assert _greedy(model, prompts[1:2], 12, True)[0] == alone
     packed, e = _greedy(model, prompts, 12, True)
+    if cpp and dtype == torch.float32:
+        assert {"linear_t", "latent_attention", "absorb_query", "moe_tokens", "sigmoid_gate", "rms_norm"} <= set(calls)
     dw = e.decode_weights
     assert len(dw.linears) > 0 and len(dw.experts) == len(model.moe_layers())
     assert len(dw.mlps) == sum(type(m) is MLP for m in model.modules())  # dense layers' and shared experts'

@@ -90,9 +90,10 @@ def buckets_keys(dtype: torch.dtype, device) -> bool:
 
 
 def _one_token_cpu(*ts) -> bool:
-    """Inputs decode.cpp's kernels take: fp32 on the CPU, outside autograd."""
+    """Inputs decode.cpp's kernels take: fp32 on the CPU, outside autograd and autocast (which would
+    run torch's path in its dtype)."""
     return (not torch.is_grad_enabled() or not any(t.requires_grad for t in ts)) and \
-        all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
+        not torch.is_autocast_enabled("cpu") and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in ts)
 
 
 def absorb_query(q_nope, w_uk, w_kv_b):

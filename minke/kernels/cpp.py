@@ -4,19 +4,19 @@
 first time it is asked (about 30 s; torch caches the build under TORCH_EXTENSIONS_DIR, by default
 ~/.cache/torch_extensions, and rebuilds it when the source changes), naming the build by this CPU's
 model and instruction-set flags, since a -march=native build runs only where it was made. A build
-lock left by a process killed mid-build, which would make torch wait forever, is removed. Where it cannot be built (no C++ compiler) it logs
+lock left by a process killed mid-build, which would make torch wait forever, is removed (``_build``). Where it cannot be built (no C++ compiler) it logs
 why once and returns None, and every caller runs its torch path instead; ``MINKE_CPP_KERNELS=0`` turns
 it off. Callers: kernels/linear.py (decode GEMVs), kernels/attention.py (absorbed attention).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import threading
-import time
 
 log = logging.getLogger(__name__)
 
@@ -25,38 +25,66 @@ _lock = threading.Lock()
 
 
 def cpp_kernels():
-    """The built extension (functions linear_t, absorb_query, absorb_value, latent_attention), or None."""
+    """The built extension (linear_t, absorb_query, absorb_value, latent_attention, moe_tokens,
+    sigmoid_gate, rms_norm), or None."""
     global _built
+    if _built is not None:  # every decode GEMV asks: no lock once settled
+        return _built or None
     with _lock:
         if _built is None:
-            _built = False
+            built = False
             if os.environ.get("MINKE_CPP_KERNELS", "1") != "0":
                 try:
-                    from torch.utils import cpp_extension
-                    name = f"minke_decode_{machine_tag()}"
-                    _clear_stale_lock(cpp_extension, name)
-                    log.info("minke: building the C++ decode kernels for this machine (first use: about 30 s)")
-                    src = os.path.join(os.path.dirname(__file__), "decode.cpp")
-                    _built = cpp_extension.load(name=name, sources=[src], verbose=False,
-                                                extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"])
+                    built = _build()
                 except Exception as e:  # noqa: BLE001 - any build failure means: decode without it
                     log.warning("minke: the C++ decode kernels could not be built (%s); torch's paths run instead", e)
+            _built = built  # set once built (or failed): other threads meanwhile wait on the lock
     return _built or None
 
 
-STALE_LOCK_S = 600  # a build takes ~30 s: a lock older than this was left by a process killed mid-build
+def _build():
+    """Build (or load the cached build of) decode.cpp. torch's loader holds a lock file in the build
+    directory while it checks or compiles, and waits forever while one exists, so one left by a process
+    killed meanwhile would hang every later start. minke's loads take an flock beside it first (the OS
+    drops it when its holder dies): whoever holds the flock knows no other minke process is loading, so
+    a torch lock it finds is stale and goes."""
+    from torch.utils import cpp_extension
+    name = f"minke_decode_{machine_tag()}"
+    src = os.path.join(os.path.dirname(__file__), "decode.cpp")
+    build_dir = cpp_extension._get_build_directory(name, False)
+    with _exclusive(os.path.join(build_dir, "minke.flock")):
+        remove_stale_lock(build_dir)
+        log.info("minke: loading the C++ decode kernels (the first build on a machine takes about 30 s)")
+        return cpp_extension.load(name=name, sources=[src], build_directory=build_dir, verbose=False,
+                                  extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"])
 
 
-def _clear_stale_lock(cpp_extension, name: str) -> None:
-    """torch's loader waits, forever, while another process holds the build's lock file; one that was
-    killed mid-build leaves it behind. Such a lock (older than STALE_LOCK_S) is removed."""
+@contextlib.contextmanager
+def _exclusive(path: str):
+    """An exclusive flock on ``path`` for the block (waits for another holder); none without fcntl."""
     try:
-        lock = os.path.join(cpp_extension._get_build_directory(name, False), "lock")
-        if time.time() - os.path.getmtime(lock) > STALE_LOCK_S:
-            os.remove(lock)
-            log.warning("minke: removed a stale build lock %s", lock)
-    except (AttributeError, OSError):  # no lock (the usual case), or a torch without that helper
-        pass
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock alone
+        yield
+        return
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_stale_lock(build_dir: str) -> bool:
+    """Remove torch's lock file in ``build_dir``, left by a process that died holding it (the caller
+    holds minke's flock, so no live minke process does). True when there was one."""
+    lock = os.path.join(build_dir, "lock")
+    try:
+        os.remove(lock)
+    except FileNotFoundError:
+        return False
+    log.warning("minke: removed a build lock left by a stopped process (%s)", lock)
+    return True
 
 
 def machine_tag() -> str:

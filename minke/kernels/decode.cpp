@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -169,14 +170,19 @@ inline v16 vexp(v16 x) {
   p = p * r + splat(1.f);
   p = p * r + splat(1.f);
   const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
-  return p * reinterpret_cast<const v16&>(bits);
+  return p * (v16)bits;  // a same-size vector cast reinterprets the bits
 }
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v4 __attribute__((vector_size(16)));
+template <typename Half, typename Whole>
+inline Half halves_sum(const Whole& v) {  // low half + high half (memcpy: portable, compiled to moves)
+  Half lo, hi;
+  std::memcpy(&lo, &v, sizeof(Half));
+  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
+  return lo + hi;
+}
 inline float hsum(v16 v) {  // a tree of halves, not 16 dependent adds
-  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  const v4 b = halves_sum<v4>(halves_sum<v8>(v));
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 

@@ -235,8 +235,9 @@ class _Norm(_Module):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
-        rows = x.numel() // x.shape[-1] if x.dim() else 0
-        if _plain(x, m.weight) or not 0 < rows <= NORM_ROWS or (cpp := cpp_kernels()) is None:
+        rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
+        if _plain(x, m.weight) or x.dtype != torch.float32 or not 0 < rows <= NORM_ROWS \
+                or (cpp := cpp_kernels()) is None:
             return type(m).forward(m, x)
         return cpp.rms_norm(x.reshape(rows, -1), m.weight.detach(), m.eps).view(x.shape)
 
@@ -254,8 +255,8 @@ class _Gate(_Module):
 
     def __call__(self, x: torch.Tensor):
         m = self.module
-        if x.dim() != 2 or x.shape[0] > FEW_TOKENS or _plain(x, m.weight) or m.method != "noaux_tc" \
-                or m.scoring != "sigmoid" or (cpp := cpp_kernels()) is None:
+        if x.dim() != 2 or x.shape[0] > FEW_TOKENS or _plain(x, m.weight) or x.dtype != torch.float32 \
+                or m.method != "noaux_tc" or m.scoring != "sigmoid" or (cpp := cpp_kernels()) is None:
             return type(m).forward(m, x)
         w, idx, scores = cpp.sigmoid_gate(x.contiguous(), m.weight.detach(), m.e_score_correction_bias,
                                           m.n_group, m.topk_group, m.k, bool(m.norm), float(m.route_scale))
