@@ -10,7 +10,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -148,9 +147,9 @@ torch::Tensor absorb_value(const torch::Tensor& o, const torch::Tensor& w, int64
 namespace {
 
 typedef float v16 __attribute__((vector_size(64), aligned(4)));  // 16 floats, unaligned loads allowed
+typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
 constexpr int64_t BLOCK = 32;
 
-typedef int32_t v16i __attribute__((vector_size(64), aligned(4)));
 inline v16 load(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline v16 splat(float x) { return v16{} + x; }
 
@@ -172,18 +171,18 @@ inline v16 vexp(v16 x) {
   const v16i bits = (__builtin_convertvector(n, v16i) + 127) << 23;
   return p * (v16)bits;  // a same-size vector cast reinterprets the bits
 }
-typedef float v8 __attribute__((vector_size(32)));
-typedef float v4 __attribute__((vector_size(16)));
-template <typename Half, typename Whole>
-inline Half halves_sum(const Whole& v) {  // low half + high half (memcpy: portable, compiled to moves)
-  Half lo, hi;
-  std::memcpy(&lo, &v, sizeof(Half));
-  std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(Half), sizeof(Half));
-  return lo + hi;
-}
-inline float hsum(v16 v) {  // a tree of halves, not 16 dependent adds
-  const v4 b = halves_sum<v4>(halves_sum<v8>(v));
-  return (b[0] + b[2]) + (b[1] + b[3]);
+// v + v with its lanes permuted by the mask (GCC's and clang's spellings of a register shuffle)
+#if defined(__clang__)
+#define SHUFFLE_ADD(v, ...) ((v) + __builtin_shufflevector((v), (v), __VA_ARGS__))
+#else
+#define SHUFFLE_ADD(v, ...) ((v) + __builtin_shuffle((v), v16i{__VA_ARGS__}))
+#endif
+inline float hsum(v16 v) {  // a butterfly in registers, not 16 dependent adds
+  v = SHUFFLE_ADD(v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+  v = SHUFFLE_ADD(v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+  v = SHUFFLE_ADD(v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  v = SHUFFLE_ADD(v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  return v[0];
 }
 
 // p[t * BLOCK + j] = scale · (ql[t]·c + qr[t]·r) for G queries t (rows ldq / ldr apart)
