@@ -49,6 +49,7 @@ NORM_ROWS = 8  # decode.cpp's rms_norm takes up to this many rows (a decode step
 FEW_TOKENS = 2  # decode.cpp's moe_tokens takes up to this many tokens (expert by expert, no batching)
 CPP_MAX_ROWS = 2  # kernels/decode.cpp's linear_t takes up to this many rows; a batch is compute-bound, oneDNN's
 
+
 def mkl_prefers_t(O: int, K: int) -> bool:
     """Whether MKL's GEMV streams fp32 Wᵀ (K, O) faster than oneDNN's packed (O, K): where the output
     is at least as wide as the input, or wider than WIDE_OUTPUT (benchmarks/README.md)."""
