@@ -272,7 +272,13 @@ def test_engine_packed_decode_matches_plain(monkeypatch, dtype, cpp):
     dw = e.decode_weights
     assert len(dw.linears) > 0 and len(dw.experts) == len(model.moe_layers())
     assert len(dw.mlps) == sum(type(m) is MLP for m in model.modules())  # dense layers' and shared experts'
-    kinds = {p.w.kind for p in dw.linears} | {p.gate_up.kind for p in dw.mlps} | {p.down[0].kind for p in dw.experts}
+    kinds = {p.w.kind for p in dw.linears if p.ready} | {p.gate_up.kind for p in dw.mlps if p.ready} | \
+        {p.down[0].kind for p in dw.experts if p.ready}
+    # laid out at first use: absorbed decode never runs kv_b_proj's forward, nor anything of the MTP module
+    idle = [p for p in dw._all() if not p.ready and p.copies]
+    kv_b = [layer.self_attn.kv_b_proj for layer in model.layers]
+    assert {p.module for p in idle} >= set(kv_b) and all(p.module not in kv_b for p in dw._all() if p.ready)
+    assert all(getattr(p, c) is None for p in idle for c in p.copies if hasattr(p, c))
     if dtype == torch.float32:
         assert kinds == ({"t"} if cpp else {"t", "packed"})  # the C++ GEMV takes every fp32 matrix
     assert packed == plain

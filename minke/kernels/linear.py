@@ -139,17 +139,29 @@ class _Module:
     laid-out weights made again whenever ``weights()`` changed."""
     attrs = {"forward": "__call__"}
 
+    copies: tuple[str, ...] = ()  # the attributes prepare() fills
+
     def __init__(self, module: nn.Module):
-        self.module, self.stamp = module, None
+        self.module, self.stamp, self.ready = module, None, False
 
     def refresh(self) -> None:
+        """Forget the copies when a weight changed; the next call lays them out again (so a weight that
+        decode never runs through, kv_b_proj in absorbed mode or an unused MTP module, costs nothing)."""
         stamp = _stamp(*self.weights())
         if self.stamp != stamp:
+            for name in self.copies:  # freed before the next are made
+                setattr(self, name, None)
+            self.ready, self.stamp = False, stamp
+
+    def ensure(self) -> None:
+        if not self.ready:
             self.prepare(*(w.detach() for w in self.weights()))
-            self.stamp = stamp
+            self.ready = True
 
 
 class _Linear(_Module):
+    copies = ("w",)
+
     def weights(self):
         return (self.module.weight,)
 
@@ -160,11 +172,13 @@ class _Linear(_Module):
         m = self.module
         if _plain(x, m.weight):
             return type(m).forward(m, x)
+        self.ensure()
         return self.w(x, None if m.bias is None else m.bias.detach())
 
 
 class _MLP(_Module):
     """A SwiGLU MLP (gate_proj, up_proj, down_proj nn.Linear without bias): gate and up as one GEMV."""
+    copies = ("gate_up", "down")
 
     def weights(self):
         m = self.module
@@ -178,6 +192,7 @@ class _MLP(_Module):
         m = self.module
         if _plain(x, m.gate_proj.weight):
             return type(m).forward(m, x)
+        self.ensure()
         g, u = self.gate_up(x).chunk(2, -1)
         return self.down(F.silu(g) * u)
 
@@ -188,6 +203,7 @@ class _Experts(_Module):
     asks first: up to FEW_TOKENS tokens of fp32 in the "t" layout go to decode.cpp's moe_tokens, one
     call for the whole routed output (no sort, no gathers)."""
     attrs = {"grouped": "__call__", "few_tokens": "few_tokens"}
+    copies = ("gate_up", "down", "t_weights")
 
     def weights(self):
         m = self.module
@@ -204,8 +220,10 @@ class _Experts(_Module):
     def few_tokens(self, x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor | None:
         """x (N, D), gate weights w (N, K), expert ids idx (N, K) → the routed output (N, D), or None
         (not a few fp32 tokens, or no kernel): grouped_moe's own path then."""
-        if not self.t_layout or x.shape[0] > FEW_TOKENS or _plain(x, self.module.gate_proj) \
-                or (cpp := cpp_kernels()) is None:
+        if x.shape[0] > FEW_TOKENS or _plain(x, self.module.gate_proj) or (cpp := cpp_kernels()) is None:
+            return None
+        self.ensure()
+        if not self.t_layout:
             return None
         return cpp.moe_tokens(x.contiguous(), w.float().contiguous(), idx.contiguous(), *self.t_weights)
 
@@ -214,6 +232,7 @@ class _Experts(_Module):
         m = self.module
         if _plain(x, m.gate_proj):
             return type(m).grouped(m, x, counts)
+        self.ensure()
         ys, start = [], 0
         for e, c in enumerate(counts.tolist()):  # CPU: reading counts costs no device sync
             if c:
