@@ -176,6 +176,12 @@ class _Linear(_Module):
         return self.w(x, None if m.bias is None else m.bias.detach())
 
 
+def _swiglu(gate_up: Prepared, down: Prepared, x: torch.Tensor) -> torch.Tensor:
+    """down(silu(gate·x) · up·x) with [gate; up] laid out as one matrix."""
+    g, u = gate_up(x).chunk(2, -1)
+    return down(F.silu(g) * u)
+
+
 class _MLP(_Module):
     """A SwiGLU MLP (gate_proj, up_proj, down_proj nn.Linear without bias): gate and up as one GEMV."""
     copies = ("gate_up", "down")
@@ -193,8 +199,7 @@ class _MLP(_Module):
         if _plain(x, m.gate_proj.weight):
             return type(m).forward(m, x)
         self.ensure()
-        g, u = self.gate_up(x).chunk(2, -1)
-        return self.down(F.silu(g) * u)
+        return _swiglu(self.gate_up, self.down, x)
 
 
 class _Experts(_Module):
@@ -236,8 +241,7 @@ class _Experts(_Module):
         ys, start = [], 0
         for e, c in enumerate(counts.tolist()):  # CPU: reading counts costs no device sync
             if c:
-                g, u = self.gate_up[e](x[start:start + c]).chunk(2, -1)
-                ys.append(self.down[e](F.silu(g) * u))
+                ys.append(_swiglu(self.gate_up[e], self.down[e], x[start:start + c]))
                 start += c
         return torch.cat(ys) if ys else x.new_empty(x.shape)
 
@@ -247,10 +251,10 @@ class _Norm(_Module):
     rows through decode.cpp's rms_norm: one call where the module's forward runs seven ops. Its weight
     is read in place (nothing to lay out)."""
 
-    def weights(self):
-        return (self.module.weight,)
+    def weights(self):  # read live at every call: nothing to stamp or lay out
+        return ()
 
-    def prepare(self, w):
+    def prepare(self):
         pass
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -267,10 +271,10 @@ class _Gate(_Module):
     attributes it reads) over up to FEW_TOKENS fp32 tokens through decode.cpp's sigmoid_gate: one call
     where the module runs about twenty ops. Other routers, more tokens, grad mode: the module's forward."""
 
-    def weights(self):
-        return (self.module.weight,)
+    def weights(self):  # read live at every call: nothing to stamp or lay out
+        return ()
 
-    def prepare(self, w):
+    def prepare(self):
         pass
 
     def __call__(self, x: torch.Tensor):
