@@ -15,8 +15,8 @@ Figures (JSON to stdout and to ``--out``):
   bandwidth = a measured large-tensor copy (bytes read + written per second). This machine's
   bandwidth drifts from minute to minute, so each context runs ``--rounds`` times, each round between
   two copy probes and compared with the higher of them; ``fraction_of_bound`` is the median over the
-  rounds (``rounds`` lists each), ``bound_tok_s`` uses the higher of the probes before and after all
-  runs (``copy_bandwidth_GB_s_each``).
+  rounds (``rounds`` lists each), ``bound_tok_s`` uses the highest of all the probes
+  (``copy_bandwidth_GB_s_each``).
 Timing: the clock is read after every engine step (minke) and at every token transformers hands its
 streamer; decode tokens/s = batch / median step time, robust to other processes on a shared machine.
 ``*_cpu`` figures divide by the step's CPU time in this process instead (steadier when other jobs
@@ -167,7 +167,6 @@ def compare(args, cfg, dtype) -> dict:
             model = minke.load(d, dtype=dtype)
             hf = None if args.no_transformers else load_hf(d, dtype)
 
-    bw_before = copy_bandwidth()
     ctxs = args.contexts
     max_ctx = max(ctxs)
     engine = lambda b, packed=True: Engine(model, max_batch=b, block_size=args.block_size,  # noqa: E731
@@ -181,6 +180,7 @@ def compare(args, cfg, dtype) -> dict:
     res: dict = {"minke": {}, "transformers": {}}
     runs = [(f"batch1_ctx{c}", rand(c)) for c in ctxs] + [(f"batch{args.batch}_ctx{ctxs[0]}", rand(ctxs[0], args.batch))]
     rounds: dict = {}  # batch-1 runs: per round (tok/s, CPU tok/s, copy bandwidth before, after)
+    all_probes: list = []  # every copy-bandwidth probe taken
     for name, prompts in runs:
         n = args.new_tokens
         if len(prompts) == 1:
@@ -189,6 +189,7 @@ def compare(args, cfg, dtype) -> dict:
                 got.append(minke_run(engine(1), prompts, n))
                 probes.append(copy_bandwidth())
             rounds[name] = [(g["decode_tok_s"], g["decode_tok_s_cpu"], a, b) for g, a, b in zip(got, probes, probes[1:])]
+            all_probes += probes
             m = got[0]
             m["decode_tok_s"] = statistics.median(g["decode_tok_s"] for g in got)
             m["decode_tok_s_cpu"] = statistics.median(g["decode_tok_s_cpu"] for g in got)
@@ -210,8 +211,7 @@ def compare(args, cfg, dtype) -> dict:
                   f"{'' if same else ' [outputs differ]'}", end="", file=sys.stderr)
         print(file=sys.stderr)
 
-    bw_after = copy_bandwidth()
-    bw, bw_cpu = max(bw_before[0], bw_after[0]), max(bw_before[1], bw_after[1])
+    bw, bw_cpu = max(p[0] for p in all_probes), max(p[1] for p in all_probes)
     pc = cfg.param_counts()
     elt = torch.empty((), dtype=dtype).element_size()
     weight_bytes = (pc["active"] - cfg.vocab_size * cfg.hidden_size) * elt
@@ -257,7 +257,7 @@ def compare(args, cfg, dtype) -> dict:
                                   if hf is not None and res["transformers"][big]["cache_bytes_per_token"] else None),
         "decompressed_would_be": cfg.kv_cache_bytes_per_token(elt)["decompressed"]}
     bound = {"copy_bandwidth_GB_s": round(bw / 1e9, 2), "copy_bandwidth_GB_per_cpu_s": round(bw_cpu / 1e9, 2),
-             "copy_bandwidth_GB_s_each": [round(bw_before[0] / 1e9, 2), round(bw_after[0] / 1e9, 2)],
+             "copy_bandwidth_GB_s_each": [round(p[0] / 1e9, 2) for p in all_probes],
              "active_weight_bytes": weight_bytes}
     for c in ctxs:
         per_tok = weight_bytes + c * cache_main
