@@ -187,6 +187,81 @@ def test_sparse_kernel_matches_its_reference():
     assert (o - ref).abs().max().item() <= 1e-5
 
 
+def test_sparse_rows_kernel_matches_its_reference():
+    """Prefill's form, queries [q_lat ‖ q_pe] scaled and gathered rows [c_kv ‖ k_pe], against the same
+    reference (random selections, invalid slots)."""
+    g = torch.Generator().manual_seed(2)
+    B, H, T, S, K, C, R = 2, 4, 3, 11, 5, 8, 4
+    q_lat, q_pe = torch.randn(B, H, T, C, generator=g), torch.randn(B, H, T, R, generator=g)
+    c_kv, k_pe = torch.randn(B, S, C, generator=g), torch.randn(B, S, R, generator=g)
+    idx = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(B * T)]).view(B, T, K)
+    valid = torch.rand(B, T, K, generator=g) < 0.7
+    valid[..., 0] = True
+    rows = att.gather_tokens(torch.cat([c_kv, k_pe], -1), idx, torch.empty(B * T * K * (C + R) + 3))
+    q = (torch.cat([q_lat, q_pe], -1) * 0.3).transpose(1, 2).reshape(B * T, H, C + R)
+    o = att.sparse_rows_attention(q, rows.flatten(0, 1), valid.flatten(0, 1), C).view(B, T, H, C).transpose(1, 2)
+    ref = att.sparse_absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, idx, valid, 0.3)
+    assert (o - ref).abs().max().item() <= 1e-5
+
+
+def test_blocked_sparse_prefill_equals_the_masked_mha_mode(monkeypatch):
+    """Prefill's blocked absorbed path, with blocks small enough that a block sees at most index_topk
+    keys (dense), later blocks select, sub-blocks split a block's gathers (one buffer reused) and the
+    indexer's dot products come in key tiles, equals MHA mode under the selection's mask, batch 2."""
+    import minke.model.mla as mla
+    cfg = dsa_preset(index_topk=6)
+    model = minke.build(cfg, seed=3)
+    x = ids(cfg.vocab_size, B=2, T=300, seed=5)
+    with torch.no_grad():
+        ref = model(x).logits  # MHA mode under the selection's mask
+        monkeypatch.setattr(mla, "SPARSE_QUERY_BLOCK", 4)  # block 0 sees 4 <= 6 keys
+        monkeypatch.setattr(mla, "SPARSE_GATHER_BYTES", 1)  # one query per gather
+        monkeypatch.setattr(att, "DOTS_TILE_ELEMENTS", 1)
+        monkeypatch.setattr(att, "DOTS_TILE_MIN_KEYS", 7)  # tiles of 7 keys
+        assert (model(x, absorb=True).logits - ref).abs().max().item() <= TOL
+        monkeypatch.setattr(mla, "SPARSE_QUERY_BLOCK", 37)
+        monkeypatch.setattr(mla, "SPARSE_GATHER_BYTES", 5 * 6 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 * 2)
+        assert (model(x, absorb=True).logits - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("B,T,J,E,S", [(1, 3, 5, 16, 37), (2, 1, 64, 128, 1000), (1, 5, 20, 10, 9),
+                                       (1, 2, 80, 32, 131)])
+def test_index_scores_match_their_reference(B, T, J, E, S, monkeypatch):
+    """The lightning indexer's scores for bf16 inputs against fp64: torch's path in key tiles, and
+    decode.cpp's AVX512-BF16 kernel where it is built (heads not a multiple of 16, key tails). The
+    kernel is what a bf16 model runs outside autograd, and a key's score does not depend on which other
+    queries and keys share the call, so decode and prefill select alike."""
+    from minke.kernels.cpp import cpp_kernels
+    g = torch.Generator().manual_seed(B * T + S)
+    q, keys = torch.randn(B, T, J, E, generator=g).bfloat16(), torch.randn(B, S, E, generator=g).bfloat16()
+    w = torch.randn(B, T, J, generator=g)
+    ref = att.index_scores_reference(q, w, keys)
+    # fp32 sums of J·E products: bounded by a few units of fp32 rounding of the absolute sum
+    bound = 1e-5 * torch.einsum("btj,btjs->bts", w.double().abs(),
+                                torch.einsum("btje,bse->btjs", q.double().abs(), keys.double().abs()))
+    cpp = cpp_kernels()
+    calls = []
+    if cpp is not None and cpp.has_bf16_dot():
+        class Spy:
+            has_bf16_dot = staticmethod(cpp.has_bf16_dot)
+
+            @staticmethod
+            def index_scores(*a):
+                calls.append(1)
+                return cpp.index_scores(*a)
+        monkeypatch.setattr(att, "cpp_kernels", lambda: Spy)
+        with torch.no_grad():
+            o = att.index_scores(q, w, keys)
+            assert calls and ((o.double() - ref).abs() <= bound).all()
+            part = att.index_scores(q[:, -1:], w[:, -1:], keys[:, 1:S - 1])
+            assert torch.equal(part, o[:, -1:, 1:S - 1])
+    monkeypatch.setattr(att, "cpp_kernels", lambda: None)
+    monkeypatch.setattr(att, "DOTS_TILE_ELEMENTS", 1)
+    monkeypatch.setattr(att, "DOTS_TILE_MIN_KEYS", 7)
+    n = len(calls)
+    assert ((att.index_scores(q, w, keys).double() - ref).abs() <= bound).all() and len(calls) == n
+
+
 def test_top_k_breaks_ties_towards_earlier_tokens():
     """Exact ties (the ReLU's zeros) go to the earlier token, whatever the row's length: a decode step
     over S keys and a full forward's row of the same S scores plus masked ones pick the same tokens."""

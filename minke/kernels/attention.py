@@ -175,27 +175,54 @@ def absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, scale):
 
 
 # ---- sparse (DSA) absorbed mode ----------------------------------------------------------------
-def gather_tokens(x, idx):
-    """x (B, S, F) per-token rows, idx (B, T, K) token indices → (B, T, K, F): each query's selected rows."""
-    B, T, K = idx.shape
-    return x.gather(1, idx.reshape(B, T * K, 1).expand(-1, -1, x.shape[-1])).view(B, T, K, -1)
+def gather_tokens(x, idx, out=None):
+    """x (B, S, F) per-token rows, idx (B, T, K) token indices → (B, T, K, F): each query's selected rows.
+    Whole rows are copied (index_select over the B·S rows; an element-wise gather costs several times
+    more). ``out``: a contiguous buffer of at least B·T·K·F elements to fill (reused across a prefill's
+    query blocks: a fresh allocation that large is mapped and page-faulted anew each time); not under
+    autograd."""
+    B, S, F = x.shape
+    T, K = idx.shape[1:]
+    rows = (idx + (torch.arange(B, device=idx.device) * S).view(B, 1, 1)).flatten() if B > 1 else idx.flatten()
+    if out is None:
+        return x.reshape(B * S, F).index_select(0, rows).view(B, T, K, F)
+    out = out.view(-1)[: B * T * K * F].view(B * T * K, F)
+    return torch.index_select(x.reshape(B * S, F), 0, rows, out=out).view(B, T, K, F)
 
 
 def sparse_absorbed_attention(q_lat, q_pe, c_sel, k_pe_sel, valid, scale):
     """DeepSeek Sparse Attention over MLA's MQA mode: each query attends to its own K selected latents.
 
     q_lat (B, H, T, C), q_pe (B, H, T, R), c_sel (B, T, K, C), k_pe_sel (B, T, K, R) the selected
-    tokens' cache entries, valid (B, T, K) bool (False: a padding slot of a query that sees fewer than K
-    tokens) → o_lat (B, H, T, C). One bmm per (row, query) over its K latents: the work and the bytes
-    read grow with K, not with the context. Scores in the latents' dtype, softmax in fp32."""
+    tokens' cache entries (decode: gathered from the paged pools), valid (B, T, K) bool (False: a
+    padding slot of a query that sees fewer than K tokens) → o_lat (B, H, T, C). One bmm per (row,
+    query) over its K latents: the work and the bytes read grow with K, not with the context."""
     B, H, T, C = q_lat.shape
-    K, R = c_sel.shape[2], k_pe_sel.shape[-1]
+    K = c_sel.shape[2]
+    ql = (q_lat * scale).transpose(1, 2).reshape(B * T, H, C)  # the scale on the queries: one pass fewer
+    qr = (q_pe * scale).transpose(1, 2).reshape(B * T, H, -1)
     c = c_sel.reshape(B * T, K, C)
-    ql = q_lat.transpose(1, 2).reshape(B * T, H, C)
-    qr = q_pe.transpose(1, 2).reshape(B * T, H, R)
-    scores = ql @ c.transpose(1, 2) + qr @ k_pe_sel.reshape(B * T, K, R).transpose(1, 2)  # (B·T, H, K)
-    p = (scores.float() * scale).masked_fill(~valid.reshape(B * T, 1, K), float("-inf")).softmax(-1)
-    return (p.to(c.dtype) @ c).view(B, T, H, C).transpose(1, 2)
+    scores = ql @ c.transpose(1, 2) + qr @ k_pe_sel.reshape(B * T, K, -1).transpose(1, 2)  # (B·T, H, K)
+    return _attend_selected(scores, valid.reshape(B * T, K), c).view(B, T, H, C).transpose(1, 2)
+
+
+def sparse_rows_attention(q, rows, valid, C: int):
+    """``sparse_absorbed_attention`` over gathered rows [c_kv ‖ k_pe] (prefill gathers one buffer of
+    them): q (N, H, C+R) the queries [q_lat ‖ q_pe] already scaled, rows (N, K, C+R), valid (N, K) →
+    o_lat (N, H, C). The scores are one bmm over C+R; the values are the rows' first C columns."""
+    if rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float16):
+        # oneDNN would copy the strided first C columns at every call (slowly: 2 ms a query at 2048 rows);
+        # all C+R columns, contiguous, cost 12% more multiply-adds and no copy.
+        return _attend_selected(q @ rows.transpose(1, 2), valid, rows)[..., :C]
+    return _attend_selected(q @ rows.transpose(1, 2), valid, rows[..., :C])
+
+
+def _attend_selected(scores, valid, c):
+    """scores (N, H, K) in the latents' dtype, scaled; valid (N, K); c (N, K, C) → softmax(scores) @ c."""
+    if not bool(valid.all()):
+        scores.masked_fill_(~valid[:, None], float("-inf"))  # in place: the callers' own tensor
+    # torch's softmax accumulates half precision in fp32 and writes the latents' dtype: one pass.
+    return scores.softmax(-1) @ c
 
 
 def sparse_absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, idx, valid, scale):
@@ -204,3 +231,39 @@ def sparse_absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, idx, valid, sca
     B, T, _ = idx.shape
     keep = torch.zeros(B, T, c_kv.shape[1], dtype=torch.bool, device=idx.device).scatter_(-1, idx, valid)
     return absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, keep[:, None], scale)
+
+
+# ---- DSA's lightning indexer -------------------------------------------------------------------
+# Torch's path makes the (B, T, J, S) dot products a tile of at least DOTS_TILE_MIN_KEYS keys at a time
+# holding at most DOTS_TILE_ELEMENTS: written, rectified and summed while in cache, instead of going
+# through memory three times (1.5-2x faster at 8-32K keys).
+DOTS_TILE_ELEMENTS = 1 << 21
+DOTS_TILE_MIN_KEYS = 256
+
+
+def index_scores(q, w, keys):
+    """The lightning indexer's I (B, T, S) = Σ_j w[..., j] · ReLU(q[..., j, :] · k_s): q (B, T, J, E) its
+    roped queries, w (B, T, J) its head weights with both scales in, keys (B, S, E). fp32 (fp64 for an
+    fp64 model): bf16 q and keys are multiplied as fp32, as transformers does.
+
+    bf16 on a CPU with AVX512-BF16, outside autograd and autocast: decode.cpp's index_scores (the same
+    products, summed in fp32 by vdpbf16ps, no (T, J, S) products written out; about 2x torch's fp32
+    GEMM). Elsewhere torch in fp32, a tile of keys at a time."""
+    B, T, J, E = q.shape
+    if q.dtype == keys.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_autocast_enabled("cpu") \
+            and not (torch.is_grad_enabled() and (q.requires_grad or w.requires_grad or keys.requires_grad)) \
+            and (cpp := cpp_kernels()) and cpp.has_bf16_dot():
+        q, w, keys = q.contiguous(), w.float().contiguous(), keys.contiguous()
+        return torch.stack([cpp.index_scores(q[b], w[b], keys[b]) for b in range(B)])
+    dt = torch.promote_types(q.dtype, torch.float32)
+    q, k_t, w = q.to(dt).reshape(B, T * J, E), keys.to(dt).transpose(1, 2), w.to(dt)[:, :, None]
+    tile = max(DOTS_TILE_MIN_KEYS, DOTS_TILE_ELEMENTS // (B * T * J))
+    parts = [(w @ (q @ k_t[..., s:s + tile]).view(B, T, J, -1).relu_()).squeeze(2)  # (B, T, tile)
+             for s in range(0, k_t.shape[-1], tile)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def index_scores_reference(q, w, keys):
+    """``index_scores`` written with einsum, in fp64."""
+    dots = torch.einsum("btje,bse->btjs", q.double(), keys.double())
+    return torch.einsum("btj,btjs->bts", w.double(), dots.relu())

@@ -55,8 +55,14 @@ def _build():
     with _exclusive(os.path.join(build_dir, "minke.flock")):
         remove_stale_lock(build_dir)
         log.info("minke: loading the C++ decode kernels (the first build on a machine takes about 30 s)")
-        return cpp_extension.load(name=name, sources=[src], build_directory=build_dir, verbose=False,
-                                  extra_cflags=["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"])
+        flags = ["-O3", "-march=native", "-fno-math-errno"]
+        try:  # OpenMP runs at::parallel_for on torch's threads
+            return cpp_extension.load(name=name, sources=[src], build_directory=build_dir, verbose=False,
+                                      extra_cflags=flags + ["-fopenmp"], extra_ldflags=["-fopenmp"])
+        except Exception as e:  # a compiler without OpenMP (Apple clang): the kernels on one thread
+            log.warning("minke: the C++ kernels build without OpenMP, on one thread (%s)", str(e)[:200])
+            return cpp_extension.load(name=name, sources=[src], build_directory=build_dir, verbose=False,
+                                      extra_cflags=flags + ["-fopenmp-simd"])
 
 
 @contextlib.contextmanager

@@ -1,15 +1,22 @@
 // Decode's kernels on CPU, fp32: its matrix-vector products and MLA's absorbed attention for one query
-// token. Each has its plain torch reference in the tests (tests/test_fast_paths.py, tests/test_kernels.py).
+// token; and DSA's lightning-indexer scores in bf16 (index_scores, for decode and prefill). Each has its
+// plain torch reference in the tests (tests/test_fast_paths.py, tests/test_kernels.py, tests/test_dsa.py).
 //
-// Every kernel reads its big operand (a weight, the cached latents) once, front to back, in the one
-// access pattern the hardware prefetcher streams at full speed; what it accumulates stays in L1. The
+// Every decode kernel reads its big operand (a weight, the cached latents) once, front to back, in the
+// one access pattern the hardware prefetcher streams at full speed; what it accumulates stays in L1. The
 // compiler vectorizes the inner loops (built with -O3 -march=native for the machine it runs on;
-// -fopenmp-simd lets the dot products' `omp simd reduction` reassociate, and nothing else).
+// -fopenmp runs at::parallel_for on torch's threads and lets the dot products' `omp simd reduction`
+// reassociate).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <vector>
 
@@ -398,6 +405,104 @@ std::vector<torch::Tensor> sigmoid_gate(const torch::Tensor& x, const torch::Ten
   return {wout, iout, scores};
 }
 
+// index_scores: DeepSeek-V3.2's lightning-indexer scores I (T, S) = Σ_j w[t, j] · max(0, q[t, j] · k[s])
+// for bf16 q (T, J, E) and keys k (S, E), w (T, J) fp32 (model/dsa.py, kernels/attention.py
+// index_scores): the products of the bf16 values summed in fp32, as torch computes them after casting
+// both to fp32, but with AVX512-BF16's pair dot products (vdpbf16ps: twice fp32's multiply-adds per
+// instruction) and without writing the (T, J, S) products out. Vector lanes are heads: each query is
+// first laid out by pair of dimensions, (E/2, J) padded to 16 heads, in a buffer in L1; each key's pair
+// is broadcast against it, 4 keys at a time over 64 heads (16 accumulators). Threads split the keys.
+bool has_bf16_dot() {
+#ifdef __AVX512BF16__
+  return true;
+#else
+  return false;
+#endif
+}
+
+#ifdef __AVX512BF16__
+// out[0..KB) += Σ_heads w · max(0, q · k) for KB keys (rows of P pairs) over NV vectors of 16 heads.
+template <int NV, int KB>
+inline void keys_pass(const uint32_t* qT, int64_t ldq, const float* w, const uint32_t* k, int64_t P, float* out) {
+  // Every loop over kb and v is unrolled, so that the accumulators live in registers (not on the stack).
+  __m512 a[KB][NV];
+#pragma GCC unroll 4
+  for (int kb = 0; kb < KB; ++kb)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) a[kb][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    __m512bh qv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) qv[v] = (__m512bh)_mm512_loadu_si512(qT + p * ldq + v * 16);
+#pragma GCC unroll 4
+    for (int kb = 0; kb < KB; ++kb) {
+      const __m512bh kv = (__m512bh)_mm512_set1_epi32(static_cast<int>(k[kb * P + p]));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) a[kb][v] = _mm512_dpbf16_ps(a[kb][v], qv[v], kv);
+    }
+  }
+#pragma GCC unroll 4
+  for (int kb = 0; kb < KB; ++kb) {
+    __m512 r = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v)
+      r = _mm512_fmadd_ps(_mm512_max_ps(a[kb][v], _mm512_setzero_ps()), _mm512_loadu_ps(w + v * 16), r);
+    out[kb] += _mm512_reduce_add_ps(r);
+  }
+}
+
+template <int KB>
+inline void keys_all_heads(const uint32_t* qT, int64_t ldq, const float* w, const uint32_t* k, int64_t P,
+                           int64_t JV, float* out) {
+  for (int kb = 0; kb < KB; ++kb) out[kb] = 0.f;
+  for (int64_t g = 0; g < JV; g += 4) {  // heads in groups of 4 vectors (64 heads)
+    const int64_t o = g * 16;
+    switch (std::min<int64_t>(4, JV - g)) {
+      case 4: keys_pass<4, KB>(qT + o, ldq, w + o, k, P, out); break;
+      case 3: keys_pass<3, KB>(qT + o, ldq, w + o, k, P, out); break;
+      case 2: keys_pass<2, KB>(qT + o, ldq, w + o, k, P, out); break;
+      default: keys_pass<1, KB>(qT + o, ldq, w + o, k, P, out);
+    }
+  }
+}
+#endif
+
+torch::Tensor index_scores(const torch::Tensor& q, const torch::Tensor& w, const torch::Tensor& k) {
+  TORCH_CHECK(q.dim() == 3 && w.dim() == 2 && k.dim() == 2 && w.size(0) == q.size(0) && w.size(1) == q.size(1) &&
+                  k.size(1) == q.size(2) && q.size(2) % 2 == 0,
+              "index_scores: q (T, J, E), w (T, J), k (S, E), E even");
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kFloat &&
+                  q.device().is_cpu() && k.device().is_cpu() && w.device().is_cpu() && q.is_contiguous() &&
+                  k.is_contiguous() && w.is_contiguous(),
+              "index_scores: q and k bf16, w fp32, contiguous, on the CPU");
+  const int64_t T = q.size(0), J = q.size(1), P = q.size(2) / 2, S = k.size(0);
+  auto out = torch::empty({T, S}, w.options());
+#ifdef __AVX512BF16__
+  const auto* qp = reinterpret_cast<const uint32_t*>(q.data_ptr<at::BFloat16>());  // pairs of dimensions
+  const auto* kp = reinterpret_cast<const uint32_t*>(k.data_ptr<at::BFloat16>());
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t JV = (J + 15) / 16, ldq = JV * 16;
+  at::parallel_for(0, S, 64, [&](int64_t b, int64_t e) {
+    std::vector<uint32_t> qT(P * ldq, 0u);  // one query by pair of dimensions: (P, heads), heads padded
+    std::vector<float> wt(ldq, 0.f);
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t j = 0; j < J; ++j) {
+        for (int64_t p = 0; p < P; ++p) qT[p * ldq + j] = qp[(t * J + j) * P + p];
+        wt[j] = wp[t * J + j];
+      }
+      float* ot = op + t * S;
+      int64_t s = b;
+      for (; s + 4 <= e; s += 4) keys_all_heads<4>(qT.data(), ldq, wt.data(), kp + s * P, P, JV, ot + s);
+      for (; s < e; ++s) keys_all_heads<1>(qT.data(), ldq, wt.data(), kp + s * P, P, JV, ot + s);
+    }
+  });
+#else
+  TORCH_CHECK(false, "index_scores: built without AVX512-BF16 (has_bf16_dot() is false)");
+#endif
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sigmoid_gate", &sigmoid_gate, "DeepSeek-V3's noaux_tc sigmoid router for a few fp32 tokens");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few fp32 rows");
@@ -405,5 +510,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_t", &linear_t, "y = x @ wt (+ bias) for decode's few rows, wt (K, O) contiguous");
   m.def("absorb_query", &absorb_query, "q_nope (H, N) through kv_b's key half of w (H, N+V, C) -> (H, C)");
   m.def("absorb_value", &absorb_value, "o_lat (H, C) through kv_b's value half of w (H, N+V, C) -> (H, V)");
+  m.def("has_bf16_dot", &has_bf16_dot, "whether index_scores was built (AVX512-BF16)");
+  m.def("index_scores", &index_scores, "the lightning indexer's scores for bf16 q (T, J, E), keys (S, E)");
   m.def("latent_attention", &latent_attention, "absorbed MLA attention of Q queries over S cached latents");
 }

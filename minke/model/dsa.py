@@ -33,8 +33,10 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
+from ..kernels.attention import index_scores
 
-# Index scores are (B, T, J, S) before the head sum: queries go in blocks holding at most this many.
+# Index scores are (B, T, J, S) before the head sum: the selection takes queries in blocks holding at
+# most this many (kernels/attention.py index_scores then makes them a tile of keys at a time).
 SCORE_BLOCK_ELEMENTS = 1 << 25
 
 
@@ -71,10 +73,9 @@ class Indexer(nn.Module):
         B, T, _ = x.shape
         J, E = self.n_heads, self.head_dim
         dt = torch.promote_types(x.dtype, torch.float32)
-        q = apply_rope_half(self.wq_b(q_lat).unflatten(-1, (J, E)), cos, sin).to(dt)  # (B, T, J, E)
+        q = apply_rope_half(self.wq_b(q_lat).unflatten(-1, (J, E)), cos, sin)  # (B, T, J, E)
         w = self.weights_proj(x).to(dt) * (J ** -0.5 * E ** -0.5)  # (B, T, J)
-        dots = (q.reshape(B, T * J, E) @ keys.to(dt).transpose(1, 2)).view(B, T, J, -1)  # (B, T, J, S)
-        return (w[:, :, None] @ dots.relu_()).squeeze(2)  # (B, T, S)
+        return index_scores(q, w, keys)  # (B, T, S)
 
     @torch.no_grad()
     def forward(self, x, q_lat, cos, sin, keys, mask):
@@ -82,7 +83,7 @@ class Indexer(nn.Module):
 
         ``mask``: None (causal, the T queries being the last T of the S keys) or bool (B, 1, T, S).
         A query that may see fewer than K keys gets all of them, the rest of its K' slots marked invalid.
-        Queries go in blocks so the (B, T, J, S) dot products stay under SCORE_BLOCK_ELEMENTS."""
+        Queries go in blocks so their (B, T, J, S) dot products stay under SCORE_BLOCK_ELEMENTS."""
         B, T, _ = x.shape
         S = keys.shape[1]
         K = min(self.topk, S)
