@@ -136,7 +136,8 @@ def test_latent_attention_matches_reference(S, H, C, scale, tol):
 def test_absorbed_attention_takes_the_kernel_only_where_it_applies(monkeypatch):
     """absorbed_attention with the kernel built equals the torch path for one fp32 token seeing every
     key (mask None or all True), and a mask that hides keys keeps the torch path (the kernel sees every
-    key): both equal the reference. The weight folds equal their bmm."""
+    key), as do more heads than LATENT_KERNEL_MAX_HEADS: all equal the reference. The weight folds
+    equal their bmm."""
     q_lat, q_pe, c_kv, k_pe = _latents(1, 12, 1, 70, C=64, R=16, seed=3)
     calls = []
     built = kcpp.cpp_kernels()
@@ -156,6 +157,10 @@ def test_absorbed_attention_takes_the_kernel_only_where_it_applies(monkeypatch):
     out = att.absorbed_attention(q_lat, q_pe, c_kv, k_pe, hide, 0.3)
     assert (out - att.absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, hide, 0.3)).abs().max().item() <= 1e-5
     assert calls == ["latent_attention", "latent_attention"]  # not taken for the hiding mask
+    many = _latents(1, att.LATENT_KERNEL_MAX_HEADS + 1, 1, 70, C=64, R=16, seed=5)
+    out = att.absorbed_attention(*many, None, 0.3)
+    assert (out - att.absorbed_attention_reference(*many, None, 0.3)).abs().max().item() <= 1e-5
+    assert calls == ["latent_attention", "latent_attention"]  # nor for more heads than it pays for
 
     g = torch.Generator().manual_seed(4)
     H, N, V, C = 12, 24, 20, 64
