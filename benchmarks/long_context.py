@@ -14,11 +14,13 @@ Figures per context S (``--contexts``) and batch B (``--batches``), JSON to stdo
   (exactly what a prefill writes into layer 0; deeper layers get the same values, which costs the same);
 - prefill: tokens/s of one forward over S tokens (B = 1), dense in MHA mode (fused SDPA, causal),
   sparse in the absorbed mode over each query's selected latents (queries in blocks), for S up to
-  ``--max-prefill`` (a dense 32K prefill at these widths is ~2·10¹³ multiply-adds: hours on 2 CPU cores);
+  ``--max-prefill`` (a dense 32K prefill at these widths is ~2·10¹³ multiply-adds: 6-7 minutes a layer
+  on 2 CPU cores, sparse 2.5-5 more; the default stops at 4K);
 - ``crossover``: per batch size, the smallest measured context from which on sparse decode attention
   beats dense (and prefill); None when it never does in the measured range.
 
     .venv/bin/python benchmarks/long_context.py                          # 4K/16K/32K, batch 1 and 8
+    .venv/bin/python benchmarks/long_context.py --dtype bfloat16 --max-prefill 32768   # ~13 min
     .venv/bin/python benchmarks/long_context.py --contexts 1024 4096 --batches 1 --max-prefill 4096
 """
 

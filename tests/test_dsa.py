@@ -187,9 +187,11 @@ def test_sparse_kernel_matches_its_reference():
     assert (o - ref).abs().max().item() <= 1e-5
 
 
-def test_sparse_rows_kernel_matches_its_reference():
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_sparse_rows_kernel_matches_its_reference(dtype, tol):
     """Prefill's form, queries [q_lat ‖ q_pe] scaled and gathered rows [c_kv ‖ k_pe], against the same
-    reference (random selections, invalid slots)."""
+    reference (random selections, invalid slots); in bf16 (its values bmm over all C+R columns, then
+    sliced) against the fp32 reference of the same bf16 values, relative to the output's size."""
     g = torch.Generator().manual_seed(2)
     B, H, T, S, K, C, R = 2, 4, 3, 11, 5, 8, 4
     q_lat, q_pe = torch.randn(B, H, T, C, generator=g), torch.randn(B, H, T, R, generator=g)
@@ -197,11 +199,12 @@ def test_sparse_rows_kernel_matches_its_reference():
     idx = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(B * T)]).view(B, T, K)
     valid = torch.rand(B, T, K, generator=g) < 0.7
     valid[..., 0] = True
-    rows = att.gather_tokens(torch.cat([c_kv, k_pe], -1), idx, torch.empty(B * T * K * (C + R) + 3))
+    q_lat, q_pe, c_kv, k_pe = (t.to(dtype) for t in (q_lat, q_pe, c_kv, k_pe))
+    rows = att.gather_tokens(torch.cat([c_kv, k_pe], -1), idx, torch.empty(B * T * K * (C + R) + 3, dtype=dtype))
     q = (torch.cat([q_lat, q_pe], -1) * 0.3).transpose(1, 2).reshape(B * T, H, C + R)
     o = att.sparse_rows_attention(q, rows.flatten(0, 1), valid.flatten(0, 1), C).view(B, T, H, C).transpose(1, 2)
     ref = att.sparse_absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, idx, valid, 0.3)
-    assert (o - ref).abs().max().item() <= 1e-5
+    assert o.dtype == dtype and (o.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
 
 
 def test_blocked_sparse_prefill_equals_the_masked_mha_mode(monkeypatch):
@@ -224,14 +227,25 @@ def test_blocked_sparse_prefill_equals_the_masked_mha_mode(monkeypatch):
         assert (model(x, absorb=True).logits - ref).abs().max().item() <= TOL
 
 
-@pytest.mark.parametrize("B,T,J,E,S", [(1, 3, 5, 16, 37), (2, 1, 64, 128, 1000), (1, 5, 20, 10, 9),
-                                       (1, 2, 80, 32, 131)])
-def test_index_scores_match_their_reference(B, T, J, E, S, monkeypatch):
+@pytest.mark.parametrize("B,T,J,E,S,threads", [(1, 3, 5, 16, 37, 1), (2, 1, 64, 128, 1000, 2), (1, 5, 20, 10, 9, 1),
+                                               (1, 2, 80, 32, 131, 2)])
+def test_index_scores_match_their_reference(B, T, J, E, S, threads, monkeypatch):
     """The lightning indexer's scores for bf16 inputs against fp64: torch's path in key tiles, and
-    decode.cpp's AVX512-BF16 kernel where it is built (heads not a multiple of 16, key tails). The
-    kernel is what a bf16 model runs outside autograd, and a key's score does not depend on which other
-    queries and keys share the call, so decode and prefill select alike."""
+    decode.cpp's AVX512-BF16 kernel where it is built (heads not a multiple of 16, key tails, keys split
+    over 2 threads at chunk starts that are not multiples of its 4 keys a pass; on a CPU without
+    AVX512-BF16 only torch's path is checked). The kernel is what a bf16 model runs outside autograd,
+    and a key's score does not depend on which other queries and keys share the call, so decode and
+    prefill select alike."""
     from minke.kernels.cpp import cpp_kernels
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _check_index_scores(B, T, J, E, S, monkeypatch, cpp_kernels())
+    finally:
+        torch.set_num_threads(before)
+
+
+def _check_index_scores(B, T, J, E, S, monkeypatch, cpp):
     g = torch.Generator().manual_seed(B * T + S)
     q, keys = torch.randn(B, T, J, E, generator=g).bfloat16(), torch.randn(B, S, E, generator=g).bfloat16()
     w = torch.randn(B, T, J, generator=g)
@@ -239,7 +253,6 @@ def test_index_scores_match_their_reference(B, T, J, E, S, monkeypatch):
     # fp32 sums of J·E products: bounded by a few units of fp32 rounding of the absolute sum
     bound = 1e-5 * torch.einsum("btj,btjs->bts", w.double().abs(),
                                 torch.einsum("btje,bse->btjs", q.double().abs(), keys.double().abs()))
-    cpp = cpp_kernels()
     calls = []
     if cpp is not None and cpp.has_bf16_dot():
         class Spy:

@@ -176,8 +176,8 @@ def test_absorbed_attention_takes_the_kernel_only_where_it_applies(monkeypatch):
 
 def test_build_lock_left_behind_is_removed(tmp_path, monkeypatch):
     """torch's loader waits forever while its build lock exists; one left by a killed process is
-    removed before loading (under minke's flock, which a dead process no longer holds), and a failed
-    build falls back to None with a warning."""
+    removed before loading (under minke's flock, which a dead process no longer holds); a compiler
+    without OpenMP gets the one-thread build, and a failed build falls back to None with a warning."""
     import os
 
     from torch.utils import cpp_extension
@@ -192,6 +192,19 @@ def test_build_lock_left_behind_is_removed(tmp_path, monkeypatch):
     build_dir = cpp_extension._get_build_directory(f"minke_decode_{kcpp.machine_tag()}", False)
     open(os.path.join(build_dir, "lock"), "w").close()  # what a process killed mid-build leaves
     assert kcpp.cpp_kernels() == "built" and seen == [False]
+
+    tried = []
+
+    def load_without_openmp(name, sources, build_directory, extra_cflags, **kw):
+        tried.append("-fopenmp" in extra_cflags)
+        if "-fopenmp" in extra_cflags:
+            raise RuntimeError("no OpenMP here")
+        return "one thread"
+    monkeypatch.setattr(cpp_extension, "load", load_without_openmp)
+    for _ in range(2):  # an OpenMP build that fails is tried once on this machine, then the one-thread build
+        monkeypatch.setattr(kcpp, "_built", None)
+        assert kcpp.cpp_kernels() == "one thread"
+    assert tried == [True, False, False]
 
     def failing_load(**kw):
         raise RuntimeError("no compiler here")

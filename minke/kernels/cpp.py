@@ -4,9 +4,12 @@
 first time it is asked (about 30 s; torch caches the build under TORCH_EXTENSIONS_DIR, by default
 ~/.cache/torch_extensions, and rebuilds it when the source changes), naming the build by this CPU's
 model and instruction-set flags, since a -march=native build runs only where it was made. A build
-lock left by a process killed mid-build, which would make torch wait forever, is removed (``_build``). Where it cannot be built (no C++ compiler) it logs
-why once and returns None, and every caller runs its torch path instead; ``MINKE_CPP_KERNELS=0`` turns
-it off. Callers: kernels/linear.py (decode GEMVs), kernels/attention.py (absorbed attention).
+lock left by a process killed mid-build, which would make torch wait forever, is removed (``_build``).
+It is built with OpenMP (at::parallel_for on torch's threads); a compiler without it gets a one-thread
+build, remembered in the build directory so later starts do not retry. Where it cannot be built (no C++
+compiler) it logs why once and returns None, and every caller runs its torch path instead;
+``MINKE_CPP_KERNELS=0`` turns it off. Callers: kernels/linear.py (decode GEMVs), kernels/attention.py
+(absorbed attention, the lightning indexer's bf16 scores).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ _lock = threading.Lock()
 
 def cpp_kernels():
     """The built extension (linear_t, absorb_query, absorb_value, latent_attention, moe_tokens,
-    sigmoid_gate, rms_norm), or None."""
+    sigmoid_gate, rms_norm, index_scores and has_bf16_dot), or None."""
     global _built
     if _built is not None:  # every decode GEMV asks: no lock once settled
         return _built or None
@@ -56,13 +59,19 @@ def _build():
         remove_stale_lock(build_dir)
         log.info("minke: loading the C++ decode kernels (the first build on a machine takes about 30 s)")
         flags = ["-O3", "-march=native", "-fno-math-errno"]
-        try:  # OpenMP runs at::parallel_for on torch's threads
-            return cpp_extension.load(name=name, sources=[src], build_directory=build_dir, verbose=False,
-                                      extra_cflags=flags + ["-fopenmp"], extra_ldflags=["-fopenmp"])
-        except Exception as e:  # a compiler without OpenMP (Apple clang): the kernels on one thread
-            log.warning("minke: the C++ kernels build without OpenMP, on one thread (%s)", str(e)[:200])
-            return cpp_extension.load(name=name, sources=[src], build_directory=build_dir, verbose=False,
-                                      extra_cflags=flags + ["-fopenmp-simd"])
+        no_omp = os.path.join(build_dir, "no-openmp")  # written once an OpenMP build has failed here
+        if not os.path.exists(no_omp):
+            try:
+                return cpp_extension.load(name=name, sources=[src], build_directory=build_dir, verbose=False,
+                                          extra_cflags=flags + ["-fopenmp"], extra_ldflags=["-fopenmp"])
+            except Exception as e:  # e.g. Apple clang: no OpenMP
+                log.warning("minke: the C++ kernels build without OpenMP, on one thread (%s)", str(e)[:200])
+                with open(no_omp, "w") as f:
+                    f.write(str(e)[:4000])
+        one = cpp_extension._get_build_directory(name + "_1t", False)  # its own directory: no rebuild ping-pong
+        remove_stale_lock(one)
+        return cpp_extension.load(name=name + "_1t", sources=[src], build_directory=one, verbose=False,
+                                  extra_cflags=flags + ["-fopenmp-simd"])
 
 
 @contextlib.contextmanager

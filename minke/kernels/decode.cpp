@@ -446,7 +446,8 @@ inline void keys_pass(const uint32_t* qT, int64_t ldq, const float* w, const uin
     __m512 r = _mm512_setzero_ps();
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v)
-      r = _mm512_fmadd_ps(_mm512_max_ps(a[kb][v], _mm512_setzero_ps()), _mm512_loadu_ps(w + v * 16), r);
+      // max(0, a) in this order returns a NaN a, as torch's relu does
+      r = _mm512_fmadd_ps(_mm512_max_ps(_mm512_setzero_ps(), a[kb][v]), _mm512_loadu_ps(w + v * 16), r);
     out[kb] += _mm512_reduce_add_ps(r);
   }
 }

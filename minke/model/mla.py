@@ -199,10 +199,10 @@ class MLA(nn.Module):
         S, topk = c_kv.shape[1], self.indexer.topk
         K = min(topk, S)
         ck = torch.cat([c_kv, k_pe], dim=-1)  # (B, S, C+R): the rows each query gathers
-        sub = max(1, SPARSE_GATHER_BYTES // (B * K * ck.shape[-1] * ck.element_size()))
+        sub = min(SPARSE_QUERY_BLOCK, T, max(1, SPARSE_GATHER_BYTES // (B * K * ck.shape[-1] * ck.element_size())))
         if sub >= (threads := torch.get_num_threads()):  # bmm splits its queries over the threads: evenly
             sub -= sub % threads
-        buf = None if torch.is_grad_enabled() and ck.requires_grad else ck.new_empty(B * sub * K * ck.shape[-1])
+        buf = None  # made at the first selecting block; not under autograd (backward reads the rows)
         w_uk, w_uv_t = self._absorbed_weights()
         w = self._kv_b()
         out = []
@@ -214,8 +214,11 @@ class MLA(nn.Module):
                 out.append(self.attend_absorbed(q_nope[:, i:j], q_pe[:, i:j], c_kv[:, :n], k_pe[:, :n], m))
                 continue
             idx, valid = self.indexer(x[:, i:j], q_lat[:, i:j], cos[:, i:j], sin[:, i:j], keys[:, :n], m)
+            # attend_absorbed's folds, here once per block around the sub-blocks' attention
             q = torch.cat([absorb_query(q_nope[:, i:j], w_uk, w), q_pe[:, i:j].transpose(1, 2)], dim=-1)
             q = q.mul_(self.scale).transpose(1, 2).contiguous()  # (B, Tb, H, C+R): [q·W_uk ‖ q_pe], scaled
+            if buf is None and not torch.is_grad_enabled():
+                buf = ck.new_empty(B * sub * K * ck.shape[-1])
             o_lat = []
             for a in range(0, j - i, sub):
                 rows = gather_tokens(ck, idx[:, a:a + sub], buf)  # (B, s, K, C+R)
