@@ -171,16 +171,22 @@ def test_topk_covering_the_sequence_equals_dense_mla():
     assert (o - att.absorbed_attention(q_lat, q_pe, c_kv, k_pe, None, 0.3)).abs().max().item() <= 1e-5
 
 
-def test_sparse_kernel_matches_its_reference():
-    """Random selections (a shuffled subset per query, some slots invalid) against dense absorbed
-    attention under the selection's mask. Fails with the validity mask ignored."""
-    g = torch.Generator().manual_seed(1)
-    B, H, T, S, K, C, R = 2, 4, 3, 11, 5, 8, 4
+def random_selection(seed, B=2, H=4, T=3, S=11, K=5, C=8, R=4):
+    """Queries, latents, and per query a shuffled subset of K of the S tokens, about 30% of its slots
+    invalid (never the first): (q_lat, q_pe, c_kv, k_pe, idx, valid)."""
+    g = torch.Generator().manual_seed(seed)
     q_lat, q_pe = torch.randn(B, H, T, C, generator=g), torch.randn(B, H, T, R, generator=g)
     c_kv, k_pe = torch.randn(B, S, C, generator=g), torch.randn(B, S, R, generator=g)
     idx = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(B * T)]).view(B, T, K)
     valid = torch.rand(B, T, K, generator=g) < 0.7
     valid[..., 0] = True
+    return q_lat, q_pe, c_kv, k_pe, idx, valid
+
+
+def test_sparse_kernel_matches_its_reference():
+    """Random selections (a shuffled subset per query, some slots invalid) against dense absorbed
+    attention under the selection's mask. Fails with the validity mask ignored."""
+    q_lat, q_pe, c_kv, k_pe, idx, valid = random_selection(1)
     o = att.sparse_absorbed_attention(q_lat, q_pe, att.gather_tokens(c_kv, idx), att.gather_tokens(k_pe, idx),
                                       valid, 0.3)
     ref = att.sparse_absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, idx, valid, 0.3)
@@ -192,13 +198,8 @@ def test_sparse_rows_kernel_matches_its_reference(dtype, tol):
     """Prefill's form, queries [q_lat ‖ q_pe] scaled and gathered rows [c_kv ‖ k_pe], against the same
     reference (random selections, invalid slots); in bf16 (its values bmm over all C+R columns, then
     sliced) against the fp32 reference of the same bf16 values, relative to the output's size."""
-    g = torch.Generator().manual_seed(2)
-    B, H, T, S, K, C, R = 2, 4, 3, 11, 5, 8, 4
-    q_lat, q_pe = torch.randn(B, H, T, C, generator=g), torch.randn(B, H, T, R, generator=g)
-    c_kv, k_pe = torch.randn(B, S, C, generator=g), torch.randn(B, S, R, generator=g)
-    idx = torch.stack([torch.randperm(S, generator=g)[:K] for _ in range(B * T)]).view(B, T, K)
-    valid = torch.rand(B, T, K, generator=g) < 0.7
-    valid[..., 0] = True
+    q_lat, q_pe, c_kv, k_pe, idx, valid = random_selection(2)
+    (B, H, T, C), R, K = q_lat.shape, q_pe.shape[-1], idx.shape[-1]
     q_lat, q_pe, c_kv, k_pe = (t.to(dtype) for t in (q_lat, q_pe, c_kv, k_pe))
     rows = att.gather_tokens(torch.cat([c_kv, k_pe], -1), idx, torch.empty(B * T * K * (C + R) + 3, dtype=dtype))
     q = (torch.cat([q_lat, q_pe], -1) * 0.3).transpose(1, 2).reshape(B * T, H, C + R)
