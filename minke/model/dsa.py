@@ -69,7 +69,6 @@ class Indexer(nn.Module):
 
     def scores(self, x, q_lat, cos, sin, keys):
         """x (B, T, D), q_lat (B, T, Q), keys (B, S, E) → I (B, T, S) in fp32 (fp64 for an fp64 model)."""
-        B, T, _ = x.shape
         J, E = self.n_heads, self.head_dim
         dt = torch.promote_types(x.dtype, torch.float32)
         q = apply_rope_half(self.wq_b(q_lat).unflatten(-1, (J, E)), cos, sin)  # (B, T, J, E)
