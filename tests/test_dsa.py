@@ -231,12 +231,12 @@ def test_blocked_sparse_prefill_equals_the_masked_mha_mode(monkeypatch):
 @pytest.mark.parametrize("B,T,J,E,S,threads", [(1, 3, 5, 16, 37, 1), (2, 1, 64, 128, 1000, 2), (1, 5, 20, 10, 9, 1),
                                                (1, 2, 80, 32, 131, 2)])
 def test_index_scores_match_their_reference(B, T, J, E, S, threads, monkeypatch):
-    """The lightning indexer's scores for bf16 inputs against fp64: torch's path, and
-    decode.cpp's AVX512-BF16 kernel where it is built (heads not a multiple of 16, key tails, keys split
-    over 2 threads at chunk starts that are not multiples of its 4 keys a pass; on a CPU without
-    AVX512-BF16 only torch's path is checked). The kernel is what a bf16 model runs outside autograd,
-    and a key's score does not depend on which other queries and keys share the call, so decode and
-    prefill select alike."""
+    """The lightning indexer's scores for bf16 inputs against fp64: torch's path, and decode.cpp's
+    AVX512-BF16 kernel where it is built (heads not a multiple of 16, key tails, keys split over 2
+    threads at chunk starts that are not multiples of its 4 keys a pass; on a CPU without AVX512-BF16
+    only torch's path is checked). The kernel is what a bf16 model runs outside autograd, and a key's
+    score does not depend on which other queries and keys share the call, so decode and prefill select
+    alike."""
     from minke.kernels.cpp import cpp_kernels
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
