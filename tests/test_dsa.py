@@ -211,8 +211,7 @@ def test_sparse_rows_kernel_matches_its_reference(dtype, tol):
 def test_blocked_sparse_prefill_equals_the_masked_mha_mode(monkeypatch):
     """Prefill's blocked absorbed path, with blocks small enough that a block sees at most index_topk
     keys (dense), later blocks select, sub-blocks split a block's gathers (one buffer reused) and the
-    indexer scores a query at a time, equals MHA mode under the selection's mask, batch 2."""
-    import minke.model.dsa as dsa
+    indexer's dot products come in key tiles, equals MHA mode under the selection's mask, batch 2."""
     import minke.model.mla as mla
     cfg = dsa_preset(index_topk=6)
     model = minke.build(cfg, seed=3)
@@ -221,7 +220,8 @@ def test_blocked_sparse_prefill_equals_the_masked_mha_mode(monkeypatch):
         ref = model(x).logits  # MHA mode under the selection's mask
         monkeypatch.setattr(mla, "SPARSE_QUERY_BLOCK", 4)  # block 0 sees 4 <= 6 keys
         monkeypatch.setattr(mla, "SPARSE_GATHER_BYTES", 1)  # one query per gather
-        monkeypatch.setattr(dsa, "SCORE_BLOCK_ELEMENTS", 1)  # the indexer scores one query at a time
+        monkeypatch.setattr(att, "DOTS_TILE_ELEMENTS", 1)
+        monkeypatch.setattr(att, "DOTS_TILE_MIN_KEYS", 7)  # tiles of 7 keys
         assert (model(x, absorb=True).logits - ref).abs().max().item() <= TOL
         monkeypatch.setattr(mla, "SPARSE_QUERY_BLOCK", 37)
         monkeypatch.setattr(mla, "SPARSE_GATHER_BYTES", 5 * 6 * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4 * 2)
@@ -231,12 +231,12 @@ def test_blocked_sparse_prefill_equals_the_masked_mha_mode(monkeypatch):
 @pytest.mark.parametrize("B,T,J,E,S,threads", [(1, 3, 5, 16, 37, 1), (2, 1, 64, 128, 1000, 2), (1, 5, 20, 10, 9, 1),
                                                (1, 2, 80, 32, 131, 2)])
 def test_index_scores_match_their_reference(B, T, J, E, S, threads, monkeypatch):
-    """The lightning indexer's scores for bf16 inputs against fp64: torch's path, and decode.cpp's
-    AVX512-BF16 kernel where it is built (heads not a multiple of 16, key tails, keys split over 2
-    threads at chunk starts that are not multiples of its 4 keys a pass; on a CPU without AVX512-BF16
-    only torch's path is checked). The kernel is what a bf16 model runs outside autograd, and a key's
-    score does not depend on which other queries and keys share the call, so decode and prefill select
-    alike."""
+    """The lightning indexer's scores for bf16 inputs against fp64: torch's path in key tiles, and
+    decode.cpp's AVX512-BF16 kernel where it is built (heads not a multiple of 16, key tails, keys split
+    over 2 threads at chunk starts that are not multiples of its 4 keys a pass; on a CPU without
+    AVX512-BF16 only torch's path is checked). The kernel is what a bf16 model runs outside autograd,
+    and a key's score does not depend on which other queries and keys share the call, so decode and
+    prefill select alike."""
     from minke.kernels.cpp import cpp_kernels
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -270,6 +270,8 @@ def _check_index_scores(B, T, J, E, S, monkeypatch, cpp):
             part = att.index_scores(q[:, -1:], w[:, -1:], keys[:, 1:S - 1])
             assert torch.equal(part, o[:, -1:, 1:S - 1])
     monkeypatch.setattr(att, "cpp_kernels", lambda: None)
+    monkeypatch.setattr(att, "DOTS_TILE_ELEMENTS", 1)
+    monkeypatch.setattr(att, "DOTS_TILE_MIN_KEYS", 7)
     n = len(calls)
     assert ((att.index_scores(q, w, keys).double() - ref).abs() <= bound).all() and len(calls) == n
 

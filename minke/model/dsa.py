@@ -35,7 +35,8 @@ from torch import nn
 from ..config import ModelConfig
 from ..kernels.attention import index_scores
 
-# Index scores are (B, T, J, S) before the head sum: queries go in blocks holding at most this many.
+# Index scores are (B, T, J, S) before the head sum: the selection takes queries in blocks holding at
+# most this many (kernels/attention.py index_scores then makes them a tile of keys at a time).
 SCORE_BLOCK_ELEMENTS = 1 << 25
 
 
