@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpp import cpp_kernels
+from .cpp import cpp_kernels, inference_on_cpu
 
 MATH_ATTENTION_MAX_KEYS = 512  # CPU under torch.compile: explicit attention up to this many keys
 MATH_ATTENTION_BLOCK = 128  # causal explicit attention: queries in blocks of this many, each over its prefix
@@ -102,16 +102,9 @@ def buckets_keys(dtype: torch.dtype, device) -> bool:
     return torch.device(device).type == "cpu" and dtype in (torch.bfloat16, torch.float16)
 
 
-def _cpu_inference(*ts) -> bool:
-    """Tensors a decode.cpp kernel may take: on the CPU, outside autograd and autocast (which would run
-    torch's path in its dtype)."""
-    return (not torch.is_grad_enabled() or not any(t.requires_grad for t in ts)) and \
-        not torch.is_autocast_enabled("cpu") and all(t.device.type == "cpu" for t in ts)
-
-
 def _one_token_cpu(*ts) -> bool:
-    """Inputs decode.cpp's fp32 decode kernels take: fp32, and ``_cpu_inference``."""
-    return _cpu_inference(*ts) and all(t.dtype == torch.float32 for t in ts)
+    """Inputs decode.cpp's fp32 decode kernels take: fp32, and ``inference_on_cpu``."""
+    return inference_on_cpu(*ts) and all(t.dtype == torch.float32 for t in ts)
 
 
 def absorb_query(q_nope, w_uk, w_kv_b):
@@ -275,11 +268,11 @@ def index_scores(q, w, keys):
     products, summed in fp32 by vdpbf16ps, no (T, J, S) products written out: 2.6x torch's fp32 GEMM
     for 64 queries over 32K keys, 2 threads). Elsewhere torch in fp32, a tile of keys at a time."""
     B, T, J, E = q.shape
-    if q.dtype == keys.dtype == torch.bfloat16 and E % 2 == 0 and _cpu_inference(q, w, keys) \
+    if q.dtype == keys.dtype == torch.bfloat16 and E % 2 == 0 and inference_on_cpu(q, w, keys) \
             and (cpp := cpp_kernels()) and cpp.has_bf16_dot():
         w = w.float()
-        return torch.stack([cpp.index_scores(q[b].contiguous(), w[b].contiguous(), keys[b].contiguous())
-                            for b in range(B)])
+        rows = [cpp.index_scores(q[b].contiguous(), w[b].contiguous(), keys[b].contiguous()) for b in range(B)]
+        return rows[0][None] if B == 1 else torch.stack(rows)
     dt = torch.promote_types(q.dtype, torch.float32)
     q, k_t, w = q.to(dt).reshape(B, T * J, E), keys.to(dt).transpose(1, 2), w.to(dt)[:, :, None]
     tile = max(DOTS_TILE_MIN_KEYS, DOTS_TILE_ELEMENTS // (B * T * J))

@@ -21,6 +21,8 @@ import os
 import platform
 import threading
 
+import torch
+
 log = logging.getLogger(__name__)
 
 _built: object = None  # the extension module; False once it could not be built (or is turned off)
@@ -43,6 +45,14 @@ def cpp_kernels():
                     log.warning("minke: the C++ decode kernels could not be built (%s); torch's paths run instead", e)
             _built = built  # set once built (or failed): other threads meanwhile wait on the lock
     return _built or None
+
+
+def inference_on_cpu(*ts) -> bool:
+    """Whether tensors may take a fast path that records no autograd graph: all on the CPU, outside
+    autograd (none requires grad while grad is on) and autocast (which would run torch's path in its
+    dtype). The C++ kernels and kernels/linear.py's laid-out weights ask it first."""
+    return (not torch.is_grad_enabled() or not any(t.requires_grad for t in ts)) and \
+        not torch.is_autocast_enabled("cpu") and all(t.device.type == "cpu" for t in ts)
 
 
 def _build():

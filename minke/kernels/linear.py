@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpp import cpp_kernels
+from .cpp import cpp_kernels, inference_on_cpu
 
 PACK_BATCH_HINT = 1  # oneDNN picks the packed layout for this many rows: decode's
 # Below this many weight elements a matrix, hot in cache or not, runs as fast plain (bf16: 384×384).
@@ -130,8 +130,7 @@ def _stamp(*ts: torch.Tensor) -> tuple:
 
 def _plain(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Inputs the fast path does not take: the module's own forward runs."""
-    return (x.dtype != w.dtype or x.device.type != "cpu" or torch.is_grad_enabled()
-            or torch.is_autocast_enabled("cpu"))
+    return x.dtype != w.dtype or not inference_on_cpu(x, w)
 
 
 class _Module:
