@@ -147,13 +147,13 @@ def absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, scale):
             and (cpp := cpp_kernels()):
         # one token of one row sees every cached token: decode.cpp's single pass over the cache
         return cpp.latent_attention(q_lat.reshape(H, C), q_pe.reshape(H, R), c_kv[0], k_pe[0], scale).view(1, H, 1, C)
+    q_lat, q_pe = q_lat * scale, q_pe * scale  # the scale on the H·T queries, not on the H·T·S scores
     if B == 1:
         q, q_pe, c_kv, k_pe = q_lat.reshape(H * T, C), q_pe.reshape(H * T, R), c_kv[0], k_pe[0]
     else:
         q, q_pe = q_lat.reshape(B, H * T, C), q_pe.reshape(B, H * T, R)
     if not buckets_keys(c_kv.dtype, c_kv.device):
-        scores = (q @ c_kv.mT + q_pe @ k_pe.mT).view(B, H, T, S)
-        p = masked_softmax(scores.float() * scale, mask).to(c_kv.dtype)
+        p = _latent_softmax_((q @ c_kv.mT + q_pe @ k_pe.mT).view(B, H, T, S), mask)
         return (p.view(*c_kv.shape[:-2], H * T, S) @ c_kv).view(B, H, T, C)
     S0, n = S // KEY_BUCKET * KEY_BUCKET, S % KEY_BUCKET  # prefix keys, tail keys
 
@@ -168,11 +168,24 @@ def absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, scale):
     if n:
         parts.append((q @ c_tail.mT + q_pe @ tail(k_pe).mT)[..., :n])
     scores = (parts[0] if len(parts) == 1 else torch.cat(parts, -1)).view(B, H, T, S)
-    p = masked_softmax(scores.float() * scale, mask).to(c_kv.dtype).view(*c_kv.shape[:-2], H * T, S)
+    p = _latent_softmax_(scores, mask).view(*c_kv.shape[:-2], H * T, S)
     o = p[..., :S0].contiguous() @ c_kv[..., :S0, :] if S0 else 0  # contiguous: oneDNN's kernels are per stride
     if n:
         o = o + torch.nn.functional.pad(p[..., S0:], (0, KEY_BUCKET - n)) @ c_tail
     return o.view(B, H, T, C)
+
+
+def _latent_softmax_(scores, mask):
+    """Softmax over S of absorbed attention's scaled scores (B, H, T, S), a fresh tensor masked in place,
+    in their dtype (torch accumulates half precision in fp32: one pass, where upcasting, scaling,
+    masking and casting back took five, 60% of a bf16 32K-key step). A mask that hides nothing (a
+    decode row, which sees its whole history) and causal T = 1 mask nothing."""
+    T, S = scores.shape[-2:]
+    if mask is None and T > 1:
+        mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
+    if mask is not None and not bool(mask.all()):
+        scores.masked_fill_(~mask, float("-inf"))
+    return scores.softmax(-1)
 
 
 def absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, scale):
