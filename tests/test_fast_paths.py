@@ -305,7 +305,7 @@ def test_packed_weights_follow_in_place_updates(monkeypatch):
             packed = model(x).logits
     assert (plain - before).abs().max() > 1e-3
     assert (packed - plain).abs().max().item() <= 1e-5 * plain.abs().max().item()
-    # the absorbed MLA halves mla.py keeps contiguous (bf16 on CPU) follow too
+    # the absorbed MLA halves mla.py keeps as copies (bf16 on CPU) follow too
     attn = minke.build(minke.preset("tiny"), seed=0, dtype=torch.bfloat16).layers[0].self_attn
     with torch.no_grad():
         attn._absorbed_weights()
@@ -313,7 +313,7 @@ def test_packed_weights_follow_in_place_updates(monkeypatch):
         w = attn._kv_b()
         w_uk, w_uv_t = attn._absorbed_weights()
     assert torch.equal(w_uk, w[:, :attn.nope]) and torch.equal(w_uv_t, w[:, attn.nope:].transpose(1, 2))
-    assert w_uk.is_contiguous() and w_uv_t.is_contiguous()  # the kept copies, not views
+    assert w_uk.mT.is_contiguous() and w_uv_t.is_contiguous()  # the kept copies ((H, C, N) for the key half), not views
 
 
 @needs_onednn

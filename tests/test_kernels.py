@@ -174,6 +174,77 @@ def test_absorbed_attention_takes_the_kernel_only_where_it_applies(monkeypatch):
     assert calls[2:] == ["absorb_query", "absorb_value"]
 
 
+class _KernelSpy:
+    """Stands in for the built extension, recording the kernels asked for."""
+
+    def __init__(self, built):
+        self.built, self.calls = built, []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.built, name)
+
+
+needs_bf16_dot = pytest.mark.skipif(kcpp.cpp_kernels() is None or not kcpp.cpp_kernels().has_bf16_dot(),
+                                    reason="no C++ kernels with AVX512-BF16 here")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("B, T", [(1, 1), (2, 1), (1, 3)])
+def test_bf16_weight_folds_match_float64(monkeypatch, B, T):
+    """kv_b_proj's two folds in bf16 as mla.py runs them (the key half kept as the transpose of an
+    (H, C, N) copy): one token through decode.cpp's dot-product kernel (absorb_value's, for both folds),
+    several through bmm in the (H, C, N) @ (H, N, B·T) form; each against float64 within bf16's
+    rounding of the result (2^-8 relative, here of the largest entry) and equal to bmm's own bf16
+    result within that. Reduced widths of one 32-wide chunk (N) and of three (C)."""
+    spy = _KernelSpy(kcpp.cpp_kernels())
+    monkeypatch.setattr(kcpp, "_built", spy)
+    g = torch.Generator().manual_seed(B * 10 + T)
+    H, N, V, C = 5, 32, 20, 96
+    w = torch.randn(H, N + V, C, generator=g).bfloat16()
+    w_uk, w_uv_t = w[:, :N].mT.contiguous().mT, w[:, N:].transpose(1, 2).contiguous()
+    q_nope = torch.randn(B, T, H, N + 8, generator=g).bfloat16()[..., :N]  # a view, as MLA's split gives
+    o_lat = torch.randn(B, H, T, C, generator=g).bfloat16()
+    q_ref = torch.einsum("bthn,hnc->bhtc", q_nope.double(), w[:, :N].double())
+    o_ref = torch.einsum("bhtc,hvc->bthv", o_lat.double(), w[:, N:].double())
+    with torch.no_grad():
+        q_lat, o = att.absorb_query(q_nope, w_uk, w), att.absorb_value(o_lat, w_uv_t, w)
+    assert q_lat.shape == q_ref.shape and o.shape == o_ref.shape and q_lat.dtype == o.dtype == torch.bfloat16
+    for ours, ref in ((q_lat, q_ref), (o, o_ref)):
+        assert (ours.double() - ref).abs().max().item() <= 2 ** -8 * ref.abs().max().item()
+    assert spy.calls.count("absorb_value") == (2 if B * T == 1 else 0)
+    bmm_q = (q_nope.permute(2, 0, 1, 3).reshape(H, B * T, N) @ w[:, :N].contiguous()).view(H, B, T, C).transpose(0, 1)
+    assert (q_lat.double() - bmm_q.double()).abs().max().item() <= 2 ** -8 * q_ref.abs().max().item()
+    if B * T == 1:  # autograd: torch's bmm, the kernel not asked
+        spy.calls.clear()
+        wg = w.clone().requires_grad_()
+        att.absorb_value(o_lat, wg[:, N:].transpose(1, 2), wg).float().sum().backward()
+        assert wg.grad is not None and "absorb_value" not in spy.calls
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gather_rows_equals_index_select(dtype):
+    """decode.cpp's prefetching row gather against index_select: rows of a view whose row stride is not
+    its width (an [c_kv | k_pe] pool's columns), repeated and unsorted indices, fewer rows than its
+    prefetch distance, into a given buffer; an index out of range names itself; under autograd torch's
+    index_select runs and gradients flow."""
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randn(300, 72, generator=g).to(dtype)
+    x = pool[:, 8:40]  # (300, 32), row stride 72
+    for M in (3, 200):
+        idx = torch.randint(0, 300, (M,), generator=g)
+        idx[0] = idx[-1]  # a repeat
+        assert torch.equal(att.gather_rows(x, idx), x.index_select(0, idx))
+        out = torch.empty(M, 32, dtype=dtype)
+        assert att.gather_rows(x, idx, out) is out and torch.equal(out, x.index_select(0, idx))
+    with pytest.raises(RuntimeError, match="index 300 out of range for 300 rows"):
+        att.gather_rows(x, torch.tensor([5, 300]))
+    xg = x.float().requires_grad_()
+    att.gather_rows(xg, torch.tensor([1, 1, 7])).sum().backward()
+    assert xg.grad[1].eq(2).all() and xg.grad[7].eq(1).all() and xg.grad.sum().item() == 3 * 32
+
+
 def test_build_lock_left_behind_is_removed(tmp_path, monkeypatch):
     """torch's loader waits forever while its build lock exists; one left by a killed process is
     removed before loading (under minke's flock, which a dead process no longer holds); a compiler

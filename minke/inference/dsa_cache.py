@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from ..kernels.attention import gather_tokens
+from ..kernels.attention import gather_rows, gather_tokens
 from .kv_cache import LatentCache
 from .paged import PagedLatentCache
 
@@ -103,6 +103,6 @@ class DSAPagedCache(PagedLatentCache):
             pool_c.index_copy_(0, v.write, c_kv.reshape(B * T, -1).to(pool_c.dtype))
             pool_r.index_copy_(0, v.write, k_pe.reshape(B * T, -1).to(pool_r.dtype))
             slots = v.gather.view(B, v.S).gather(1, idx.reshape(B, T * K)).flatten()  # (B·T·K,)
-        c = pool_c.index_select(0, slots).view(B, T, K, -1)
-        r = pool_r.index_select(0, slots).view(B, T, K, -1)
+        c = gather_rows(pool_c, slots).view(B, T, K, -1)
+        r = gather_rows(pool_r, slots).view(B, T, K, -1)
         return c.to(c_kv.dtype), r.to(k_pe.dtype)

@@ -107,25 +107,41 @@ def _one_token_cpu(*ts) -> bool:
     return inference_on_cpu(*ts) and all(t.dtype == torch.float32 for t in ts)
 
 
+def _bf16_fold(x, w) -> bool:
+    """Whether decode.cpp's absorb_value takes one token's bf16 fold x (H, C) through the rows of w
+    (H, ·, C) contiguous: a CPU with AVX512-BF16, C a multiple of 32, outside autograd. At V3's widths
+    (128 heads, kv_lora_rank 512) each fold reads its 16.8 MB at memory speed: 0.6 ms against bmm's
+    1.9 (query) and 1.0 (value), cold, 2 threads."""
+    return x.dtype == w.dtype == torch.bfloat16 and w.is_contiguous() and w.shape[-1] % 32 == 0 \
+        and inference_on_cpu(x, w) and (cpp := cpp_kernels()) is not None and cpp.has_bf16_dot()
+
+
 def absorb_query(q_nope, w_uk, w_kv_b):
     """q_nope (B, T, H, N) → q_lat (B, H, T, C), each head's query through kv_b_proj's key half w_uk
-    (H, N, C) (a view or the caller's contiguous copy): plain bmm over the head axis (einsum's planning
-    costs more than decode's tiny arithmetic). One fp32 token: decode.cpp reads w_kv_b (H, N+V, C),
-    kv_b_proj's whole weight by head, instead."""
+    (H, N, C): a view of w_kv_b (H, N+V, C), kv_b_proj's whole weight by head, or the transpose of a
+    contiguous (H, C, N) copy (mla.py keeps one for bf16 on CPU). Plain bmm over the head axis (einsum's
+    planning costs more than decode's tiny arithmetic), as (H, C, N) @ (H, N, B·T) when w_uk is such a
+    transpose. One token: decode.cpp, reading w_kv_b in fp32 and the (H, C, N) copy in bf16."""
     B, T, H, N = q_nope.shape
+    w_ukT = w_uk.mT  # (H, C, N)
     if B * T == 1 and _one_token_cpu(q_nope, w_kv_b) and w_kv_b.is_contiguous() and (cpp := cpp_kernels()):
         return cpp.absorb_query(q_nope.reshape(H, N), w_kv_b).view(1, H, 1, -1)
-    q_lat = q_nope.permute(2, 0, 1, 3).reshape(H, B * T, N) @ w_uk  # (H, B·T, C)
-    return q_lat.view(H, B, T, -1).transpose(0, 1)
+    if B * T == 1 and _bf16_fold(q_nope, w_ukT):
+        return cpp_kernels().absorb_value(q_nope.reshape(H, N).contiguous(), w_ukT, 0).view(1, H, 1, -1)
+    q = q_nope.permute(2, 0, 1, 3).reshape(H, B * T, N)
+    q_lat = (w_ukT @ q.mT).mT if w_ukT.is_contiguous() else q @ w_uk  # (H, B·T, C)
+    return q_lat.reshape(H, B, T, -1).transpose(0, 1)
 
 
 def absorb_value(o_lat, w_uv_t, w_kv_b):
     """o_lat (B, H, T, C) → o (B, T, H, V), each head's output through kv_b_proj's value half, w_uv_t
-    (H, C, V) transposed for the bmm; one fp32 token: decode.cpp reads w_kv_b (H, N+V, C) instead."""
+    (H, C, V) transposed for the bmm; one token (fp32, or bf16 with ``_bf16_fold``): decode.cpp reads
+    w_kv_b (H, N+V, C) instead."""
     B, H, T, C = o_lat.shape
-    if B * T == 1 and _one_token_cpu(o_lat, w_kv_b) and w_kv_b.is_contiguous() and (cpp := cpp_kernels()):
+    if B * T == 1 and (_one_token_cpu(o_lat, w_kv_b) and w_kv_b.is_contiguous() or _bf16_fold(o_lat, w_kv_b)) \
+            and (cpp := cpp_kernels()):
         n_nope = w_kv_b.shape[1] - w_uv_t.shape[-1]
-        return cpp.absorb_value(o_lat.reshape(H, C), w_kv_b, n_nope).view(1, 1, H, -1)
+        return cpp.absorb_value(o_lat.reshape(H, C).contiguous(), w_kv_b, n_nope).view(1, 1, H, -1)
     o = o_lat.transpose(0, 1).reshape(H, B * T, C) @ w_uv_t  # (H, B·T, V)
     return o.view(H, B, T, -1).permute(1, 2, 0, 3)
 
@@ -200,21 +216,31 @@ def absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, scale):
 
 
 # ---- sparse (DSA) absorbed mode ----------------------------------------------------------------
+def gather_rows(x, idx, out=None):
+    """x (N, F) rows (contiguous within a row), idx (M,) → x.index_select(0, idx), into ``out`` (M, F)
+    contiguous when given. Outside autograd on the CPU, decode.cpp's gather_rows: it prefetches the rows
+    ahead of the copy (2048 selected rows of a 32K-token cache, out of cache: 0.09 ms bf16 against
+    index_select's 0.16-0.37, 0.17 fp32 against 0.42-0.69)."""
+    if inference_on_cpu(x, idx) and x.stride(-1) == 1 and (cpp := cpp_kernels()) is not None:
+        out = x.new_empty(idx.shape[0], x.shape[1]) if out is None else out
+        return cpp.gather_rows(x, idx.contiguous(), out)
+    return x.index_select(0, idx) if out is None else torch.index_select(x, 0, idx, out=out)
+
+
 def gather_tokens(x, idx, out=None):
     """x (B, S, F) per-token rows, idx (B, T, K) token indices → (B, T, K, F): each query's selected rows.
-    Whole rows are copied (index_select over the B·S rows; an element-wise gather costs several times
+    Whole rows are copied (``gather_rows`` over the B·S rows; an element-wise gather costs several times
     more). ``out``: a contiguous buffer of at least B·T·K·F elements to fill (reused across a prefill's
     query blocks: a fresh allocation that large is mapped and page-faulted anew each time); not under
     autograd."""
     B, S, F = x.shape
     T, K = idx.shape[1:]
     if B > 1 and not x.is_contiguous():  # rows of a bigger buffer (a contiguous cache): per row, no copy of x
-        return torch.stack([x[b].index_select(0, idx[b].flatten()) for b in range(B)]).view(B, T, K, F)
+        return torch.stack([gather_rows(x[b], idx[b].flatten()) for b in range(B)]).view(B, T, K, F)
     rows = (idx + (torch.arange(B, device=idx.device) * S).view(B, 1, 1)).flatten() if B > 1 else idx.flatten()
-    if out is None:
-        return x.reshape(B * S, F).index_select(0, rows).view(B, T, K, F)
-    out = out.view(-1)[: B * T * K * F].view(B * T * K, F)
-    return torch.index_select(x.reshape(B * S, F), 0, rows, out=out).view(B, T, K, F)
+    if out is not None:
+        out = out.view(-1)[: B * T * K * F].view(B * T * K, F)
+    return gather_rows(x.reshape(B * S, F), rows, out).view(B, T, K, F)
 
 
 def sparse_absorbed_attention(q_lat, q_pe, c_sel, k_pe_sel, valid, scale):

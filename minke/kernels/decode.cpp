@@ -1,5 +1,6 @@
 // Decode's kernels on CPU, fp32: its matrix-vector products and MLA's absorbed attention for one query
-// token; and DSA's lightning-indexer scores in bf16 (index_scores, for decode and prefill). Each has its
+// token; in bf16, MLA's weight folds for one token and DSA's lightning-indexer scores (index_scores, for
+// decode and prefill); and DSA's gather of selected cache rows (any dtype). Each has its
 // plain torch reference in the tests (tests/test_fast_paths.py, tests/test_kernels.py, tests/test_dsa.py).
 //
 // Every decode kernel reads its big operand (a weight, the cached latents) once, front to back, in the
@@ -17,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -25,6 +27,11 @@ namespace {
 void check_f32(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && t.device().is_cpu(), name, ": fp32 on the CPU only");
   TORCH_CHECK(t.stride(-1) == 1, name, ": rows must be contiguous");
+}
+
+void check_bf16(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.device().is_cpu() && t.is_contiguous(), name,
+              ": bf16, contiguous, on the CPU");
 }
 
 // y (M, O) += x (M, K)[:, k0:k1] @ w (K, O)[k0:k1]: R rows of w per pass over the outputs.
@@ -111,6 +118,46 @@ torch::Tensor linear_t(const torch::Tensor& x, const torch::Tensor& wt, const c1
 
 // MLA's weight folds (mla.py attend_absorbed) for one query token. w (H, N+V, C) contiguous is
 // kv_b_proj's weight by head: rows [:N] the key half, rows [N:] the value half.
+
+// absorb_value in bf16: o (H, C), w (H, N+V, C) → (H, V), where AVX512-BF16 is (has_bf16_dot(); C a
+// multiple of 32): pair dot products along C (vdpbf16ps), the products of the bf16 values summed in
+// fp32 and rounded to bf16 once, as torch's bf16 bmm computes them; threads split the heads, and each
+// head's rows are read once, front to back. With N = 0 and w (H, C', C) a head's C' rows, it is also
+// the query fold in bf16: kernels/attention.py passes the key half transposed, (H, C, N) contiguous
+// (rows in the order it reads them: kv_b's own layout streamed at 0.5 of memory speed, tried).
+torch::Tensor absorb_value_bf16(const torch::Tensor& o, const torch::Tensor& w, int64_t N) {
+  check_bf16(o, "absorb_value o");
+  check_bf16(w, "absorb_value w");
+  TORCH_CHECK(o.dim() == 2 && w.dim() == 3 && o.size(0) == w.size(0) && o.size(1) == w.size(2) && 0 <= N &&
+                  N < w.size(1) && w.size(2) % 32 == 0,
+              "absorb_value: o (H, C) and w (H, N+V, C), C a multiple of 32");
+  const int64_t H = o.size(0), C = o.size(1), V = w.size(1) - N;
+  auto y = torch::empty({H, V}, o.options());
+#ifdef __AVX512BF16__
+  const at::BFloat16* op = o.data_ptr<at::BFloat16>();
+  const at::BFloat16* wp = w.data_ptr<at::BFloat16>();
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  at::parallel_for(0, H, 1, [&](int64_t b, int64_t e) {
+    for (int64_t h = b; h < e; ++h) {
+      const at::BFloat16* oh = op + h * C;
+      const at::BFloat16* wh = wp + (h * w.size(1) + N) * C;
+      for (int64_t v = 0; v < V; ++v) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+        for (int64_t c = 0; c < C; c += 32) {  // two chains: each dot product's latency hidden
+          const auto wv = (__m512bh)_mm512_loadu_si512(wh + v * C + c);
+          const auto ov = (__m512bh)_mm512_loadu_si512(oh + c);
+          if ((c / 32) % 2) a1 = _mm512_dpbf16_ps(a1, wv, ov); else a0 = _mm512_dpbf16_ps(a0, wv, ov);
+        }
+        yp[h * V + v] = at::BFloat16(_mm512_reduce_add_ps(_mm512_add_ps(a0, a1)));
+      }
+    }
+  });
+#else
+  TORCH_CHECK(false, "absorb_value: bf16 needs a build with AVX512-BF16 (has_bf16_dot() is false)");
+#endif
+  return y;
+}
+
 // absorb_query: q_nope (H, N) → q_lat (H, C), q_lat[h] = q_nope[h] @ w[h, :N].
 torch::Tensor absorb_query(const torch::Tensor& q, const torch::Tensor& w) {
   check_f32(q, "absorb_query q");
@@ -127,6 +174,7 @@ torch::Tensor absorb_query(const torch::Tensor& q, const torch::Tensor& w) {
 
 // absorb_value: o_lat (H, C) → o (H, V), o[h][v] = w[h, N + v] · o_lat[h].
 torch::Tensor absorb_value(const torch::Tensor& o, const torch::Tensor& w, int64_t N) {
+  if (o.scalar_type() == at::kBFloat16) return absorb_value_bf16(o, w, N);
   check_f32(o, "absorb_value o");
   check_f32(w, "absorb_value w");
   TORCH_CHECK(o.dim() == 2 && w.dim() == 3 && w.is_contiguous() && o.size(0) == w.size(0) && o.size(1) == w.size(2) &&
@@ -504,14 +552,48 @@ torch::Tensor index_scores(const torch::Tensor& q, const torch::Tensor& w, const
   return out;
 }
 
+// gather_rows: out[i] = x[idx[i]] for rows x (N, F) of any dtype (rows contiguous, any row stride),
+// idx (M,) int64 → out (M, F), what index_select(0, idx) returns. DSA gathers each query's 2048
+// selected latents from a cache far larger than the caches: a row's first line misses, and
+// index_select's row-by-row copy waits for each miss in turn (1.1 ms for 2048 rows of 1 KB from a
+// 32K-token pool). Here each row's lines are prefetched PREFETCH_ROWS rows ahead.
+constexpr int64_t PREFETCH_ROWS = 8;
+
+torch::Tensor gather_rows(const torch::Tensor& x, const torch::Tensor& idx, torch::Tensor out) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.device().is_cpu(), "gather_rows: x (N, F) rows contiguous, CPU");
+  TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.device().is_cpu(),
+              "gather_rows: idx (M,) int64 contiguous, CPU");
+  const int64_t N = x.size(0), F = x.size(1), M = idx.size(0);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == F && out.is_contiguous() &&
+                  out.scalar_type() == x.scalar_type() && out.device().is_cpu(),
+              "gather_rows: out (M, F) contiguous, x's dtype");
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t i = 0; i < M; ++i)
+    TORCH_CHECK(0 <= ip[i] && ip[i] < N, "gather_rows: index ", ip[i], " out of range for ", N, " rows");
+  const int64_t esz = x.element_size(), row = F * esz, ld = x.stride(0) * esz;
+  const char* xp = static_cast<const char*>(x.data_ptr());
+  char* op = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      if (i + PREFETCH_ROWS < e) {
+        const char* next = xp + ip[i + PREFETCH_ROWS] * ld;
+        for (int64_t o = 0; o < row; o += 64) __builtin_prefetch(next + o);
+      }
+      std::memcpy(op + i * row, xp + ip[i] * ld, row);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sigmoid_gate", &sigmoid_gate, "DeepSeek-V3's noaux_tc sigmoid router for a few fp32 tokens");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few fp32 rows");
   m.def("moe_tokens", &moe_tokens, "the routed experts' weighted output for a few tokens");
   m.def("linear_t", &linear_t, "y = x @ wt (+ bias) for decode's few rows, wt (K, O) contiguous");
   m.def("absorb_query", &absorb_query, "q_nope (H, N) through kv_b's key half of w (H, N+V, C) -> (H, C)");
-  m.def("absorb_value", &absorb_value, "o_lat (H, C) through kv_b's value half of w (H, N+V, C) -> (H, V)");
+  m.def("absorb_value", &absorb_value, "o_lat (H, C) through kv_b's value half of w (H, N+V, C) -> (H, V), fp32 or bf16");
   m.def("has_bf16_dot", &has_bf16_dot, "whether index_scores was built (AVX512-BF16)");
   m.def("index_scores", &index_scores, "the lightning indexer's scores for bf16 q (T, J, E), keys (S, E)");
+  m.def("gather_rows", &gather_rows, "out[i] = x[idx[i]]: rows gathered with the next ones prefetched");
   m.def("latent_attention", &latent_attention, "absorbed MLA attention of Q queries over S cached latents");
 }

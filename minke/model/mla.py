@@ -104,7 +104,9 @@ class MLA(nn.Module):
     def _absorbed_weights(self):
         """kv_b_proj's key half (H, N, C) and value half transposed (H, C, V). In half precision on CPU,
         bmm copies a strided operand at every call (both halves, every layer and step), so there, outside
-        autograd, contiguous copies are kept and made again when the weight changes (its storage or
+        autograd, copies are kept (the key half as the transpose of a contiguous (H, C, N): the layout
+        kernels.attention.absorb_query's bf16 one-token kernel streams, and its bmm takes as (H, C, N) @
+        (H, N, B·T)), made again when the weight changes (its storage or
         in-place version counter: load_state_dict, minke's optimizer step; torch's fused optimizers write
         without moving the counter, which build_optimizer corrects). Elsewhere: views, nothing kept."""
         w = self._kv_b()
@@ -114,7 +116,7 @@ class MLA(nn.Module):
             return w_uk, w_uv_t
         stamp = (w.data_ptr(), -1 if w.is_inference() else w._version, w.dtype, w.device)  # inference: no counter
         if getattr(self, "_absorbed", (None,))[0] != stamp:
-            self._absorbed = (stamp, w_uk.detach().contiguous(), w_uv_t.detach().contiguous())
+            self._absorbed = (stamp, w_uk.detach().mT.contiguous().mT, w_uv_t.detach().contiguous())
         return self._absorbed[1:]
 
     def forward(self, x, cos, sin, cache=None, layer: int = 0, absorb: bool | None = None, mask=None):
