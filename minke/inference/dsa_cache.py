@@ -87,7 +87,7 @@ class DSAPagedCache(PagedLatentCache):
         pool.index_copy_(0, v.write, keys.reshape(B * T, -1).to(pool.dtype))
         if not read:
             return None, v.mask
-        return pool.index_select(0, v.gather).view(B, v.S, -1).to(keys.dtype), v.mask
+        return gather_rows(pool, v.gather).view(B, v.S, -1).to(keys.dtype), v.mask
 
     def update_selected(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor, idx: torch.Tensor):
         """Store the new latents; read back only the slots of the selected tokens idx (B, T, K)."""

@@ -289,6 +289,12 @@ class _Waiting:
         self.n -= 1
 
 
+
+def decode_weights(model) -> DecodeWeights:
+    """The laid-out decode weights the engine enters around every decode step (``packed_decode``):
+    minke's MLPs, experts, norms and routers, and plain nn.Linear (kernels/linear.py)."""
+    return DecodeWeights(model, (Experts,), (MLP,), (RMSNorm,), (Gate,))
+
 class Engine:
     def __init__(self, model, max_batch: int = 8, block_size: int = 16, num_blocks: int | None = None,
                  cache_bytes: int | None = None, device=None, dtype: torch.dtype | None = None,
@@ -349,8 +355,7 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self.stats = EngineStats()
-        self.decode_weights = (DecodeWeights(model, (Experts,), (MLP,), (RMSNorm,), (Gate,)) if packed_decode
-                               else contextlib.nullcontext())
+        self.decode_weights = decode_weights(model) if packed_decode else contextlib.nullcontext()
 
     # ---- requests ------------------------------------------------------------------------------
     def _make_request(self, prompt_ids, params: SamplingParams | None, request_id) -> _Request:

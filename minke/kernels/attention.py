@@ -164,6 +164,11 @@ def absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, scale):
         # one token of one row sees every cached token: decode.cpp's single pass over the cache
         return cpp.latent_attention(q_lat.reshape(H, C), q_pe.reshape(H, R), c_kv[0], k_pe[0], scale).view(1, H, 1, C)
     q_lat, q_pe = q_lat * scale, q_pe * scale  # the scale on the H·T queries, not on the H·T·S scores
+    if B > 1 and buckets_keys(c_kv.dtype, c_kv.device):
+        # row by row: the bucketed prefix of a batch's (B, S, ·) is no longer one strided batch, and oneDNN
+        # copied it whole, transposed, for the scores (a third of a bf16 step, 8 rows of 32K keys)
+        return torch.cat([absorbed_attention(q_lat[b:b + 1], q_pe[b:b + 1], c_kv[b:b + 1], k_pe[b:b + 1],
+                                             None if mask is None else mask[b:b + 1], 1.0) for b in range(B)])
     if B == 1:
         q, q_pe, c_kv, k_pe = q_lat.reshape(H * T, C), q_pe.reshape(H * T, R), c_kv[0], k_pe[0]
     else:
