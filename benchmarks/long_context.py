@@ -10,7 +10,8 @@ Figures per context S (``--contexts``) and batch B (``--batches``), JSON to stdo
   same at any context) with S tokens cached in minke's paged cache (DSAPagedCache, the
   engine's); bytes read per step from the cache: dense reads every cached latent (C + R per token and
   layer), sparse every indexer key (E) plus K selected latents; ``weight_bytes`` is what every step also
-  reads once. The cache is filled with the model's own layer-0 latents and indexer keys of random tokens
+  reads once. Steps run as the engine runs them, through its laid-out decode weights (kernels/linear.py;
+  ``--plain``: the modules' own forward). The cache is filled with the model's own layer-0 latents and indexer keys of random tokens
   (exactly what a prefill writes into layer 0; deeper layers get the same values, which costs the same);
 - prefill: tokens/s of one forward over S tokens (B = 1), dense in MHA mode (fused SDPA, causal),
   sparse in the absorbed mode over each query's selected latents (queries in blocks), for S up to
@@ -27,6 +28,7 @@ Figures per context S (``--contexts``) and batch B (``--batches``), JSON to stdo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -36,6 +38,7 @@ import torch
 
 import minke
 from minke.inference.dsa_cache import DSAPagedCache
+from minke.inference.engine import decode_weights
 
 
 def config(args) -> minke.ModelConfig:
@@ -108,7 +111,8 @@ def filled_cache(model, B: int, S: int, extra: int, block_size: int, dtype) -> D
 
 
 @torch.no_grad()
-def decode(model, clock, B: int, S: int, steps: int, block_size: int, dtype) -> dict:
+def decode(model, clock, B: int, S: int, steps: int, block_size: int, dtype, weights) -> dict:
+    """``weights``: what the engine enters around a decode step (its laid-out weights, or a null context)."""
     attn_clock, proj_clock = clock
     cache = filled_cache(model, B, S, steps + 1, block_size, dtype)
     ids = torch.randint(0, model.config.vocab_size, (B, 1), generator=torch.Generator().manual_seed(1))
@@ -117,7 +121,8 @@ def decode(model, clock, B: int, S: int, steps: int, block_size: int, dtype) -> 
         cache.begin(list(range(B)), 1)
         attn_clock.total = proj_clock.total = 0.0
         t = time.perf_counter()
-        model(ids, positions=cache.positions(1), cache=cache)
+        with weights:
+            model(ids, positions=cache.positions(1), cache=cache)
         times.append(time.perf_counter() - t)
         attn.append(attn_clock.total)
         core.append(attn_clock.total - proj_clock.total)
@@ -156,6 +161,9 @@ def main(argv=None) -> dict:
     p.add_argument("--topk", type=int, default=2048, help="index_topk (V3.2: 2048)")
     p.add_argument("--block-size", type=int, default=64, help="paged cache block size")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and cache")
+    p.add_argument("--plain", action="store_true",
+                   help="decode through the modules' own forward (Engine(packed_decode=False)), not the laid-out "
+                        "weights the engine decodes with by default")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
 
@@ -164,19 +172,21 @@ def main(argv=None) -> dict:
     cfg = config(args)
     model = minke.build(cfg, seed=0, dtype=dtype).eval()
     clock = clocks(model)
+    weights = contextlib.nullcontext() if args.plain else decode_weights(model)
     elt = torch.empty((), dtype=dtype).element_size()
     weight_bytes = sum(t.numel() * t.element_size() for n, t in model.state_dict().items() if "embed_tokens" not in n)
     report = {"config": {k: getattr(cfg, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                                                       "kv_lora_rank", "qk_rope_head_dim", "index_n_heads",
                                                       "index_head_dim", "index_topk")},
               "dtype": args.dtype, "threads": torch.get_num_threads(), "weight_bytes": weight_bytes,
+              "decode_weights": "plain" if args.plain else "laid out (the engine's)",
               "decode": [], "prefill": []}
     for S in args.contexts:
         for B in args.batches:
             row = {"context": S, "batch": B}
             for mode in ("dense", "sparse"):
                 set_dense(model, mode == "dense")
-                row[mode] = decode(model, clock, B, S, args.steps, args.block_size, dtype)
+                row[mode] = decode(model, clock, B, S, args.steps, args.block_size, dtype, weights)
                 row[mode]["cache_bytes_read"] = cache_bytes_read(cfg, B, S, mode == "sparse", elt)
             d, s = row["dense"], row["sparse"]
             row["attention_speedup"] = d["attention_ms"] / s["attention_ms"]
