@@ -230,32 +230,33 @@ def test_blocked_sparse_prefill_equals_the_masked_mha_mode(monkeypatch):
 
 @pytest.mark.parametrize("B,T,J,E,S,threads", [(1, 3, 5, 16, 37, 1), (2, 1, 64, 128, 1000, 2), (1, 5, 20, 10, 9, 1),
                                                (1, 2, 80, 32, 131, 2)])
-def test_index_scores_match_their_reference(B, T, J, E, S, threads, monkeypatch):
-    """The lightning indexer's scores for bf16 inputs against fp64: torch's path in key tiles, and
-    decode.cpp's AVX512-BF16 kernel where it is built (heads not a multiple of 16, key tails, keys split
-    over 2 threads at chunk starts that are not multiples of its 4 keys a pass; on a CPU without
-    AVX512-BF16 only torch's path is checked). The kernel is what a bf16 model runs outside autograd,
-    and a key's score does not depend on which other queries and keys share the call, so decode and
-    prefill select alike."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_index_scores_match_their_reference(B, T, J, E, S, threads, dtype, monkeypatch):
+    """The lightning indexer's scores for bf16 and fp32 inputs against fp64: torch's path in key tiles,
+    and decode.cpp's kernels where they are built (bf16: AVX512-BF16; heads not a multiple of 16, key
+    tails, keys split over 2 threads at chunk starts that are not multiples of their 4 keys a pass; on a
+    CPU without AVX512-BF16 only torch's path is checked in bf16). The kernel is what a model runs outside
+    autograd, and a key's score does not depend on which other queries and keys share the call, so
+    decode and prefill select alike."""
     from minke.kernels.cpp import cpp_kernels
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _check_index_scores(B, T, J, E, S, monkeypatch, cpp_kernels())
+        _check_index_scores(B, T, J, E, S, dtype, monkeypatch, cpp_kernels())
     finally:
         torch.set_num_threads(before)
 
 
-def _check_index_scores(B, T, J, E, S, monkeypatch, cpp):
+def _check_index_scores(B, T, J, E, S, dtype, monkeypatch, cpp):
     g = torch.Generator().manual_seed(B * T + S)
-    q, keys = torch.randn(B, T, J, E, generator=g).bfloat16(), torch.randn(B, S, E, generator=g).bfloat16()
+    q, keys = torch.randn(B, T, J, E, generator=g).to(dtype), torch.randn(B, S, E, generator=g).to(dtype)
     w = torch.randn(B, T, J, generator=g)
     ref = att.index_scores_reference(q, w, keys)
     # fp32 sums of J·E products: bounded by a few units of fp32 rounding of the absolute sum
     bound = 1e-5 * torch.einsum("btj,btjs->bts", w.double().abs(),
                                 torch.einsum("btje,bse->btjs", q.double().abs(), keys.double().abs()))
     calls = []
-    if cpp is not None and cpp.has_bf16_dot():
+    if cpp is not None and (dtype == torch.float32 or cpp.has_bf16_dot()):
         class Spy:
             has_bf16_dot = staticmethod(cpp.has_bf16_dot)
 

@@ -1,6 +1,6 @@
 // Decode's kernels on CPU, fp32: its matrix-vector products and MLA's absorbed attention for one query
-// token; in bf16, MLA's weight folds for one token and DSA's lightning-indexer scores (index_scores, for
-// decode and prefill); and DSA's gather of selected cache rows (any dtype). Each has its
+// token; in bf16, MLA's weight folds for one token; DSA's lightning-indexer scores in bf16 and fp32
+// (index_scores, for decode and prefill); and DSA's gather of selected cache rows (any dtype). Each has its
 // plain torch reference in the tests (tests/test_fast_paths.py, tests/test_kernels.py, tests/test_dsa.py).
 //
 // Every decode kernel reads its big operand (a weight, the cached latents) once, front to back, in the
@@ -516,10 +516,86 @@ inline void keys_all_heads(const uint32_t* qT, int64_t ldq, const float* w, cons
 }
 #endif
 
+// The same in fp32 (fp32 models: the products summed in fp32, as torch's fp32 GEMM, up to order), with
+// the portable 16-float vectors: each query laid out (E, heads) in a buffer, each key's dimension
+// broadcast against it, 4 keys × 64 heads a pass.
+template <int NV, int KB>
+inline void keys_pass_f32(const float* qT, int64_t ldq, const float* w, const float* k, int64_t E, float* out) {
+  v16 a[KB][NV];
+#pragma GCC unroll 4
+  for (int kb = 0; kb < KB; ++kb)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) a[kb][v] = v16{};
+  for (int64_t e = 0; e < E; ++e) {
+    v16 qv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) qv[v] = load(qT + e * ldq + v * 16);
+#pragma GCC unroll 4
+    for (int kb = 0; kb < KB; ++kb) {
+      const float kk = k[kb * E + e];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) a[kb][v] += qv[v] * kk;
+    }
+  }
+#pragma GCC unroll 4
+  for (int kb = 0; kb < KB; ++kb) {
+    v16 r = v16{};
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) r += (a[kb][v] < 0.f ? v16{} : a[kb][v]) * load(w + v * 16);  // relu keeps a NaN
+    out[kb] += hsum(r);
+  }
+}
+
+template <int KB>
+inline void keys_all_heads_f32(const float* qT, int64_t ldq, const float* w, const float* k, int64_t E, int64_t JV,
+                               float* out) {
+  for (int kb = 0; kb < KB; ++kb) out[kb] = 0.f;
+  for (int64_t g = 0; g < JV; g += 4) {
+    const int64_t o = g * 16;
+    switch (std::min<int64_t>(4, JV - g)) {
+      case 4: keys_pass_f32<4, KB>(qT + o, ldq, w + o, k, E, out); break;
+      case 3: keys_pass_f32<3, KB>(qT + o, ldq, w + o, k, E, out); break;
+      case 2: keys_pass_f32<2, KB>(qT + o, ldq, w + o, k, E, out); break;
+      default: keys_pass_f32<1, KB>(qT + o, ldq, w + o, k, E, out);
+    }
+  }
+}
+
+torch::Tensor index_scores_f32(const torch::Tensor& q, const torch::Tensor& w, const torch::Tensor& k) {
+  const int64_t T = q.size(0), J = q.size(1), E = q.size(2), S = k.size(0);
+  auto out = torch::empty({T, S}, w.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t JV = (J + 15) / 16, ldq = JV * 16;
+  at::parallel_for(0, S, 64, [&](int64_t b, int64_t e) {
+    std::vector<float> qT(E * ldq, 0.f), wt(ldq, 0.f);  // one query by dimension: (E, heads), heads padded
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t j = 0; j < J; ++j) {
+        for (int64_t d = 0; d < E; ++d) qT[d * ldq + j] = qp[(t * J + j) * E + d];
+        wt[j] = wp[t * J + j];
+      }
+      float* ot = op + t * S;
+      int64_t s = b;
+      for (; s + 4 <= e; s += 4) keys_all_heads_f32<4>(qT.data(), ldq, wt.data(), kp + s * E, E, JV, ot + s);
+      for (; s < e; ++s) keys_all_heads_f32<1>(qT.data(), ldq, wt.data(), kp + s * E, E, JV, ot + s);
+    }
+  });
+  return out;
+}
+
 torch::Tensor index_scores(const torch::Tensor& q, const torch::Tensor& w, const torch::Tensor& k) {
   TORCH_CHECK(q.dim() == 3 && w.dim() == 2 && k.dim() == 2 && w.size(0) == q.size(0) && w.size(1) == q.size(1) &&
-                  k.size(1) == q.size(2) && q.size(2) % 2 == 0,
-              "index_scores: q (T, J, E), w (T, J), k (S, E), E even");
+                  k.size(1) == q.size(2),
+              "index_scores: q (T, J, E), w (T, J), k (S, E)");
+  if (q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat) {
+    TORCH_CHECK(w.scalar_type() == at::kFloat && q.device().is_cpu() && k.device().is_cpu() && w.device().is_cpu() &&
+                    q.is_contiguous() && k.is_contiguous() && w.is_contiguous(),
+                "index_scores: q, k and w fp32, contiguous, on the CPU");
+    return index_scores_f32(q, w, k);
+  }
+  TORCH_CHECK(q.size(2) % 2 == 0, "index_scores: bf16 needs an even E");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kFloat &&
                   q.device().is_cpu() && k.device().is_cpu() && w.device().is_cpu() && q.is_contiguous() &&
                   k.is_contiguous() && w.is_contiguous(),
@@ -593,7 +669,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("absorb_query", &absorb_query, "q_nope (H, N) through kv_b's key half of w (H, N+V, C) -> (H, C)");
   m.def("absorb_value", &absorb_value, "o_lat (H, C) through kv_b's value half of w (H, N+V, C) -> (H, V), fp32 or bf16");
   m.def("has_bf16_dot", &has_bf16_dot, "whether index_scores was built (AVX512-BF16)");
-  m.def("index_scores", &index_scores, "the lightning indexer's scores for bf16 q (T, J, E), keys (S, E)");
+  m.def("index_scores", &index_scores, "the lightning indexer's scores for q (T, J, E), keys (S, E): bf16 or fp32");
   m.def("gather_rows", &gather_rows, "out[i] = x[idx[i]]: rows gathered with the next ones prefetched");
   m.def("latent_attention", &latent_attention, "absorbed MLA attention of Q queries over S cached latents");
 }
