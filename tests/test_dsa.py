@@ -496,7 +496,6 @@ def test_long_context_benchmark_runs(tmp_path):
 def _kl_by_hand(model, x):
     """Layer 0's warm-up KL from first principles: per-head softmax over the decompressed MHA keys,
     averaged over heads, against the softmax of the index scores, each query over its causal prefix."""
-    from minke.model.layers import apply_rope
     attn = model.layers[0].self_attn
     T = x.shape[1]
     h = model.layers[0].input_layernorm(model.embed_tokens(x))

@@ -289,11 +289,11 @@ class _Waiting:
         self.n -= 1
 
 
-
 def decode_weights(model) -> DecodeWeights:
     """The laid-out decode weights the engine enters around every decode step (``packed_decode``):
     minke's MLPs, experts, norms and routers, and plain nn.Linear (kernels/linear.py)."""
     return DecodeWeights(model, (Experts,), (MLP,), (RMSNorm,), (Gate,))
+
 
 class Engine:
     def __init__(self, model, max_batch: int = 8, block_size: int = 16, num_blocks: int | None = None,
