@@ -166,8 +166,7 @@ def test_topk_covering_the_sequence_equals_dense_mla():
     c_kv, k_pe = torch.randn(B, S, C, generator=g), torch.randn(B, S, R, generator=g)
     idx = torch.arange(S).expand(B, T, S)
     valid = idx <= torch.arange(S - T, S)[:, None]  # causal, queries the last T tokens
-    o = att.sparse_absorbed_attention(q_lat, q_pe, att.gather_tokens(c_kv, idx), att.gather_tokens(k_pe, idx),
-                                      valid, 0.3)
+    o = rows_attention(q_lat, q_pe, c_kv, k_pe, idx, valid, 0.3)
     assert (o - att.absorbed_attention(q_lat, q_pe, c_kv, k_pe, None, 0.3)).abs().max().item() <= 1e-5
 
 
@@ -183,29 +182,30 @@ def random_selection(seed, B=2, H=4, T=3, S=11, K=5, C=8, R=4):
     return q_lat, q_pe, c_kv, k_pe, idx, valid
 
 
-def test_sparse_kernel_matches_its_reference():
-    """Random selections (a shuffled subset per query, some slots invalid) against dense absorbed
-    attention under the selection's mask. Fails with the validity mask ignored."""
-    q_lat, q_pe, c_kv, k_pe, idx, valid = random_selection(1)
-    o = att.sparse_absorbed_attention(q_lat, q_pe, att.gather_tokens(c_kv, idx), att.gather_tokens(k_pe, idx),
-                                      valid, 0.3)
-    ref = att.sparse_absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, idx, valid, 0.3)
-    assert (o - ref).abs().max().item() <= 1e-5
+def rows_attention(q_lat, q_pe, c_kv, k_pe, idx, valid, scale, buf=None):
+    """sparse_rows_attention as MLA calls it: queries [q_lat ‖ q_pe] (B, H, T, ·) scaled, each query's
+    selected rows [c_kv ‖ k_pe] gathered (into ``buf`` when given) → o_lat (B, H, T, C)."""
+    (B, H, T, C), R = q_lat.shape, q_pe.shape[-1]
+    rows = att.gather_tokens(torch.cat([c_kv, k_pe], -1), idx, buf)
+    q = (torch.cat([q_lat, q_pe], -1) * scale).transpose(1, 2).reshape(B * T, H, C + R)
+    return att.sparse_rows_attention(q, rows.flatten(0, 1), valid.flatten(0, 1), C).view(B, T, H, C).transpose(1, 2)
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
-def test_sparse_rows_kernel_matches_its_reference(dtype, tol):
-    """Prefill's form, queries [q_lat ‖ q_pe] scaled and gathered rows [c_kv ‖ k_pe], against the same
-    reference (random selections, invalid slots); in bf16 (its values bmm over all C+R columns, then
-    sliced) against the fp32 reference of the same bf16 values, relative to the output's size."""
-    q_lat, q_pe, c_kv, k_pe, idx, valid = random_selection(2)
-    (B, H, T, C), R, K = q_lat.shape, q_pe.shape[-1], idx.shape[-1]
+@pytest.mark.parametrize("B, T", [(2, 3), (1, 1)])
+def test_sparse_kernel_matches_its_reference(dtype, tol, B, T):
+    """Queries [q_lat ‖ q_pe] scaled over gathered rows [c_kv ‖ k_pe], random selections (a shuffled
+    subset per query, some slots invalid), against dense absorbed attention under the selection's mask;
+    several queries (bmm) and one (2-D GEMMs), the rows gathered into a larger buffer (prefill's) or
+    alone; in bf16 (its values bmm over all C+R columns, then sliced) against the fp32 reference of the
+    same bf16 values, relative to the output's size. Fails with the validity mask ignored."""
+    q_lat, q_pe, c_kv, k_pe, idx, valid = random_selection(2, B=B, T=T)
+    C, R, K = q_lat.shape[-1], q_pe.shape[-1], idx.shape[-1]
     q_lat, q_pe, c_kv, k_pe = (t.to(dtype) for t in (q_lat, q_pe, c_kv, k_pe))
-    rows = att.gather_tokens(torch.cat([c_kv, k_pe], -1), idx, torch.empty(B * T * K * (C + R) + 3, dtype=dtype))
-    q = (torch.cat([q_lat, q_pe], -1) * 0.3).transpose(1, 2).reshape(B * T, H, C + R)
-    o = att.sparse_rows_attention(q, rows.flatten(0, 1), valid.flatten(0, 1), C).view(B, T, H, C).transpose(1, 2)
     ref = att.sparse_absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, idx, valid, 0.3)
-    assert o.dtype == dtype and (o.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
+    for buf in (None, torch.empty(B * T * K * (C + R) + 3, dtype=dtype)):
+        o = rows_attention(q_lat, q_pe, c_kv, k_pe, idx, valid, 0.3, buf)
+        assert o.dtype == dtype and (o.float() - ref).abs().max().item() <= tol * ref.abs().max().item()
 
 
 def test_blocked_sparse_prefill_equals_the_masked_mha_mode(monkeypatch):

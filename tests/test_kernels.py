@@ -224,10 +224,11 @@ def test_bf16_weight_folds_match_float64(monkeypatch, B, T):
 
 @needs_cpp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_gather_rows_equals_index_select(dtype):
+def test_gather_rows_equals_index_select(dtype, monkeypatch):
     """decode.cpp's prefetching row gather against index_select: rows of a view whose row stride is not
     its width (an [c_kv | k_pe] pool's columns), repeated and unsorted indices, fewer rows than its
-    prefetch distance, into a given buffer; an index out of range names itself; under autograd torch's
+    prefetch distance, into a given buffer, contiguous or a column slice of a wider one (also torch's
+    path, without the kernels); an index out of range names itself; under autograd torch's
     index_select runs and gradients flow."""
     g = torch.Generator().manual_seed(0)
     pool = torch.randn(300, 72, generator=g).to(dtype)
@@ -238,8 +239,16 @@ def test_gather_rows_equals_index_select(dtype):
         assert torch.equal(att.gather_rows(x, idx), x.index_select(0, idx))
         out = torch.empty(M, 32, dtype=dtype)
         assert att.gather_rows(x, idx, out) is out and torch.equal(out, x.index_select(0, idx))
+        wide = torch.zeros(M, 40, dtype=dtype)  # into columns 4:36 of a wider buffer (DSA's [c_kv ‖ k_pe] rows)
+        att.gather_rows(x, idx, wide[:, 4:36])
+        assert torch.equal(wide[:, 4:36], x.index_select(0, idx)) and not wide[:, :4].any() and not wide[:, 36:].any()
     with pytest.raises(RuntimeError, match="index 300 out of range for 300 rows"):
         att.gather_rows(x, torch.tensor([5, 300]))
+    with monkeypatch.context() as m:
+        m.setattr(att, "cpp_kernels", lambda: None)
+        wide = torch.zeros(3, 40, dtype=dtype)
+        att.gather_rows(x, torch.tensor([2, 0, 2]), wide[:, 4:36])
+        assert torch.equal(wide[:, 4:36], x[[2, 0, 2]]) and not wide[:, :4].any()
     xg = x.float().requires_grad_()
     att.gather_rows(xg, torch.tensor([1, 1, 7])).sum().backward()
     assert xg.grad[1].eq(2).all() and xg.grad[7].eq(1).all() and xg.grad.sum().item() == 3 * 32

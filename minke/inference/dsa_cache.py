@@ -8,7 +8,8 @@ caches with the two calls MLA makes under DSA (mla.py ``forward_sparse``):
 - ``update_indexer(layer, keys, read=True)`` → (keys (B, S, E) of everything the new tokens may attend
   to, or None without ``read``: while S <= index_topk nothing is scored, so the keys are only stored; mask);
 - ``update_selected(layer, c_kv, k_pe, idx)`` → stores the new latents like ``update`` and returns
-  those of the selected tokens only, (B, T, K, C) and (B, T, K, R).
+  those of the selected tokens only, as rows [c_kv ‖ k_pe] (B, T, K, C+R) (one buffer: attention
+  scores them with one GEMM over C+R).
 
 ``DSAPagedCache`` keeps the indexer keys in a third pool with the same slots as the latents, so block
 tables, forks, copy-on-write, truncation (speculative rollback) and freeing cover them unchanged;
@@ -48,7 +49,7 @@ class DSALatentCache(LatentCache):
 
     def update_selected(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor, idx: torch.Tensor):
         c, r, _ = self.update(layer, c_kv, k_pe)
-        return gather_tokens(c, idx), gather_tokens(r, idx)
+        return gather_tokens(torch.cat([c, r], dim=-1), idx)
 
 
 class DSAPagedCache(PagedLatentCache):
@@ -103,6 +104,8 @@ class DSAPagedCache(PagedLatentCache):
             pool_c.index_copy_(0, v.write, c_kv.reshape(B * T, -1).to(pool_c.dtype))
             pool_r.index_copy_(0, v.write, k_pe.reshape(B * T, -1).to(pool_r.dtype))
             slots = v.gather.view(B, v.S).gather(1, idx.reshape(B, T * K)).flatten()  # (B·T·K,)
-        c = gather_rows(pool_c, slots).view(B, T, K, -1)
-        r = gather_rows(pool_r, slots).view(B, T, K, -1)
-        return c.to(c_kv.dtype), r.to(k_pe.dtype)
+        C = pool_c.shape[-1]
+        rows = pool_c.new_empty(slots.shape[0], C + pool_r.shape[-1])  # [c_kv ‖ k_pe], side by side
+        gather_rows(pool_c, slots, rows[:, :C])
+        gather_rows(pool_r, slots, rows[:, C:])
+        return rows.view(B, T, K, -1).to(c_kv.dtype)

@@ -9,10 +9,10 @@
   and ``absorb_value`` fold kv_b_proj's halves into the query and out of the output. One fp32 query
   token on the CPU runs all three in kernels/decode.cpp (one pass over the cache, flash-decoding's
   online softmax), where it is built.
-- DeepSeek Sparse Attention (V3.2) in the MQA mode: ``sparse_absorbed_attention`` attends each query
-  over its own selected latents (decode, gathered from the paged pools), ``sparse_rows_attention`` the
-  same over gathered [c_kv ‖ k_pe] rows (prefill, ``gather_tokens`` into one reused buffer); both
-  against ``sparse_absorbed_attention_reference``. ``index_scores`` is the lightning indexer's
+- DeepSeek Sparse Attention (V3.2) in the MQA mode: ``sparse_rows_attention`` attends each query over
+  its own selected tokens' [c_kv ‖ k_pe] rows (decode gathers them from the paged pools, prefill with
+  ``gather_tokens`` into one reused buffer; ``gather_rows`` copies rows), against
+  ``sparse_absorbed_attention_reference``. ``index_scores`` is the lightning indexer's
   ReLU-weighted dot products (decode.cpp's AVX512-BF16 kernel for bf16, else torch in key tiles),
   against ``index_scores_reference``.
 
@@ -223,13 +223,17 @@ def absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, scale):
 # ---- sparse (DSA) absorbed mode ----------------------------------------------------------------
 def gather_rows(x, idx, out=None):
     """x (N, F) rows (contiguous within a row), idx (M,) → x.index_select(0, idx), into ``out`` (M, F)
-    contiguous when given. Outside autograd on the CPU, decode.cpp's gather_rows: it prefetches the rows
-    ahead of the copy (2048 selected rows of a 32K-token cache, out of cache: 0.09 ms bf16 against
-    index_select's 0.16-0.37, 0.17 fp32 against 0.42-0.69)."""
-    if inference_on_cpu(x, idx) and x.stride(-1) == 1 and (cpp := cpp_kernels()) is not None:
+    when given (rows contiguous within a row, any row stride: a column slice of a wider buffer). Outside
+    autograd on the CPU, decode.cpp's gather_rows: it prefetches the rows ahead of the copy (2048
+    selected rows of a 32K-token cache, out of cache: 0.09 ms bf16 against index_select's 0.16-0.37,
+    0.17 fp32 against 0.42-0.69)."""
+    if inference_on_cpu(x, idx) and x.stride(-1) == 1 and (out is None or out.stride(-1) == 1) \
+            and (cpp := cpp_kernels()) is not None:
         out = x.new_empty(idx.shape[0], x.shape[1]) if out is None else out
         return cpp.gather_rows(x, idx.long().contiguous(), out)
-    return x.index_select(0, idx) if out is None else torch.index_select(x, 0, idx, out=out)
+    if out is None:
+        return x.index_select(0, idx)
+    return torch.index_select(x, 0, idx, out=out) if out.is_contiguous() else out.copy_(x.index_select(0, idx))
 
 
 def gather_tokens(x, idx, out=None):
@@ -248,34 +252,22 @@ def gather_tokens(x, idx, out=None):
     return gather_rows(x.reshape(B * S, F), rows, out).view(B, T, K, F)
 
 
-def sparse_absorbed_attention(q_lat, q_pe, c_sel, k_pe_sel, valid, scale):
-    """DeepSeek Sparse Attention over MLA's MQA mode: each query attends to its own K selected latents.
-
-    q_lat (B, H, T, C), q_pe (B, H, T, R), c_sel (B, T, K, C), k_pe_sel (B, T, K, R) the selected
-    tokens' cache entries (decode: gathered from the paged pools), valid (B, T, K) bool (False: a
-    padding slot of a query that sees fewer than K tokens) → o_lat (B, H, T, C). One bmm per (row,
-    query) over its K latents: the work and the bytes read grow with K, not with the context."""
-    B, H, T, C = q_lat.shape
-    K = c_sel.shape[2]
-    ql = (q_lat * scale).transpose(1, 2).reshape(B * T, H, C)  # the scale on the queries: one pass fewer
-    qr = (q_pe * scale).transpose(1, 2).reshape(B * T, H, -1)
-    c, r = c_sel.reshape(B * T, K, C), k_pe_sel.reshape(B * T, K, -1)
-    if B * T == 1:  # 2-D GEMMs: torch's bf16 bmm copies a transposed operand of a batch of one (1.8 ms vs 1.0)
-        scores = (ql[0] @ c[0].T + qr[0] @ r[0].T)[None]
-    else:
-        scores = ql @ c.transpose(1, 2) + qr @ r.transpose(1, 2)  # (B·T, H, K)
-    return _attend_selected(scores, valid.reshape(B * T, K), c).view(B, T, H, C).transpose(1, 2)
-
-
 def sparse_rows_attention(q, rows, valid, C: int):
-    """``sparse_absorbed_attention`` over gathered rows [c_kv ‖ k_pe] (prefill gathers one buffer of
-    them): q (N, H, C+R) the queries [q_lat ‖ q_pe] already scaled, rows (N, K, C+R), valid (N, K) →
-    o_lat (N, H, C). The scores are one bmm over C+R; the values are the rows' first C columns."""
+    """DeepSeek Sparse Attention over MLA's MQA mode: each query attends to its own K selected tokens.
+
+    q (N, H, C+R) the N queries [q_lat ‖ q_pe] already scaled (q_lat with kv_b_proj's key half folded
+    in), rows (N, K, C+R) each query's selected tokens' [c_kv ‖ k_pe] (decode gathers them from the
+    paged pools, prefill from the history, into one buffer), valid (N, K) bool (False: a padding slot
+    of a query that sees fewer than K tokens) → o_lat (N, H, C). The scores are one GEMM per query over
+    C+R, the values the rows' first C columns: the work and the bytes read grow with K, not with the
+    context. One query runs 2-D GEMMs (torch's bf16 bmm copies the transposed operand of a batch of
+    one: 1.8 ms against 1.0 at V3.2's widths)."""
+    scores = (q[0] @ rows[0].T)[None] if q.shape[0] == 1 else q @ rows.transpose(1, 2)  # (N, H, K)
     if rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float16):
         # oneDNN would copy the strided first C columns at every call (slowly: 2 ms a query at 2048 rows);
         # all C+R columns, contiguous, cost 12% more multiply-adds and no copy.
-        return _attend_selected(q @ rows.transpose(1, 2), valid, rows)[..., :C]
-    return _attend_selected(q @ rows.transpose(1, 2), valid, rows[..., :C])
+        return _attend_selected(scores, valid, rows)[..., :C]
+    return _attend_selected(scores, valid, rows[..., :C])
 
 
 def _attend_selected(scores, valid, c):
@@ -287,8 +279,9 @@ def _attend_selected(scores, valid, c):
 
 
 def sparse_absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, idx, valid, scale):
-    """``sparse_absorbed_attention`` as dense absorbed attention over the whole cache (c_kv (B, S, C),
-    k_pe (B, S, R)) with a mask that keeps only each query's valid selected tokens idx (B, T, K), fp32."""
+    """``sparse_rows_attention`` of q_lat (B, H, T, C), q_pe (B, H, T, R) (not yet scaled) as dense
+    absorbed attention over the whole cache (c_kv (B, S, C), k_pe (B, S, R)) with a mask that keeps only
+    each query's valid selected tokens idx (B, T, K) → o_lat (B, H, T, C), fp32."""
     B, T, _ = idx.shape
     keep = torch.zeros(B, T, c_kv.shape[1], dtype=torch.bool, device=idx.device).scatter_(-1, idx, valid)
     return absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, keep[:, None], scale)

@@ -628,8 +628,9 @@ torch::Tensor index_scores(const torch::Tensor& q, const torch::Tensor& w, const
   return out;
 }
 
-// gather_rows: out[i] = x[idx[i]] for rows x (N, F) of any dtype (rows contiguous, any row stride),
-// idx (M,) int64 → out (M, F), what index_select(0, idx) returns. DSA gathers each query's 2048
+// gather_rows: out[i] = x[idx[i]] for rows x (N, F) of any dtype, idx (M,) int64, into out (M, F)
+// (rows contiguous, any row stride for both: DSA gathers c_kv and k_pe side by side into one buffer of
+// [c_kv ‖ k_pe] rows), what index_select(0, idx) returns. DSA gathers each query's 2048
 // selected latents from a cache far larger than the caches: a row's first line misses, and
 // index_select's row-by-row copy waits for each miss in turn (1.1 ms for 2048 rows of 1 KB from a
 // 32K-token pool). Here each row's lines are prefetched PREFETCH_ROWS rows ahead.
@@ -640,13 +641,13 @@ torch::Tensor gather_rows(const torch::Tensor& x, const torch::Tensor& idx, torc
   TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.device().is_cpu(),
               "gather_rows: idx (M,) int64 contiguous, CPU");
   const int64_t N = x.size(0), F = x.size(1), M = idx.size(0);
-  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == F && out.is_contiguous() &&
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == F && out.stride(1) == 1 &&
                   out.scalar_type() == x.scalar_type() && out.device().is_cpu(),
-              "gather_rows: out (M, F) contiguous, x's dtype");
+              "gather_rows: out (M, F) rows contiguous, x's dtype");
   const int64_t* ip = idx.data_ptr<int64_t>();
   for (int64_t i = 0; i < M; ++i)
     TORCH_CHECK(0 <= ip[i] && ip[i] < N, "gather_rows: index ", ip[i], " out of range for ", N, " rows");
-  const int64_t esz = x.element_size(), row = F * esz, ld = x.stride(0) * esz;
+  const int64_t esz = x.element_size(), row = F * esz, ld = x.stride(0) * esz, ldo = out.stride(0) * esz;
   const char* xp = static_cast<const char*>(x.data_ptr());
   char* op = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
@@ -655,7 +656,7 @@ torch::Tensor gather_rows(const torch::Tensor& x, const torch::Tensor& idx, torc
         const char* next = xp + ip[i + PREFETCH_ROWS] * ld;
         for (int64_t o = 0; o < row; o += 64) __builtin_prefetch(next + o);
       }
-      std::memcpy(op + i * row, xp + ip[i] * ld, row);
+      std::memcpy(op + i * ldo, xp + ip[i] * ld, row);
     }
   });
   return out;

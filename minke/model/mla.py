@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..kernels.attention import (absorb_query, absorb_value, absorbed_attention, attention, gather_tokens,
-                                 masked_softmax, sparse_absorbed_attention, sparse_rows_attention)
+                                 masked_softmax, sparse_rows_attention)
 from .dsa import Indexer, indexer_kl, selection_mask
 from .layers import RMSNorm, apply_rope, softmax_scale
 
@@ -86,20 +86,31 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_pe[:, :, None].expand(B, S, H, self.rope)], dim=-1).transpose(1, 2)
         return attention(q, k, v.transpose(1, 2), mask, self.scale).transpose(1, 2)  # (B, T, H, V)
 
-    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask, valid=None):
+    def attend_absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attend in latent space: scores = (q_nope·W_uk)·c_kv + q_pe·k_pe; out = (p·c_kv)·W_uv.
         The weight folds are kernels.attention.absorb_query / absorb_value, the attention over the cache
-        kernels.attention.absorbed_attention.
-        With ``valid`` (B, T, K) (DSA), c_kv (B, T, K, C) and k_pe (B, T, K, R) are each query's selected
-        tokens and the kernel is sparse_absorbed_attention."""
+        kernels.attention.absorbed_attention."""
         w_uk, w_uv_t = self._absorbed_weights()  # (H, N, C), (H, C, V)
         w = self._kv_b()  # (H, N+V, C): both halves, as a one-token kernel reads them
         q_lat = absorb_query(q_nope, w_uk, w)  # (B, H, T, C)
-        if valid is None:
-            o_lat = absorbed_attention(q_lat, q_pe.transpose(1, 2), c_kv, k_pe, mask, self.scale)  # (B, H, T, C)
-        else:
-            o_lat = sparse_absorbed_attention(q_lat, q_pe.transpose(1, 2), c_kv, k_pe, valid, self.scale)
+        o_lat = absorbed_attention(q_lat, q_pe.transpose(1, 2), c_kv, k_pe, mask, self.scale)  # (B, H, T, C)
         return absorb_value(o_lat, w_uv_t, w)  # (B, T, H, V)
+
+    def sparse_queries(self, q_nope, q_pe, w_uk, w):
+        """DSA's queries for the MQA mode: q_nope (B, T, H, N), q_pe (B, T, H, R) → [q_nope·W_uk ‖ q_pe]
+        scaled, (B, T, H, C+R) contiguous (kernels.attention.sparse_rows_attention's queries)."""
+        q = torch.cat([absorb_query(q_nope, w_uk, w), q_pe.transpose(1, 2)], dim=-1)  # (B, H, T, C+R)
+        return q.mul_(self.scale).transpose(1, 2).contiguous()
+
+    def attend_selected(self, q_nope, q_pe, rows, valid):
+        """DSA decode: each of the T new queries over its own selected tokens' rows [c_kv ‖ k_pe] (B, T,
+        K, C+R) (valid (B, T, K)) in the MQA mode, kv_b_proj folded in and out → (B, T, H, V)."""
+        B, T, H = q_nope.shape[:3]
+        w_uk, w_uv_t = self._absorbed_weights()
+        w = self._kv_b()
+        q = self.sparse_queries(q_nope, q_pe, w_uk, w).flatten(0, 1)  # (B·T, H, C+R)
+        o_lat = sparse_rows_attention(q, rows.flatten(0, 1), valid.flatten(0, 1), self.kv_rank)  # (B·T, H, C)
+        return absorb_value(o_lat.view(B, T, H, -1).transpose(1, 2), w_uv_t, w)
 
     def _absorbed_weights(self):
         """kv_b_proj's key half (H, N, C) and value half transposed (H, C, V). In half precision on CPU,
@@ -147,8 +158,8 @@ class MLA(nn.Module):
         """DSA: x (B, T, D) → attention output (B, T, H, V) over each query's index_topk selected tokens.
 
         A cache must also hold the indexer keys: ``num_keys(T) -> S`` and ``update_indexer(layer, keys,
-        read) -> (keys_all (B, S, E) or None when not ``read``, mask)``, and for the absorbed mode ``update_selected(layer, c_kv, k_pe, idx) -> (c_kv, k_pe of
-        the selected tokens (B, T, K, ·))``, which stores the new latents and reads only the selected ones
+        read) -> (keys_all (B, S, E) or None when not ``read``, mask)``, and for the absorbed mode ``update_selected(layer, c_kv, k_pe, idx) -> the selected
+        tokens' rows [c_kv ‖ k_pe] (B, T, K, C+R)``, which stores the new latents and reads only the selected ones
         (inference/dsa_cache.py). While a query sees at most index_topk tokens it selects all of them,
         so attention is dense MLA there and the indexer is not scored at all. Past that, with a cache,
         attention always runs in the MQA mode over the selected latents (as V3.2 implements DSA), whatever
@@ -183,8 +194,7 @@ class MLA(nn.Module):
             return self.attend_mha(q_nope, q_pe, c_kv, k_pe, selection_mask(idx, valid, S))
         if cache is not None and T * self.indexer.topk < S:  # decode, verification: only the selected latents
             idx, valid = self.indexer(x, q_lat, cos, sin, keys, mask)
-            c_sel, k_pe_sel = cache.update_selected(layer, c_kv, k_pe, idx)
-            return self.attend_absorbed(q_nope, q_pe, c_sel, k_pe_sel, None, valid)
+            return self.attend_selected(q_nope, q_pe, cache.update_selected(layer, c_kv, k_pe, idx), valid)
         if cache is not None:  # a prefill (chunk): the whole history once, then the queries in blocks
             c_kv, k_pe, mask = cache.update(layer, c_kv, k_pe)
         return self.attend_sparse_blocks(x, q_lat, q_nope, q_pe, c_kv, k_pe, keys, cos, sin, mask)
@@ -216,9 +226,8 @@ class MLA(nn.Module):
                 out.append(self.attend_absorbed(q_nope[:, i:j], q_pe[:, i:j], c_kv[:, :n], k_pe[:, :n], m))
                 continue
             idx, valid = self.indexer(x[:, i:j], q_lat[:, i:j], cos[:, i:j], sin[:, i:j], keys[:, :n], m)
-            # attend_absorbed's folds, here once per block around the sub-blocks' attention
-            q = torch.cat([absorb_query(q_nope[:, i:j], w_uk, w), q_pe[:, i:j].transpose(1, 2)], dim=-1)
-            q = q.mul_(self.scale).transpose(1, 2).contiguous()  # (B, Tb, H, C+R): [q·W_uk ‖ q_pe], scaled
+            # attend_selected's folds, here once per block around the sub-blocks' attention
+            q = self.sparse_queries(q_nope[:, i:j], q_pe[:, i:j], w_uk, w)  # (B, Tb, H, C+R)
             if buf is None and not torch.is_grad_enabled():
                 buf = ck.new_empty(B * sub * K * ck.shape[-1])
             o_lat = []
