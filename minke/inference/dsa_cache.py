@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 
 from ..config import ModelConfig
-from ..kernels.attention import gather_rows, gather_tokens
+from ..kernels.attention import select_rows, gather_tokens
 from .kv_cache import LatentCache
 from .paged import PagedLatentCache
 
@@ -49,7 +49,7 @@ class DSALatentCache(LatentCache):
 
     def update_selected(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor, idx: torch.Tensor):
         c, r, _ = self.update(layer, c_kv, k_pe)
-        return gather_tokens(torch.cat([c, r], dim=-1), idx)
+        return torch.cat([gather_tokens(c, idx), gather_tokens(r, idx)], dim=-1)  # only the selected rows
 
 
 class DSAPagedCache(PagedLatentCache):
@@ -88,7 +88,7 @@ class DSAPagedCache(PagedLatentCache):
         pool.index_copy_(0, v.write, keys.reshape(B * T, -1).to(pool.dtype))
         if not read:
             return None, v.mask
-        return gather_rows(pool, v.gather).view(B, v.S, -1).to(keys.dtype), v.mask
+        return select_rows(pool, v.gather).view(B, v.S, -1).to(keys.dtype), v.mask
 
     def update_selected(self, layer: int, c_kv: torch.Tensor, k_pe: torch.Tensor, idx: torch.Tensor):
         """Store the new latents; read back only the slots of the selected tokens idx (B, T, K)."""
@@ -106,6 +106,6 @@ class DSAPagedCache(PagedLatentCache):
             slots = v.gather.view(B, v.S).gather(1, idx.reshape(B, T * K)).flatten()  # (B·T·K,)
         C = pool_c.shape[-1]
         rows = pool_c.new_empty(slots.shape[0], C + pool_r.shape[-1])  # [c_kv ‖ k_pe], side by side
-        gather_rows(pool_c, slots, rows[:, :C])
-        gather_rows(pool_r, slots, rows[:, C:])
+        select_rows(pool_c, slots, rows[:, :C])
+        select_rows(pool_r, slots, rows[:, C:])
         return rows.view(B, T, K, -1).to(c_kv.dtype)

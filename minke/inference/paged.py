@@ -10,7 +10,7 @@ aborted or preempted sequence hands its blocks back to the free pool at once.
 The model talks to it through the protocol of kv_cache.py. The engine first picks the batch with
 ``begin(seq_ids, T)`` (one row per sequence, T new tokens each); then, per layer, ``update`` writes the
 new latents into each row's slots and returns the rows' histories gathered through the block tables
-(``gather_rows``: any layout; a copy of every row's history) with the mask. A lone sequence whose blocks are
+(``select_rows``: any layout; a copy of every row's history) with the mask. A lone sequence whose blocks are
 consecutive gets a zero-copy slice of the pool instead (the fast path for batch-1 decode; the free
 pool hands out the lowest free blocks, so a sequence running alone is usually consecutive).
 ``advance`` commits the T tokens; ``truncate`` rolls a sequence back (rejected speculative drafts).
@@ -49,7 +49,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ModelConfig
-from ..kernels.attention import gather_rows
+from ..kernels.attention import select_rows
 from ..quant.fp8 import latent_bytes, pack_latent, unpack_latent
 
 
@@ -321,8 +321,8 @@ class PagedLatentCache:
         rows = c_kv.reshape(B * T, -1)
         pool_c.index_copy_(0, v.write, pack_latent(rows) if self.fp8 else rows.to(pool_c.dtype))
         pool_r.index_copy_(0, v.write, k_pe.reshape(B * T, -1).to(pool_r.dtype))
-        c = gather_rows(pool_c, v.gather).view(B, v.S, -1)
-        r = gather_rows(pool_r, v.gather).view(B, v.S, -1)
+        c = select_rows(pool_c, v.gather).view(B, v.S, -1)
+        r = select_rows(pool_r, v.gather).view(B, v.S, -1)
         return self._latents(c, c_kv), r.to(k_pe.dtype), v.mask
 
     def _latents(self, c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,12 @@
   ``absorbed_attention_reference`` is the same formula written with einsum, in fp32. ``absorb_query``
   and ``absorb_value`` fold kv_b_proj's halves into the query and out of the output. One fp32 query
   token on the CPU runs all three in kernels/decode.cpp (one pass over the cache, flash-decoding's
-  online softmax), where it is built.
+  online softmax), where it is built; one bf16 token its two folds (with AVX512-BF16).
 - DeepSeek Sparse Attention (V3.2) in the MQA mode: ``sparse_rows_attention`` attends each query over
   its own selected tokens' [c_kv ‖ k_pe] rows (decode gathers them from the paged pools, prefill with
-  ``gather_tokens`` into one reused buffer; ``gather_rows`` copies rows), against
+  ``gather_tokens`` into one reused buffer; ``select_rows`` copies rows), against
   ``sparse_absorbed_attention_reference``. ``index_scores`` is the lightning indexer's
-  ReLU-weighted dot products (decode.cpp's AVX512-BF16 kernel for bf16, else torch in key tiles),
+  ReLU-weighted dot products (decode.cpp's kernels for bf16 and fp32, else torch in key tiles),
   against ``index_scores_reference``.
 
 Masks: None means causal with the T queries being the last T of the S keys; otherwise bool
@@ -152,9 +152,10 @@ def absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, scale):
 
     Plain (b)mm, the H·T queries of a row against its S cached latents: decode runs this on tiny
     tensors, where einsum's planning costs more than the arithmetic; no operand is broadcast, so the
-    cache is never copied (but for the < KEY_BUCKET keys of a half-precision tail). Scores in the cache's
-    dtype, softmax in fp32. A batch of one runs 2-D GEMMs (torch's batched bf16 GEMM for a batch of one
-    ran 3x slower at S = 4096; fp32: even)."""
+    cache is never copied (but for the < KEY_BUCKET keys of a half-precision tail). The scale goes on the
+    queries; scores and softmax in the cache's dtype (torch's softmax accumulates half precision in
+    fp32). A batch of one runs 2-D GEMMs (torch's batched bf16 GEMM for a batch of one ran 3x slower at
+    S = 4096; fp32: even), and a half-precision batch runs row by row (see below)."""
     B, H, T, C = q_lat.shape
     S, R = c_kv.shape[1], k_pe.shape[-1]
     if B == 1 and T == 1 and H <= LATENT_KERNEL_MAX_HEADS and C % 16 == 0 and R % 16 == 0 \
@@ -168,7 +169,8 @@ def absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, scale):
         # row by row: the bucketed prefix of a batch's (B, S, ·) is no longer one strided batch, and oneDNN
         # copied it whole, transposed, for the scores (a third of a bf16 step, 8 rows of 32K keys)
         return torch.cat([absorbed_attention(q_lat[b:b + 1], q_pe[b:b + 1], c_kv[b:b + 1], k_pe[b:b + 1],
-                                             None if mask is None else mask[b:b + 1], 1.0) for b in range(B)])
+                                             mask if mask is None or mask.shape[0] == 1 else mask[b:b + 1], 1.0)
+                          for b in range(B)])
     if B == 1:
         q, q_pe, c_kv, k_pe = q_lat.reshape(H * T, C), q_pe.reshape(H * T, R), c_kv[0], k_pe[0]
     else:
@@ -204,7 +206,7 @@ def _latent_softmax_(scores, mask):
     T, S = scores.shape[-2:]
     if mask is None and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
-    if mask is not None and not bool(mask.all()):
+    if mask is not None and (scores.device.type != "cpu" or not bool(mask.all())):  # no host sync elsewhere
         scores.masked_fill_(~mask, float("-inf"))
     return scores.softmax(-1)
 
@@ -221,16 +223,17 @@ def absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, scale):
 
 
 # ---- sparse (DSA) absorbed mode ----------------------------------------------------------------
-def gather_rows(x, idx, out=None):
+def select_rows(x, idx, out=None):
     """x (N, F) rows (contiguous within a row), idx (M,) → x.index_select(0, idx), into ``out`` (M, F)
     when given (rows contiguous within a row, any row stride: a column slice of a wider buffer). Outside
-    autograd on the CPU, decode.cpp's gather_rows: it prefetches the rows ahead of the copy (2048
+    autograd on the CPU, decode.cpp's select_rows: it prefetches the rows ahead of the copy (2048
     selected rows of a 32K-token cache, out of cache: 0.09 ms bf16 against index_select's 0.16-0.37,
     0.17 fp32 against 0.42-0.69)."""
-    if inference_on_cpu(x, idx) and x.stride(-1) == 1 and (out is None or out.stride(-1) == 1) \
+    idx = idx.long()
+    if inference_on_cpu(x, idx) and x.stride(-1) == 1 and (out is None or out.stride(-1) == 1 and out.dtype == x.dtype) \
             and (cpp := cpp_kernels()) is not None:
         out = x.new_empty(idx.shape[0], x.shape[1]) if out is None else out
-        return cpp.gather_rows(x, idx.long().contiguous(), out)
+        return cpp.select_rows(x, idx.contiguous(), out)
     if out is None:
         return x.index_select(0, idx)
     return torch.index_select(x, 0, idx, out=out) if out.is_contiguous() else out.copy_(x.index_select(0, idx))
@@ -238,18 +241,18 @@ def gather_rows(x, idx, out=None):
 
 def gather_tokens(x, idx, out=None):
     """x (B, S, F) per-token rows, idx (B, T, K) token indices → (B, T, K, F): each query's selected rows.
-    Whole rows are copied (``gather_rows`` over the B·S rows; an element-wise gather costs several times
+    Whole rows are copied (``select_rows`` over the B·S rows; an element-wise gather costs several times
     more). ``out``: a contiguous buffer of at least B·T·K·F elements to fill (reused across a prefill's
     query blocks: a fresh allocation that large is mapped and page-faulted anew each time); not under
     autograd."""
     B, S, F = x.shape
     T, K = idx.shape[1:]
     if B > 1 and not x.is_contiguous():  # rows of a bigger buffer (a contiguous cache): per row, no copy of x
-        return torch.stack([gather_rows(x[b], idx[b].flatten()) for b in range(B)]).view(B, T, K, F)
+        return torch.stack([select_rows(x[b], idx[b].flatten()) for b in range(B)]).view(B, T, K, F)
     rows = (idx + (torch.arange(B, device=idx.device) * S).view(B, 1, 1)).flatten() if B > 1 else idx.flatten()
     if out is not None:
         out = out.view(-1)[: B * T * K * F].view(B * T * K, F)
-    return gather_rows(x.reshape(B * S, F), rows, out).view(B, T, K, F)
+    return select_rows(x.reshape(B * S, F), rows, out).view(B, T, K, F)
 
 
 def sparse_rows_attention(q, rows, valid, C: int):
@@ -260,8 +263,8 @@ def sparse_rows_attention(q, rows, valid, C: int):
     paged pools, prefill from the history, into one buffer), valid (N, K) bool (False: a padding slot
     of a query that sees fewer than K tokens) → o_lat (N, H, C). The scores are one GEMM per query over
     C+R, the values the rows' first C columns: the work and the bytes read grow with K, not with the
-    context. One query runs 2-D GEMMs (torch's bf16 bmm copies the transposed operand of a batch of
-    one: 1.8 ms against 1.0 at V3.2's widths)."""
+    context. One query's scores are a 2-D GEMM (torch's bf16 bmm copies the transposed operand of a
+    batch of one: 1.8 ms against 1.0 at V3.2's widths)."""
     scores = (q[0] @ rows[0].T)[None] if q.shape[0] == 1 else q @ rows.transpose(1, 2)  # (N, H, K)
     if rows.device.type == "cpu" and rows.dtype in (torch.bfloat16, torch.float16):
         # oneDNN would copy the strided first C columns at every call (slowly: 2 ms a query at 2048 rows);

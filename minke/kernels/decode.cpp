@@ -116,9 +116,6 @@ torch::Tensor linear_t(const torch::Tensor& x, const torch::Tensor& wt, const c1
   return y;
 }
 
-// MLA's weight folds (mla.py attend_absorbed) for one query token. w (H, N+V, C) contiguous is
-// kv_b_proj's weight by head: rows [:N] the key half, rows [N:] the value half.
-
 // absorb_value in bf16: o (H, C), w (H, N+V, C) → (H, V), where AVX512-BF16 is (has_bf16_dot(); C a
 // multiple of 32): pair dot products along C (vdpbf16ps), the products of the bf16 values summed in
 // fp32 and rounded to bf16 once, as torch's bf16 bmm computes them; threads split the heads, and each
@@ -158,6 +155,8 @@ torch::Tensor absorb_value_bf16(const torch::Tensor& o, const torch::Tensor& w, 
   return y;
 }
 
+// MLA's weight folds (mla.py attend_absorbed) for one query token. w (H, N+V, C) contiguous is
+// kv_b_proj's weight by head: rows [:N] the key half, rows [N:] the value half.
 // absorb_query: q_nope (H, N) → q_lat (H, C), q_lat[h] = q_nope[h] @ w[h, :N].
 torch::Tensor absorb_query(const torch::Tensor& q, const torch::Tensor& w) {
   check_f32(q, "absorb_query q");
@@ -628,7 +627,7 @@ torch::Tensor index_scores(const torch::Tensor& q, const torch::Tensor& w, const
   return out;
 }
 
-// gather_rows: out[i] = x[idx[i]] for rows x (N, F) of any dtype, idx (M,) int64, into out (M, F)
+// select_rows: out[i] = x[idx[i]] for rows x (N, F) of any dtype, idx (M,) int64, into out (M, F)
 // (rows contiguous, any row stride for both: DSA gathers c_kv and k_pe side by side into one buffer of
 // [c_kv ‖ k_pe] rows), what index_select(0, idx) returns. DSA gathers each query's 2048
 // selected latents from a cache far larger than the caches: a row's first line misses, and
@@ -636,21 +635,23 @@ torch::Tensor index_scores(const torch::Tensor& q, const torch::Tensor& w, const
 // 32K-token pool). Here each row's lines are prefetched PREFETCH_ROWS rows ahead.
 constexpr int64_t PREFETCH_ROWS = 8;
 
-torch::Tensor gather_rows(const torch::Tensor& x, const torch::Tensor& idx, torch::Tensor out) {
-  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.device().is_cpu(), "gather_rows: x (N, F) rows contiguous, CPU");
+torch::Tensor select_rows(const torch::Tensor& x, const torch::Tensor& idx, torch::Tensor out) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1 && x.device().is_cpu(), "select_rows: x (N, F) rows contiguous, CPU");
   TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kLong && idx.is_contiguous() && idx.device().is_cpu(),
-              "gather_rows: idx (M,) int64 contiguous, CPU");
+              "select_rows: idx (M,) int64 contiguous, CPU");
   const int64_t N = x.size(0), F = x.size(1), M = idx.size(0);
   TORCH_CHECK(out.dim() == 2 && out.size(0) == M && out.size(1) == F && out.stride(1) == 1 &&
                   out.scalar_type() == x.scalar_type() && out.device().is_cpu(),
-              "gather_rows: out (M, F) rows contiguous, x's dtype");
+              "select_rows: out (M, F) rows contiguous, x's dtype");
   const int64_t* ip = idx.data_ptr<int64_t>();
   for (int64_t i = 0; i < M; ++i)
-    TORCH_CHECK(0 <= ip[i] && ip[i] < N, "gather_rows: index ", ip[i], " out of range for ", N, " rows");
+    TORCH_CHECK(0 <= ip[i] && ip[i] < N, "select_rows: index ", ip[i], " out of range for ", N, " rows");
   const int64_t esz = x.element_size(), row = F * esz, ld = x.stride(0) * esz, ldo = out.stride(0) * esz;
   const char* xp = static_cast<const char*>(x.data_ptr());
   char* op = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, M, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < std::min(e, b + PREFETCH_ROWS); ++i)  // the chunk's first rows
+      for (int64_t o = 0; o < row; o += 64) __builtin_prefetch(xp + ip[i] * ld + o);
     for (int64_t i = b; i < e; ++i) {
       if (i + PREFETCH_ROWS < e) {
         const char* next = xp + ip[i + PREFETCH_ROWS] * ld;
@@ -669,8 +670,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_t", &linear_t, "y = x @ wt (+ bias) for decode's few rows, wt (K, O) contiguous");
   m.def("absorb_query", &absorb_query, "q_nope (H, N) through kv_b's key half of w (H, N+V, C) -> (H, C)");
   m.def("absorb_value", &absorb_value, "o_lat (H, C) through kv_b's value half of w (H, N+V, C) -> (H, V), fp32 or bf16");
-  m.def("has_bf16_dot", &has_bf16_dot, "whether index_scores was built (AVX512-BF16)");
+  m.def("has_bf16_dot", &has_bf16_dot, "whether the bf16 kernels were built (AVX512-BF16: index_scores, absorb_value)");
   m.def("index_scores", &index_scores, "the lightning indexer's scores for q (T, J, E), keys (S, E): bf16 or fp32");
-  m.def("gather_rows", &gather_rows, "out[i] = x[idx[i]]: rows gathered with the next ones prefetched");
+  m.def("select_rows", &select_rows, "out[i] = x[idx[i]]: rows gathered with the next ones prefetched");
   m.def("latent_attention", &latent_attention, "absorbed MLA attention of Q queries over S cached latents");
 }
