@@ -528,7 +528,10 @@ inline void keys_pass_f32(const float* qT, int64_t ldq, const float* w, const fl
   for (int64_t e = 0; e < E; ++e) {
     v16 qv[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) qv[v] = load(qT + e * ldq + v * 16);
+    for (int v = 0; v < NV; ++v) {
+      qv[v] = load(qT + e * ldq + v * 16);
+      asm("" : "+v"(qv[v]));  // keep it in a register: folded into each FMA, it was loaded once per key
+    }
 #pragma GCC unroll 4
     for (int kb = 0; kb < KB; ++kb) {
       const float kk = k[kb * E + e];
@@ -560,28 +563,37 @@ inline void keys_all_heads_f32(const float* qT, int64_t ldq, const float* w, con
   }
 }
 
-torch::Tensor index_scores_f32(const torch::Tensor& q, const torch::Tensor& w, const torch::Tensor& k) {
-  const int64_t T = q.size(0), J = q.size(1), E = q.size(2), S = k.size(0);
-  auto out = torch::empty({T, S}, w.options());
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
+// index_scores' loop for either kernel: U is a row's unit (a float, or a uint32 pair of bf16), D the
+// units per row; all4 / all1 score 4 keys / 1 key over every head (keys_all_heads[_f32]). The queries
+// are laid out once, each (D, heads padded to 16); threads split the keys, and take them a block of
+// SCORE_KEYS at a time (in L2) against every query, so that a prefill block's 64 queries do not each
+// stream the whole history from memory (which made the fp32 kernel 0.8x torch's GEMM there).
+constexpr int64_t SCORE_KEYS = 256;
+
+template <typename U, typename F4, typename F1>
+void score_keys(const U* qp, const float* wp, const U* kp, int64_t T, int64_t J, int64_t D, int64_t S, float* op,
+                F4 all4, F1 all1) {
   const int64_t JV = (J + 15) / 16, ldq = JV * 16;
+  std::vector<U> qT(T * D * ldq, U(0));
+  std::vector<float> wt(T * ldq, 0.f);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < J; ++j) {
+      for (int64_t d = 0; d < D; ++d) qT[(t * D + d) * ldq + j] = qp[(t * J + j) * D + d];
+      wt[t * ldq + j] = wp[t * J + j];
+    }
   at::parallel_for(0, S, 64, [&](int64_t b, int64_t e) {
-    std::vector<float> qT(E * ldq, 0.f), wt(ldq, 0.f);  // one query by dimension: (E, heads), heads padded
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t j = 0; j < J; ++j) {
-        for (int64_t d = 0; d < E; ++d) qT[d * ldq + j] = qp[(t * J + j) * E + d];
-        wt[j] = wp[t * J + j];
+    for (int64_t s0 = b; s0 < e; s0 += SCORE_KEYS) {
+      const int64_t s1 = std::min(e, s0 + SCORE_KEYS);
+      for (int64_t t = 0; t < T; ++t) {
+        const U* q = qT.data() + t * D * ldq;
+        const float* w = wt.data() + t * ldq;
+        float* ot = op + t * S;
+        int64_t s = s0;
+        for (; s + 4 <= s1; s += 4) all4(q, ldq, w, kp + s * D, D, JV, ot + s);
+        for (; s < s1; ++s) all1(q, ldq, w, kp + s * D, D, JV, ot + s);
       }
-      float* ot = op + t * S;
-      int64_t s = b;
-      for (; s + 4 <= e; s += 4) keys_all_heads_f32<4>(qT.data(), ldq, wt.data(), kp + s * E, E, JV, ot + s);
-      for (; s < e; ++s) keys_all_heads_f32<1>(qT.data(), ldq, wt.data(), kp + s * E, E, JV, ot + s);
     }
   });
-  return out;
 }
 
 torch::Tensor index_scores(const torch::Tensor& q, const torch::Tensor& w, const torch::Tensor& k) {
@@ -592,35 +604,21 @@ torch::Tensor index_scores(const torch::Tensor& q, const torch::Tensor& w, const
     TORCH_CHECK(w.scalar_type() == at::kFloat && q.device().is_cpu() && k.device().is_cpu() && w.device().is_cpu() &&
                     q.is_contiguous() && k.is_contiguous() && w.is_contiguous(),
                 "index_scores: q, k and w fp32, contiguous, on the CPU");
-    return index_scores_f32(q, w, k);
+    auto out = torch::empty({q.size(0), k.size(0)}, w.options());
+    score_keys(q.data_ptr<float>(), w.data_ptr<float>(), k.data_ptr<float>(), q.size(0), q.size(1), q.size(2),
+               k.size(0), out.data_ptr<float>(), keys_all_heads_f32<4>, keys_all_heads_f32<1>);
+    return out;
   }
   TORCH_CHECK(q.size(2) % 2 == 0, "index_scores: bf16 needs an even E");
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kFloat &&
                   q.device().is_cpu() && k.device().is_cpu() && w.device().is_cpu() && q.is_contiguous() &&
                   k.is_contiguous() && w.is_contiguous(),
               "index_scores: q and k bf16, w fp32, contiguous, on the CPU");
-  const int64_t T = q.size(0), J = q.size(1), P = q.size(2) / 2, S = k.size(0);
-  auto out = torch::empty({T, S}, w.options());
+  auto out = torch::empty({q.size(0), k.size(0)}, w.options());
 #ifdef __AVX512BF16__
-  const auto* qp = reinterpret_cast<const uint32_t*>(q.data_ptr<at::BFloat16>());  // pairs of dimensions
-  const auto* kp = reinterpret_cast<const uint32_t*>(k.data_ptr<at::BFloat16>());
-  const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t JV = (J + 15) / 16, ldq = JV * 16;
-  at::parallel_for(0, S, 64, [&](int64_t b, int64_t e) {
-    std::vector<uint32_t> qT(P * ldq, 0u);  // one query by pair of dimensions: (P, heads), heads padded
-    std::vector<float> wt(ldq, 0.f);
-    for (int64_t t = 0; t < T; ++t) {
-      for (int64_t j = 0; j < J; ++j) {
-        for (int64_t p = 0; p < P; ++p) qT[p * ldq + j] = qp[(t * J + j) * P + p];
-        wt[j] = wp[t * J + j];
-      }
-      float* ot = op + t * S;
-      int64_t s = b;
-      for (; s + 4 <= e; s += 4) keys_all_heads<4>(qT.data(), ldq, wt.data(), kp + s * P, P, JV, ot + s);
-      for (; s < e; ++s) keys_all_heads<1>(qT.data(), ldq, wt.data(), kp + s * P, P, JV, ot + s);
-    }
-  });
+  score_keys(reinterpret_cast<const uint32_t*>(q.data_ptr<at::BFloat16>()), w.data_ptr<float>(),  // pairs of dims
+             reinterpret_cast<const uint32_t*>(k.data_ptr<at::BFloat16>()), q.size(0), q.size(1), q.size(2) / 2,
+             k.size(0), out.data_ptr<float>(), keys_all_heads<4>, keys_all_heads<1>);
 #else
   TORCH_CHECK(false, "index_scores: built without AVX512-BF16 (has_bf16_dot() is false)");
 #endif
