@@ -499,20 +499,12 @@ inline void keys_pass(const uint32_t* qT, int64_t ldq, const float* w, const uin
   }
 }
 
-template <int KB>
-inline void keys_all_heads(const uint32_t* qT, int64_t ldq, const float* w, const uint32_t* k, int64_t P,
-                           int64_t JV, float* out) {
-  for (int kb = 0; kb < KB; ++kb) out[kb] = 0.f;
-  for (int64_t g = 0; g < JV; g += 4) {  // heads in groups of 4 vectors (64 heads)
-    const int64_t o = g * 16;
-    switch (std::min<int64_t>(4, JV - g)) {
-      case 4: keys_pass<4, KB>(qT + o, ldq, w + o, k, P, out); break;
-      case 3: keys_pass<3, KB>(qT + o, ldq, w + o, k, P, out); break;
-      case 2: keys_pass<2, KB>(qT + o, ldq, w + o, k, P, out); break;
-      default: keys_pass<1, KB>(qT + o, ldq, w + o, k, P, out);
-    }
+struct PassBf16 {  // keys_all_heads' pass over 16·NV heads and KB keys, bf16 pairs
+  template <int NV, int KB>
+  static void run(const uint32_t* qT, int64_t ldq, const float* w, const uint32_t* k, int64_t P, float* out) {
+    keys_pass<NV, KB>(qT, ldq, w, k, P, out);
   }
-}
+};
 #endif
 
 // The same in fp32 (fp32 models: the products summed in fp32, as torch's fp32 GEMM, up to order), with
@@ -548,23 +540,31 @@ inline void keys_pass_f32(const float* qT, int64_t ldq, const float* w, const fl
   }
 }
 
-template <int KB>
-inline void keys_all_heads_f32(const float* qT, int64_t ldq, const float* w, const float* k, int64_t E, int64_t JV,
-                               float* out) {
+struct PassF32 {  // keys_all_heads' pass over 16·NV heads and KB keys, fp32
+  template <int NV, int KB>
+  static void run(const float* qT, int64_t ldq, const float* w, const float* k, int64_t E, float* out) {
+    keys_pass_f32<NV, KB>(qT, ldq, w, k, E, out);
+  }
+};
+
+// out[0..KB) = the scores of KB keys (rows of D units: floats, or uint32 pairs of bf16) over every head:
+// heads in groups of 4 vectors (64 heads), one Pass (PassF32, PassBf16) each.
+template <class Pass, int KB, typename U>
+inline void keys_all_heads(const U* qT, int64_t ldq, const float* w, const U* k, int64_t D, int64_t JV, float* out) {
   for (int kb = 0; kb < KB; ++kb) out[kb] = 0.f;
   for (int64_t g = 0; g < JV; g += 4) {
     const int64_t o = g * 16;
     switch (std::min<int64_t>(4, JV - g)) {
-      case 4: keys_pass_f32<4, KB>(qT + o, ldq, w + o, k, E, out); break;
-      case 3: keys_pass_f32<3, KB>(qT + o, ldq, w + o, k, E, out); break;
-      case 2: keys_pass_f32<2, KB>(qT + o, ldq, w + o, k, E, out); break;
-      default: keys_pass_f32<1, KB>(qT + o, ldq, w + o, k, E, out);
+      case 4: Pass::template run<4, KB>(qT + o, ldq, w + o, k, D, out); break;
+      case 3: Pass::template run<3, KB>(qT + o, ldq, w + o, k, D, out); break;
+      case 2: Pass::template run<2, KB>(qT + o, ldq, w + o, k, D, out); break;
+      default: Pass::template run<1, KB>(qT + o, ldq, w + o, k, D, out);
     }
   }
 }
 
 // index_scores' loop for either kernel: U is a row's unit (a float, or a uint32 pair of bf16), D the
-// units per row; all4 / all1 score 4 keys / 1 key over every head (keys_all_heads[_f32]). The queries
+// units per row; all4 / all1 score 4 keys / 1 key over every head (keys_all_heads). The queries
 // are laid out once, each (D, heads padded to 16); threads split the keys, and take them a block of
 // SCORE_KEYS at a time (in L2) against every query, so that a prefill block's 64 queries do not each
 // stream the whole history from memory (which made the fp32 kernel 0.8x torch's GEMM there).
@@ -606,7 +606,7 @@ torch::Tensor index_scores(const torch::Tensor& q, const torch::Tensor& w, const
                 "index_scores: q, k and w fp32, contiguous, on the CPU");
     auto out = torch::empty({q.size(0), k.size(0)}, w.options());
     score_keys(q.data_ptr<float>(), w.data_ptr<float>(), k.data_ptr<float>(), q.size(0), q.size(1), q.size(2),
-               k.size(0), out.data_ptr<float>(), keys_all_heads_f32<4>, keys_all_heads_f32<1>);
+               k.size(0), out.data_ptr<float>(), keys_all_heads<PassF32, 4, float>, keys_all_heads<PassF32, 1, float>);
     return out;
   }
   TORCH_CHECK(q.size(2) % 2 == 0, "index_scores: bf16 needs an even E");
@@ -618,7 +618,8 @@ torch::Tensor index_scores(const torch::Tensor& q, const torch::Tensor& w, const
 #ifdef __AVX512BF16__
   score_keys(reinterpret_cast<const uint32_t*>(q.data_ptr<at::BFloat16>()), w.data_ptr<float>(),  // pairs of dims
              reinterpret_cast<const uint32_t*>(k.data_ptr<at::BFloat16>()), q.size(0), q.size(1), q.size(2) / 2,
-             k.size(0), out.data_ptr<float>(), keys_all_heads<4>, keys_all_heads<1>);
+             k.size(0), out.data_ptr<float>(), keys_all_heads<PassBf16, 4, uint32_t>,
+             keys_all_heads<PassBf16, 1, uint32_t>);
 #else
   TORCH_CHECK(false, "index_scores: built without AVX512-BF16 (has_bf16_dot() is false)");
 #endif
