@@ -93,12 +93,15 @@ def test_half_precision_keys_in_parts_match_reference(monkeypatch, B):
     or the tail's share of the output is lost."""
     monkeypatch.setattr(att, "KEY_BUCKET", 8)
     assert att.buckets_keys(torch.bfloat16, "cpu") and not att.buckets_keys(torch.float32, "cpu")
-    for S in (5, 16, 30):
-        q_lat, q_pe, c_kv, k_pe = _latents(B, 3, 1, S, dtype=torch.bfloat16, seed=S)
-        mask = (torch.arange(S)[None, None, None, :] < torch.tensor([S, S - 3][:B])[:, None, None, None])
-        ours = att.absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, 0.3)
-        ref = att.absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, 0.3)
-        assert ours.shape == ref.shape and (ours.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
+    for row_by_row in (1 << 62, 0):  # a batch as one GEMM, and row by row (large caches)
+        monkeypatch.setattr(att, "ROW_BY_ROW_MIN_ELEMENTS", row_by_row)
+        for S in (5, 16, 30):
+            q_lat, q_pe, c_kv, k_pe = _latents(B, 3, 1, S, dtype=torch.bfloat16, seed=S)
+            mask = (torch.arange(S)[None, None, None, :] < torch.tensor([S, S - 3][:B])[:, None, None, None])
+            for m in (mask, None):
+                ours = att.absorbed_attention(q_lat, q_pe, c_kv, k_pe, m, 0.3)
+                ref = att.absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, m, 0.3)
+                assert ours.shape == ref.shape and (ours.float() - ref).abs().max().item() <= 2e-2 * ref.abs().max().item()
 
 
 # ---- kernels/decode.cpp (one fp32 query token on the CPU) ----------------------------------------

@@ -96,6 +96,11 @@ KEY_BUCKET = 64
 # 1.1-2.4x faster (V3's 128 heads at 32K keys: 195 ms against torch's 146).
 LATENT_KERNEL_MAX_HEADS = 16
 
+# A half-precision batch's attention runs row by row from this many cached latent elements (B·S·C) on:
+# below it, one batched GEMM with oneDNN's copy of the keys costs less than a call per row (a small
+# model's batched decode, RL's rollouts: 3.6x slower row by row, measured).
+ROW_BY_ROW_MIN_ELEMENTS = 1 << 23
+
 
 def buckets_keys(dtype: torch.dtype, device) -> bool:
     """Whether absorbed attention runs its keys as a bucketed prefix and a padded tail (CPU, half precision)."""
@@ -120,8 +125,8 @@ def absorb_query(q_nope, w_uk, w_kv_b):
     """q_nope (B, T, H, N) → q_lat (B, H, T, C), each head's query through kv_b_proj's key half w_uk
     (H, N, C): a view of w_kv_b (H, N+V, C), kv_b_proj's whole weight by head, or the transpose of a
     contiguous (H, C, N) copy (mla.py keeps one for bf16 on CPU). Plain bmm over the head axis (einsum's
-    planning costs more than decode's tiny arithmetic), as (H, C, N) @ (H, N, B·T) when w_uk is such a
-    transpose. One token: decode.cpp, reading w_kv_b in fp32 and the (H, C, N) copy in bf16."""
+    planning costs more than decode's tiny arithmetic). One token: decode.cpp, reading w_kv_b in fp32
+    and the (H, C, N) copy in bf16."""
     B, T, H, N = q_nope.shape
     w_ukT = w_uk.mT  # (H, C, N)
     if B * T == 1 and _one_token_cpu(q_nope, w_kv_b) and w_kv_b.is_contiguous() and (cpp := cpp_kernels()):
@@ -129,7 +134,7 @@ def absorb_query(q_nope, w_uk, w_kv_b):
     if B * T == 1 and _bf16_fold(q_nope, w_ukT):
         return cpp_kernels().absorb_value(q_nope.reshape(H, N).contiguous(), w_ukT, 0).view(1, H, 1, -1)
     q = q_nope.permute(2, 0, 1, 3).reshape(H, B * T, N)
-    q_lat = (w_ukT @ q.mT).mT if w_ukT.is_contiguous() else q @ w_uk  # (H, B·T, C)
+    q_lat = q @ w_uk  # (H, B·T, C)
     return q_lat.reshape(H, B, T, -1).transpose(0, 1)
 
 
@@ -165,7 +170,7 @@ def absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, scale):
         # one token of one row sees every cached token: decode.cpp's single pass over the cache
         return cpp.latent_attention(q_lat.reshape(H, C), q_pe.reshape(H, R), c_kv[0], k_pe[0], scale).view(1, H, 1, C)
     q_lat, q_pe = q_lat * scale, q_pe * scale  # the scale on the H·T queries, not on the H·T·S scores
-    if B > 1 and buckets_keys(c_kv.dtype, c_kv.device):
+    if B > 1 and buckets_keys(c_kv.dtype, c_kv.device) and B * S * C >= ROW_BY_ROW_MIN_ELEMENTS:
         # row by row: the bucketed prefix of a batch's (B, S, ·) is no longer one strided batch, and oneDNN
         # copied it whole, transposed, for the scores (a third of a bf16 step, 8 rows of 32K keys)
         return torch.cat([absorbed_attention(q_lat[b:b + 1], q_pe[b:b + 1], c_kv[b:b + 1], k_pe[b:b + 1],

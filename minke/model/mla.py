@@ -116,8 +116,8 @@ class MLA(nn.Module):
         """kv_b_proj's key half (H, N, C) and value half transposed (H, C, V). In half precision on CPU,
         bmm copies a strided operand at every call (both halves, every layer and step), so there, outside
         autograd, copies are kept (the key half as the transpose of a contiguous (H, C, N): the layout
-        kernels.attention.absorb_query's bf16 one-token kernel streams, and its bmm takes as (H, C, N) @
-        (H, N, B·T)), made again when the weight changes (its storage or
+        kernels.attention.absorb_query's bf16 one-token kernel streams), made again when the weight
+        changes (its storage or
         in-place version counter: load_state_dict, minke's optimizer step; torch's fused optimizers write
         without moving the counter, which build_optimizer corrects). Elsewhere: views, nothing kept."""
         w = self._kv_b()
