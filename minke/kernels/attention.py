@@ -74,11 +74,17 @@ def math_attention(q, k, v, mask, scale, block: int | None = None):
 
 
 def masked_softmax(scores, mask):
-    """scores (..., T, S) → softmax over S where mask (None: causal, the T queries being the last T keys)."""
+    """scores (..., T, S), a fresh tensor (masked in place) → softmax over S, in their dtype (torch
+    accumulates half precision in fp32), where mask (None: causal, the T queries being the last T keys).
+    Nothing is masked for causal T = 1, nor on the CPU for a mask that hides nothing (a decode row sees
+    its whole history): in a bf16 decode step over 32K keys, masking, with upcasting, scaling and
+    casting back, was 60% of the attention."""
     T, S = scores.shape[-2:]
-    if mask is None:
+    if mask is None and T > 1:
         mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
-    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    if mask is not None and (scores.device.type != "cpu" or torch.compiler.is_compiling() or not bool(mask.all())):
+        scores.masked_fill_(~mask, float("-inf"))  # (the check only eager on the CPU: no sync, no graph break)
+    return scores.softmax(dim=-1)
 
 
 # ---- absorbed MQA mode -------------------------------------------------------------------------
@@ -169,19 +175,19 @@ def absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, scale):
             and (cpp := cpp_kernels()):
         # one token of one row sees every cached token: decode.cpp's single pass over the cache
         return cpp.latent_attention(q_lat.reshape(H, C), q_pe.reshape(H, R), c_kv[0], k_pe[0], scale).view(1, H, 1, C)
-    q_lat, q_pe = q_lat * scale, q_pe * scale  # the scale on the H·T queries, not on the H·T·S scores
     if B > 1 and buckets_keys(c_kv.dtype, c_kv.device) and B * S * C >= ROW_BY_ROW_MIN_ELEMENTS:
         # row by row: the bucketed prefix of a batch's (B, S, ·) is no longer one strided batch, and oneDNN
         # copied it whole, transposed, for the scores (a third of a bf16 step, 8 rows of 32K keys)
         return torch.cat([absorbed_attention(q_lat[b:b + 1], q_pe[b:b + 1], c_kv[b:b + 1], k_pe[b:b + 1],
-                                             mask if mask is None or mask.shape[0] == 1 else mask[b:b + 1], 1.0)
+                                             mask if mask is None or mask.shape[0] == 1 else mask[b:b + 1], scale)
                           for b in range(B)])
+    q_lat, q_pe = q_lat * scale, q_pe * scale  # the scale on the H·T queries, not on the H·T·S scores
     if B == 1:
         q, q_pe, c_kv, k_pe = q_lat.reshape(H * T, C), q_pe.reshape(H * T, R), c_kv[0], k_pe[0]
     else:
         q, q_pe = q_lat.reshape(B, H * T, C), q_pe.reshape(B, H * T, R)
     if not buckets_keys(c_kv.dtype, c_kv.device):
-        p = _latent_softmax_((q @ c_kv.mT + q_pe @ k_pe.mT).view(B, H, T, S), mask)
+        p = masked_softmax((q @ c_kv.mT + q_pe @ k_pe.mT).view(B, H, T, S), mask)
         return (p.view(*c_kv.shape[:-2], H * T, S) @ c_kv).view(B, H, T, C)
     S0, n = S // KEY_BUCKET * KEY_BUCKET, S % KEY_BUCKET  # prefix keys, tail keys
 
@@ -196,24 +202,11 @@ def absorbed_attention(q_lat, q_pe, c_kv, k_pe, mask, scale):
     if n:
         parts.append((q @ c_tail.mT + q_pe @ tail(k_pe).mT)[..., :n])
     scores = (parts[0] if len(parts) == 1 else torch.cat(parts, -1)).view(B, H, T, S)
-    p = _latent_softmax_(scores, mask).view(*c_kv.shape[:-2], H * T, S)
+    p = masked_softmax(scores, mask).view(*c_kv.shape[:-2], H * T, S)
     o = p[..., :S0].contiguous() @ c_kv[..., :S0, :] if S0 else 0  # contiguous: oneDNN's kernels are per stride
     if n:
         o = o + torch.nn.functional.pad(p[..., S0:], (0, KEY_BUCKET - n)) @ c_tail
     return o.view(B, H, T, C)
-
-
-def _latent_softmax_(scores, mask):
-    """Softmax over S of absorbed attention's scaled scores (B, H, T, S), a fresh tensor masked in place,
-    in their dtype (torch accumulates half precision in fp32: one pass, where upcasting, scaling,
-    masking and casting back took five, 60% of a bf16 32K-key step). A mask that hides nothing (a
-    decode row, which sees its whole history) and causal T = 1 mask nothing."""
-    T, S = scores.shape[-2:]
-    if mask is None and T > 1:
-        mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
-    if mask is not None and (scores.device.type != "cpu" or not bool(mask.all())):  # no host sync elsewhere
-        scores.masked_fill_(~mask, float("-inf"))
-    return scores.softmax(-1)
 
 
 def absorbed_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, scale):

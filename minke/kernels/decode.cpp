@@ -499,19 +499,13 @@ inline void keys_pass(const uint32_t* qT, int64_t ldq, const float* w, const uin
   }
 }
 
-struct PassBf16 {  // keys_all_heads' pass over 16·NV heads and KB keys, bf16 pairs
-  template <int NV, int KB>
-  static void run(const uint32_t* qT, int64_t ldq, const float* w, const uint32_t* k, int64_t P, float* out) {
-    keys_pass<NV, KB>(qT, ldq, w, k, P, out);
-  }
-};
 #endif
 
 // The same in fp32 (fp32 models: the products summed in fp32, as torch's fp32 GEMM, up to order), with
 // the portable 16-float vectors: each query laid out (E, heads) in a buffer, each key's dimension
 // broadcast against it, 4 keys × 64 heads a pass.
 template <int NV, int KB>
-inline void keys_pass_f32(const float* qT, int64_t ldq, const float* w, const float* k, int64_t E, float* out) {
+inline void keys_pass(const float* qT, int64_t ldq, const float* w, const float* k, int64_t E, float* out) {
   v16 a[KB][NV];
 #pragma GCC unroll 4
   for (int kb = 0; kb < KB; ++kb)
@@ -540,39 +534,31 @@ inline void keys_pass_f32(const float* qT, int64_t ldq, const float* w, const fl
   }
 }
 
-struct PassF32 {  // keys_all_heads' pass over 16·NV heads and KB keys, fp32
-  template <int NV, int KB>
-  static void run(const float* qT, int64_t ldq, const float* w, const float* k, int64_t E, float* out) {
-    keys_pass_f32<NV, KB>(qT, ldq, w, k, E, out);
-  }
-};
-
 // out[0..KB) = the scores of KB keys (rows of D units: floats, or uint32 pairs of bf16) over every head:
-// heads in groups of 4 vectors (64 heads), one Pass (PassF32, PassBf16) each.
-template <class Pass, int KB, typename U>
+// heads in groups of 4 vectors (64 heads), one keys_pass each (the overload for the unit).
+template <int KB, typename U>
 inline void keys_all_heads(const U* qT, int64_t ldq, const float* w, const U* k, int64_t D, int64_t JV, float* out) {
   for (int kb = 0; kb < KB; ++kb) out[kb] = 0.f;
   for (int64_t g = 0; g < JV; g += 4) {
     const int64_t o = g * 16;
     switch (std::min<int64_t>(4, JV - g)) {
-      case 4: Pass::template run<4, KB>(qT + o, ldq, w + o, k, D, out); break;
-      case 3: Pass::template run<3, KB>(qT + o, ldq, w + o, k, D, out); break;
-      case 2: Pass::template run<2, KB>(qT + o, ldq, w + o, k, D, out); break;
-      default: Pass::template run<1, KB>(qT + o, ldq, w + o, k, D, out);
+      case 4: keys_pass<4, KB>(qT + o, ldq, w + o, k, D, out); break;
+      case 3: keys_pass<3, KB>(qT + o, ldq, w + o, k, D, out); break;
+      case 2: keys_pass<2, KB>(qT + o, ldq, w + o, k, D, out); break;
+      default: keys_pass<1, KB>(qT + o, ldq, w + o, k, D, out);
     }
   }
 }
 
 // index_scores' loop for either kernel: U is a row's unit (a float, or a uint32 pair of bf16), D the
-// units per row; all4 / all1 score 4 keys / 1 key over every head (keys_all_heads). The queries
+// units per row; keys_all_heads scores 4 keys (or 1) over every head. The queries
 // are laid out once, each (D, heads padded to 16); threads split the keys, and take them a block of
 // SCORE_KEYS at a time (in L2) against every query, so that a prefill block's 64 queries do not each
 // stream the whole history from memory (which made the fp32 kernel 0.8x torch's GEMM there).
 constexpr int64_t SCORE_KEYS = 256;
 
-template <typename U, typename F4, typename F1>
-void score_keys(const U* qp, const float* wp, const U* kp, int64_t T, int64_t J, int64_t D, int64_t S, float* op,
-                F4 all4, F1 all1) {
+template <typename U>
+void score_keys(const U* qp, const float* wp, const U* kp, int64_t T, int64_t J, int64_t D, int64_t S, float* op) {
   const int64_t JV = (J + 15) / 16, ldq = JV * 16;
   std::vector<U> qT(T * D * ldq, U(0));
   std::vector<float> wt(T * ldq, 0.f);
@@ -589,8 +575,8 @@ void score_keys(const U* qp, const float* wp, const U* kp, int64_t T, int64_t J,
         const float* w = wt.data() + t * ldq;
         float* ot = op + t * S;
         int64_t s = s0;
-        for (; s + 4 <= s1; s += 4) all4(q, ldq, w, kp + s * D, D, JV, ot + s);
-        for (; s < s1; ++s) all1(q, ldq, w, kp + s * D, D, JV, ot + s);
+        for (; s + 4 <= s1; s += 4) keys_all_heads<4>(q, ldq, w, kp + s * D, D, JV, ot + s);
+        for (; s < s1; ++s) keys_all_heads<1>(q, ldq, w, kp + s * D, D, JV, ot + s);
       }
     }
   });
@@ -606,7 +592,7 @@ torch::Tensor index_scores(const torch::Tensor& q, const torch::Tensor& w, const
                 "index_scores: q, k and w fp32, contiguous, on the CPU");
     auto out = torch::empty({q.size(0), k.size(0)}, w.options());
     score_keys(q.data_ptr<float>(), w.data_ptr<float>(), k.data_ptr<float>(), q.size(0), q.size(1), q.size(2),
-               k.size(0), out.data_ptr<float>(), keys_all_heads<PassF32, 4, float>, keys_all_heads<PassF32, 1, float>);
+               k.size(0), out.data_ptr<float>());
     return out;
   }
   TORCH_CHECK(q.size(2) % 2 == 0, "index_scores: bf16 needs an even E");
@@ -618,8 +604,7 @@ torch::Tensor index_scores(const torch::Tensor& q, const torch::Tensor& w, const
 #ifdef __AVX512BF16__
   score_keys(reinterpret_cast<const uint32_t*>(q.data_ptr<at::BFloat16>()), w.data_ptr<float>(),  // pairs of dims
              reinterpret_cast<const uint32_t*>(k.data_ptr<at::BFloat16>()), q.size(0), q.size(1), q.size(2) / 2,
-             k.size(0), out.data_ptr<float>(), keys_all_heads<PassBf16, 4, uint32_t>,
-             keys_all_heads<PassBf16, 1, uint32_t>);
+             k.size(0), out.data_ptr<float>());
 #else
   TORCH_CHECK(false, "index_scores: built without AVX512-BF16 (has_bf16_dot() is false)");
 #endif
