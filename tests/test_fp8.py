@@ -232,6 +232,7 @@ def test_fp8_load_memory_and_logits(bf16_dir):
     bf = minke.load(bf16_dir, dtype=torch.bfloat16)
     f8 = minke.load(bf16_dir, dtype=torch.bfloat16, fp8=True)
     assert isinstance(f8.layers[0].self_attn.kv_b_proj, FP8Linear) and isinstance(f8.layers[1].mlp.experts, FP8Experts)
+    assert isinstance(f8.layers[0].self_attn.kv_a_proj_with_mqa, FP8Linear)  # E4M3 in V3's checkpoints too
     assert f8.config.quantization_config["weight_block_size"] == [128, 128]
     q_bytes = _nbytes(f8, fp8_only=True)
     same_in_bf16 = sum(t.numel() * 2 for k, t in f8.state_dict().items() if t.dtype == FP8)
@@ -288,6 +289,7 @@ def test_fp8_model_saves_bit_for_bit(bf16_dir, tmp_path):
     for f in sorted((tmp_path / "b").glob("*.safetensors")):
         b.update(load_file(f))
     assert a.keys() == b.keys() and "model.layers.1.mlp.experts.3.down_proj.weight_scale_inv" in a
+    assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv" in a  # as V3's checkpoints hold it
     assert all(a[k].dtype == b[k].dtype and torch.equal(bits(a[k]), bits(b[k])) for k in a)
     with pytest.raises(ValueError, match="holds FP8 weights"):
         minke.save(f8, tmp_path / "c", fp8=False)

@@ -100,11 +100,12 @@ def minke_to_hf(model: Transformer):
 
 
 def _fp8_candidate(key: str, t: torch.Tensor) -> bool:
-    """What DeepSeek's FP8 checkpoints quantize: the linear weights of attention and FFNs (not the
-    embedding, head, router, norms or eh_proj). V3.2's indexer: wq_b and wk, not weights_proj."""
+    """What DeepSeek's FP8 checkpoints quantize: the linear weights of attention (kv_a_proj_with_mqa
+    too) and FFNs (not the embedding, head, router, norms or eh_proj). V3.2's indexer: wq_b and wk,
+    not weights_proj."""
     if ".self_attn.indexer." in key:
         return t.dim() == 2 and key.endswith((".wq_b.weight", ".wk.weight"))
-    if t.dim() != 2 or not key.endswith("_proj.weight") or ".eh_proj." in key:
+    if t.dim() != 2 or not key.endswith(("_proj.weight", ".kv_a_proj_with_mqa.weight")) or ".eh_proj." in key:
         return False
     return ".self_attn." in key or ".mlp." in key
 

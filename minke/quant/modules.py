@@ -32,12 +32,12 @@ PROJ = ("gate_proj", "up_proj", "down_proj")
 
 
 def is_fp8_linear(name: str, module: nn.Module) -> bool:
-    """An nn.Linear quantized by DeepSeek: ``*_proj`` under self_attn or an MLP, except MTP's eh_proj;
-    in V3.2's indexer wq_b and wk, not weights_proj (as weights._fp8_candidate)."""
+    """An nn.Linear quantized by DeepSeek: ``*_proj`` and kv_a_proj_with_mqa under self_attn or an MLP,
+    except MTP's eh_proj; in V3.2's indexer wq_b and wk, not weights_proj (as weights._fp8_candidate)."""
     leaf = name.rsplit(".", 1)[-1]
     if ".indexer." in f".{name}":
         return isinstance(module, nn.Linear) and leaf in ("wq_b", "wk")
-    return (isinstance(module, nn.Linear) and leaf.endswith("_proj") and leaf != "eh_proj"
+    return (isinstance(module, nn.Linear) and leaf.endswith(("_proj", "kv_a_proj_with_mqa")) and leaf != "eh_proj"
             and (".self_attn." in f".{name}" or ".mlp." in f".{name}"))
 
 
