@@ -377,11 +377,14 @@ def test_contiguous_cache_decode_matches_full_forward(model):
             assert (out - full[:, t]).abs().max().item() <= 1e-6, t  # norms and RoPE round through fp32
 
 
-@pytest.mark.parametrize("dsa", [False, True])
-@pytest.mark.parametrize("B", [1, 2])
-def test_bf16_paged_decode_matches_full_forward(dsa, B):
+@pytest.mark.parametrize("dsa, B, fp8", [(False, 1, False), (False, 2, False), (True, 1, False), (True, 2, False),
+                                         (False, 1, True), (False, 2, True)])
+def test_bf16_paged_decode_matches_full_forward(dsa, B, fp8, tmp_path):
     """bf16 as the engine serves it (paged cache, laid-out decode weights; decode.cpp's bf16 folds,
-    indexer and row gathers where the CPU has AVX512-BF16): token-by-token decode in the absorbed mode
+    indexer and row gathers where the CPU has AVX512-BF16; ``fp8``: the linears held in E4M3, which
+    decode multiplies as stored with decode.cpp's fp8_linear and the full forward dequantizes, each
+    weight then rounded to bf16 once more; without DSA, whose selection that rounding tipped at a near-tie,
+    10% off at that step, measured): token-by-token decode in the absorbed mode
     (with DSA sparse once past index_topk, over the selected rows gathered from the pools) against one
     full forward of the same model in MHA mode. One row (a zero-copy slice of the pool) and two (the
     gathered histories, attention row by row). Widths where both folds take the kernel (32-wide
@@ -393,6 +396,9 @@ def test_bf16_paged_decode_matches_full_forward(dsa, B):
     over = dict(qk_nope_head_dim=32, kv_lora_rank=64)
     cfg = dsa_preset(**over) if dsa else minke.preset("tiny", **over)
     model = minke.build(cfg, seed=0, dtype=torch.bfloat16).eval()
+    if fp8:
+        minke.save(model, tmp_path)
+        model = minke.load(tmp_path, dtype=torch.bfloat16, fp8=True)
     cache = (DSAPagedCache if dsa else PagedLatentCache)(cfg, num_blocks=16, block_size=4, dtype=torch.bfloat16)
     x = ids(cfg.vocab_size, B=B, T=14, seed=3)
     rows = list(range(B))

@@ -408,6 +408,103 @@ def test_e4m3_bit_move_is_exact_for_every_code():
     assert finite.sum() == 254 and torch.equal(got[finite], ref[finite])
 
 
+# ---- FP8 weights multiplied as stored (decode.cpp's fp8_linear) ------------------------------------
+def _fp8_kernel():
+    from minke.kernels.cpp import cpp_kernels
+    built = cpp_kernels()
+    return built if built is not None and built.has_fp8_dot() else None
+
+
+needs_fp8_kernel = pytest.mark.skipif(_fp8_kernel() is None,
+                                      reason="decode.cpp's fp8_linear needs AVX512-BF16 and AVX512-VBMI")
+
+
+class _Spy:
+    def __init__(self, built):
+        self.built, self.calls = built, []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.built, name)
+
+
+@needs_fp8_kernel
+def test_fp8_kernel_widens_every_e4m3_code_exactly():
+    """Output o reads code o of E4M3 at column 0 (scale 1, x one-hot there): y[o] is that code's value,
+    exactly (every E4M3 value is a bf16); the two NaN codes give NaN."""
+    codes = torch.arange(256, dtype=torch.uint8)
+    q = torch.zeros(256, 64, dtype=torch.uint8)
+    q[:, 0] = codes
+    x = torch.zeros(1, 64, dtype=torch.bfloat16)
+    x[0, 0] = 1
+    y = _fp8_kernel().fp8_linear(x, q.view(FP8), torch.ones(2, 1))[0].float()
+    ref = codes.view(FP8).float()
+    finite = ~ref.isnan()
+    assert torch.equal(y[finite], ref[finite]) and y[~finite].isnan().all()
+
+
+@needs_fp8_kernel
+@pytest.mark.parametrize("M, O, K", [(1, 302, 640), (2, 131, 1024), (3, 7, 64), (8, 257, 384)])
+def test_fp8_kernel_within_bf16_rounding_of_the_exact_product(M, O, K):
+    """y = x @ (q·s)ᵀ against float64: the widened weights are exact, bf16 products are exact in fp32,
+    so the error is fp32's accumulation (≤ K·2⁻²⁴ Σ|x||W|) and y's one rounding to bf16 (≤ 2⁻⁹ |y|):
+    bound 2⁻⁸ Σ|x||W|. Partial 128-blocks on both axes (O and K not multiples of 128), output counts that
+    are not multiples of the kernel's 4 (or 2) outputs per pass, blocks of very different scales."""
+    w = spread(O, K, seed=M)
+    qw = quantize(w, WEIGHT)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).bfloat16()
+    y = _fp8_kernel().fp8_linear(x, qw.q, qw.scale_inv)
+    W = qw.dequantize(torch.float64)
+    ref, bound = x.double() @ W.T, 2 ** -8 * (x.double().abs() @ W.abs().T)
+    assert y.dtype == torch.bfloat16 and y.shape == (M, O)
+    assert ((y.double() - ref).abs() <= bound).all()
+
+
+@needs_fp8_kernel
+def test_fp8_modules_take_the_kernel_for_a_few_bf16_rows(monkeypatch):
+    """FP8Linear and FP8Experts: up to FP8_MAX_ROWS bf16 rows outside autograd go through the kernel and
+    agree with the dequantized matmul (whose bf16 weights are each rounded by 2⁻⁹: bound 2⁻⁷ Σ|x||W|);
+    more rows, fp32 rows, or a K that is not a multiple of 64 dequantize."""
+    from minke.kernels import cpp as kcpp
+    from minke.kernels.linear import FP8_MAX_ROWS
+    spy = _Spy(kcpp.cpp_kernels())
+    monkeypatch.setattr(kcpp, "_built", spy)
+    lin = FP8Linear(256, 200, bias=True)
+    qw = quantize(spread(200, 256), WEIGHT)
+    lin._buffers["weight"].copy_(qw.q)
+    lin._buffers["weight_scale_inv"].copy_(qw.scale_inv)
+    lin.bias.data.normal_()
+    W = qw.dequantize(torch.float64)
+    for rows, dtype, kernel in ((1, torch.bfloat16, True), (FP8_MAX_ROWS, torch.bfloat16, True),
+                                (FP8_MAX_ROWS + 1, torch.bfloat16, False), (2, torch.float32, False)):
+        spy.calls.clear()
+        x = torch.randn(rows, 1, 256).to(dtype)
+        if dtype == torch.float32:
+            lin.bias = None  # the bias is bf16 (the module's dtype)
+        b = lin.bias.double() if lin.bias is not None else torch.zeros(200, dtype=torch.float64)
+        with torch.no_grad():
+            y = lin(x)
+        assert ("fp8_linear" in spy.calls) == kernel and y.shape == (rows, 1, 200)
+        ref = x.double() @ W.T + b
+        assert ((y.double() - ref).abs() <= 2 ** -7 * (x.double().abs() @ W.abs().T + b.abs())).all()
+    ex = FP8Experts(3, 128, 96)
+    for p in ("gate_proj", "up_proj", "down_proj"):
+        t = getattr(ex, p)
+        qe = [quantize(spread(*t.shape[1:], seed=e), WEIGHT) for e in range(3)]
+        t.copy_(torch.stack([q.q for q in qe]))
+        getattr(ex, p + "_scale_inv").copy_(torch.stack([q.scale_inv for q in qe]))
+    x = torch.randn(2, 128).bfloat16()
+    spy.calls.clear()
+    with torch.no_grad():
+        got = ex.expert(1, x)  # down's K is 96: dequantized; gate and up through the kernel
+    assert spy.calls.count("fp8_linear") == 2
+    g, u, d = (ex._buffers[p][1] for p in ("gate_proj", "up_proj", "down_proj"))
+    s = [ex._buffers[p + "_scale_inv"][1] for p in ("gate_proj", "up_proj", "down_proj")]
+    want = (torch.nn.functional.silu(x @ dequantize(g, s[0], WEIGHT, x.dtype).t())
+            * (x @ dequantize(u, s[1], WEIGHT, x.dtype).t())) @ dequantize(d, s[2], WEIGHT, x.dtype).t()
+    assert (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
+
+
 # ---- the FP8 latent cache -------------------------------------------------------------------------
 def test_fp8_latent_cache_decode_against_bf16_cache():
     """Prefill 11 tokens, then decode 6, through two paged caches: BF16 latents, and c_kv in E4M3 with a

@@ -611,6 +611,144 @@ torch::Tensor index_scores(const torch::Tensor& q, const torch::Tensor& w, const
   return out;
 }
 
+// fp8_linear: y (M, O) = x (M, K) @ Wᵀ for decode's few bf16 rows, with W held as DeepSeek's checkpoints
+// store it: q (O, K) float8_e4m3fn and one fp32 scale per 128×128 block, s (⌈O/128⌉, ⌈K/128⌉), W = q · s
+// (quant/modules.py FP8Linear). Where AVX512-BF16 and AVX512-VBMI are (has_fp8_dot(); K a multiple of
+// 64), each 64 weights are widened to bf16 in registers, exactly (every E4M3 value is a bf16): two byte
+// lookups in 128-entry tables (vpermi2b) give each weight's high and low byte, the sign is put back,
+// and the bytes are interleaved into words within 128-bit lanes. That interleave permutes the 64 k's,
+// so each row of x is laid out once in the same order; the pair dot products (vdpbf16ps) sum in fp32,
+// a block's sum is multiplied by its scale, and y is rounded to bf16 once. The weight is read once,
+// front to back, at one byte a weight: half of what the bf16 GEMV reads; each line is prefetched two
+// passes ahead (the hardware prefetcher alone streamed rows of 1536 bytes at about half of memory
+// speed). Threads split the outputs.
+bool has_fp8_dot() {
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+// The bf16 bits of E4M3's 128 magnitudes (bits 6..0: 4 exponent bits, bias 7, and 3 mantissa bits), split
+// into high and low bytes, 64 bytes a register.
+struct E4M3Tables {
+  __m512i hi0, hi1, lo0, lo1;
+  E4M3Tables() {
+    alignas(64) uint8_t hi[128], lo[128];
+    for (int v = 0; v < 128; ++v) {
+      const int e = v >> 3, m = v & 7;
+      const float f = v == 127 ? std::numeric_limits<float>::quiet_NaN()
+                               : (e ? std::ldexp(1.0f + m / 8.0f, e - 7) : std::ldexp(m / 8.0f, -6));
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      hi[v] = uint8_t(bits >> 24), lo[v] = uint8_t(bits >> 16);  // exact: at most 4 significant bits
+    }
+    hi0 = _mm512_load_si512(hi), hi1 = _mm512_load_si512(hi + 64);
+    lo0 = _mm512_load_si512(lo), lo1 = _mm512_load_si512(lo + 64);
+  }
+};
+
+// 64 E4M3 weights → two vectors of 32 bf16: words (16j + i) and (16j + 8 + i), j < 4, i < 8.
+inline void widen_e4m3(const uint8_t* p, const E4M3Tables& t, __m512bh& a, __m512bh& b) {
+  const __m512i v = _mm512_loadu_si512(p);
+  const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t.hi0, v, t.hi1), v,
+                                               _mm512_set1_epi8(char(0x80)), 0xF8);  // hi | (v & 0x80)
+  const __m512i lo = _mm512_permutex2var_epi8(t.lo0, v, t.lo1);
+  a = (__m512bh)_mm512_unpacklo_epi8(lo, hi);
+  b = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
+}
+
+// y[m, o0 + r] for R outputs (one 128-row scale block) and M rows of laid-out x (xp: (M, K) in
+// widen_e4m3's order); ldy: y's row stride.
+template <int M, int R>
+inline void fp8_outputs(const uint8_t* q, int64_t K, const float* s, const at::BFloat16* xp, float* y, int64_t ldy,
+                        const E4M3Tables& t) {
+  __m512 tot[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) tot[r][m] = _mm512_setzero_ps();
+  for (int64_t k0 = 0; k0 < K; k0 += 128) {
+    __m512 a[R][M][2];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) a[r][m][0] = a[r][m][1] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < std::min(K, k0 + 128); k += 64) {
+      for (int r = 0; r < R; ++r) {
+        __m512bh w0, w1;
+        _mm_prefetch(reinterpret_cast<const char*>(q + (2 * R + r) * K + k), _MM_HINT_T0);  // two passes ahead
+        widen_e4m3(q + r * K + k, t, w0, w1);
+        for (int m = 0; m < M; ++m) {
+          a[r][m][0] = _mm512_dpbf16_ps(a[r][m][0], w0, (__m512bh)_mm512_loadu_si512(xp + m * K + k));
+          a[r][m][1] = _mm512_dpbf16_ps(a[r][m][1], w1, (__m512bh)_mm512_loadu_si512(xp + m * K + k + 32));
+        }
+      }
+    }
+    const __m512 sc = _mm512_set1_ps(s[k0 / 128]);
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) tot[r][m] = _mm512_fmadd_ps(_mm512_add_ps(a[r][m][0], a[r][m][1]), sc, tot[r][m]);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) y[m * ldy + r] = _mm512_reduce_add_ps(tot[r][m]);
+}
+
+template <int M>
+void fp8_rows(const uint8_t* q, const float* s, const at::BFloat16* xp, float* y, int64_t O, int64_t K) {
+  constexpr int R = M == 1 ? 4 : M == 2 ? 2 : 1;  // outputs per pass: enough independent sums in flight
+  static const E4M3Tables tables;
+  const int64_t KB = (K + 127) / 128;
+  at::parallel_for(0, (O + R - 1) / R, 16, [&](int64_t b, int64_t e) {
+    for (int64_t o = b * R; o < std::min(O, e * R); o += R) {
+      const float* so = s + (o / 128) * KB;  // R divides 128: a pass stays in one block row
+      if (o + R <= O)
+        fp8_outputs<M, R>(q + o * K, K, so, xp, y + o, O, tables);
+      else
+        for (int64_t r = o; r < O; ++r) fp8_outputs<M, 1>(q + r * K, K, so, xp, y + r, O, tables);
+    }
+  });
+}
+#endif
+
+constexpr int64_t FP8_MAX_ROWS = 8;
+
+torch::Tensor fp8_linear(const torch::Tensor& x, const torch::Tensor& q, const torch::Tensor& s) {
+  check_bf16(x, "fp8_linear x");
+  TORCH_CHECK(q.scalar_type() == at::kFloat8_e4m3fn && q.dim() == 2 && q.is_contiguous() && q.device().is_cpu(),
+              "fp8_linear: q (O, K) float8_e4m3fn, contiguous, on the CPU");
+  check_f32(s, "fp8_linear s");
+  const int64_t M = x.size(0), K = x.size(1), O = q.size(0);
+  TORCH_CHECK(x.dim() == 2 && q.size(1) == K && K % 64 == 0 && 1 <= M && M <= FP8_MAX_ROWS,
+              "fp8_linear: x (M, K) with M <= ", FP8_MAX_ROWS, " and q (O, K), K a multiple of 64");
+  TORCH_CHECK(s.dim() == 2 && s.is_contiguous() && s.size(0) == (O + 127) / 128 && s.size(1) == (K + 127) / 128,
+              "fp8_linear: s (ceil(O/128), ceil(K/128)) contiguous, got ", s.sizes());
+  auto y = torch::empty({M, O}, x.options().dtype(at::kFloat));
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+  // x's rows laid out as widen_e4m3 orders the weights: per 64 k, words 16j + i first, then 16j + 8 + i.
+  auto xl = torch::empty_like(x);
+  const at::BFloat16* xs = x.data_ptr<at::BFloat16>();
+  at::BFloat16* xd = xl.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < M * K; i += 64)
+    for (int j = 0; j < 4; ++j)
+      for (int h = 0; h < 2; ++h)
+        for (int c = 0; c < 8; ++c) xd[i + 32 * h + 8 * j + c] = xs[i + 16 * j + 8 * h + c];
+  const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
+  const float* sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  switch (M) {
+    case 1: fp8_rows<1>(qp, sp, xd, yp, O, K); break;
+    case 2: fp8_rows<2>(qp, sp, xd, yp, O, K); break;
+    case 3: fp8_rows<3>(qp, sp, xd, yp, O, K); break;
+    case 4: fp8_rows<4>(qp, sp, xd, yp, O, K); break;
+    case 5: fp8_rows<5>(qp, sp, xd, yp, O, K); break;
+    case 6: fp8_rows<6>(qp, sp, xd, yp, O, K); break;
+    case 7: fp8_rows<7>(qp, sp, xd, yp, O, K); break;
+    default: fp8_rows<8>(qp, sp, xd, yp, O, K); break;
+  }
+#else
+  TORCH_CHECK(false, "fp8_linear: built without AVX512-BF16 and AVX512-VBMI (has_fp8_dot() is false)");
+#endif
+  return y.to(at::kBFloat16);
+}
+
 // select_rows: out[i] = x[idx[i]] for rows x (N, F) of any dtype, idx (M,) int64, into out (M, F)
 // (rows contiguous, any row stride for both: DSA gathers c_kv and k_pe side by side into one buffer of
 // [c_kv ‖ k_pe] rows), what index_select(0, idx) returns. DSA gathers each query's 2048
@@ -656,6 +794,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("absorb_value", &absorb_value, "o_lat (H, C) through kv_b's value half of w (H, N+V, C) -> (H, V), fp32 or bf16");
   m.def("has_bf16_dot", &has_bf16_dot, "whether the bf16 kernels were built (AVX512-BF16: index_scores, absorb_value)");
   m.def("index_scores", &index_scores, "the lightning indexer's scores for q (T, J, E), keys (S, E): bf16 or fp32");
+  m.def("has_fp8_dot", &has_fp8_dot, "whether fp8_linear was built (AVX512-BF16 and AVX512-VBMI)");
+  m.def("fp8_linear", &fp8_linear, "y = x @ (q * s).T for a few bf16 rows, q (O, K) E4M3 with 128x128 block scales s");
   m.def("select_rows", &select_rows, "out[i] = x[idx[i]]: rows gathered with the next ones prefetched");
   m.def("latent_attention", &latent_attention, "absorbed MLA attention of Q queries over S cached latents");
 }

@@ -48,6 +48,7 @@ WIDE_OUTPUT = 1024  # without the C++ kernel, MKL streams fp32 Wᵀ from this ma
 NORM_ROWS = 8  # decode.cpp's rms_norm takes up to this many rows (a decode step's); more run torch's norm
 FEW_TOKENS = 2  # decode.cpp's moe_tokens takes up to this many tokens (expert by expert, no batching)
 CPP_MAX_ROWS = 2  # kernels/decode.cpp's linear_t takes up to this many rows; a batch is compute-bound, oneDNN's
+FP8_MAX_ROWS = 8  # decode.cpp's fp8_linear takes up to this many rows (a decode step's); more dequantize
 
 
 def mkl_prefers_t(O: int, K: int) -> bool:
@@ -93,6 +94,22 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     """x (..., K) @ Wᵀ + bias → (..., O), W given by ``pack(W)``: what F.linear(x, W, bias) computes."""
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]).contiguous(), packed, bias, "none", [], "")
     return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def fp8_linear(x: torch.Tensor, q: torch.Tensor, scale_inv: torch.Tensor) -> torch.Tensor | None:
+    """x (..., K) @ Wᵀ → (..., O) with W held in DeepSeek's FP8 format: q (O, K) float8_e4m3fn and one
+    fp32 scale per 128×128 block, scale_inv (⌈O/128⌉, ⌈K/128⌉), W = q · scale (quant/modules.py's
+    FP8Linear and FP8Experts keep it so in memory). Up to FP8_MAX_ROWS bf16 rows on the CPU, outside
+    autograd, go through decode.cpp's fp8_linear (where AVX512-BF16 and AVX512-VBMI are; K a multiple of
+    64): the weight read as stored, one byte a weight, and widened to bf16 in registers. Anything else:
+    None, and the caller dequantizes."""
+    K = x.shape[-1]
+    rows = x.numel() // K if K else 0
+    if x.dtype != torch.bfloat16 or not 0 < rows <= FP8_MAX_ROWS or K % 64 or not inference_on_cpu(x, q) \
+            or (cpp := cpp_kernels()) is None or not cpp.has_fp8_dot():
+        return None
+    y = cpp.fp8_linear(x.reshape(rows, K).contiguous(), q.contiguous(), scale_inv.float().contiguous())
+    return y.view(*x.shape[:-1], q.shape[0])
 
 
 class Prepared:

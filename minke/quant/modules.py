@@ -8,9 +8,10 @@ eh_proj and the attention core stay in high precision.
   layout and Parameter, forward through ``fp8_linear``), each routed-expert stack an ``FP8TrainExperts``
   holding the same Parameters. Master weights stay fp32; only the GEMM operands are FP8.
 - Inference (``to_fp8_inference``): ``FP8Linear`` / ``FP8Experts`` hold the E4M3 weights and their
-  ``weight_scale_inv`` in memory under the checkpoint's own names, and dequantize per block when
-  used: a linear's ``weight`` reads as the dequantized matrix (MLA's absorbed decode reads kv_b_proj's),
-  an expert is dequantized only when tokens reach it.
+  ``weight_scale_inv`` in memory under the checkpoint's own names. A decode step's few bf16 rows on
+  the CPU multiply the E4M3 weights as stored (kernels/linear.py fp8_linear); more rows dequantize per
+  block when used; a linear's ``weight`` reads as the dequantized matrix (MLA's absorbed decode reads
+  kv_b_proj's), an expert is dequantized only when tokens reach it.
 
 Routed experts are recognised by shape (three stacked 3-D Parameters named gate_proj, up_proj,
 down_proj), so this module imports nothing from minke.model. Parallelism comes after FP8
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.linear import fp8_linear as fp8_linear_rows
 from .fp8 import ACT, FP8, WEIGHT, Quantized, dequantize, fp8_linear, matmul, native_fp8, quantize
 
 PROJ = ("gate_proj", "up_proj", "down_proj")
@@ -117,7 +119,8 @@ class FP8Linear(nn.Module):
     """A frozen linear whose weight is held as float8_e4m3fn (O, I) plus ``weight_scale_inv`` fp32
     (⌈O/128⌉, ⌈I/128⌉) — the state-dict names of DeepSeek's checkpoints. ``weight`` reads as the
     dequantized matrix in ``dtype`` (kept once read); forward dequantizes per call (CPU) or runs the FP8
-    GEMM on activations quantized in 1×128 tiles (CUDA ≥ 8.9)."""
+    GEMM on activations quantized in 1×128 tiles (CUDA ≥ 8.9); a decode step's few bf16 rows on the CPU
+    read the E4M3 weight as stored (kernels/linear.py fp8_linear)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=torch.bfloat16,
                  device=None):
@@ -147,7 +150,10 @@ class FP8Linear(nn.Module):
             y = matmul(quantize(x.reshape(-1, x.shape[-1]), ACT), Quantized(q, s, WEIGHT), x.dtype)
             y = y.view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias
-        return F.linear(x, dequantize(q, s, WEIGHT, x.dtype), self.bias)
+        y = fp8_linear_rows(x, q, s)  # a decode step's few rows on the CPU: the FP8 weight read as stored
+        if y is None:
+            return F.linear(x, dequantize(q, s, WEIGHT, x.dtype), self.bias)
+        return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 128x128 blocks"
@@ -155,7 +161,8 @@ class FP8Linear(nn.Module):
 
 class FP8Experts(nn.Module):
     """Routed experts held as E4M3 stacks (E, I, D), (E, I, D), (E, D, I) plus ``<proj>_scale_inv``
-    (E, ⌈·/128⌉, ⌈·/128⌉) each; an expert is dequantized to the input's dtype only when tokens reach it."""
+    (E, ⌈·/128⌉, ⌈·/128⌉) each; an expert is multiplied only when tokens reach it (dequantized to the
+    input's dtype, or a few bf16 rows on the CPU straight from E4M3)."""
 
     def __init__(self, n: int, dim: int, inter: int, device=None):
         super().__init__()
@@ -163,12 +170,14 @@ class FP8Experts(nn.Module):
             self.register_buffer(p, torch.empty(shape, dtype=FP8, device=device))
             self.register_buffer(p + "_scale_inv", torch.ones(_blocks(*shape), device=device))
 
-    def _w(self, p: str, e: int, dtype) -> torch.Tensor:
-        return dequantize(getattr(self, p)[e], getattr(self, p + "_scale_inv")[e], WEIGHT, dtype)
+    def _mm(self, p: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x @ Wᵀ for expert e's matrix p: a few rows on the CPU read the E4M3 weight as stored, else dequantized."""
+        q, s = getattr(self, p)[e], getattr(self, p + "_scale_inv")[e]
+        y = fp8_linear_rows(x, q, s)
+        return x @ dequantize(q, s, WEIGHT, x.dtype).t() if y is None else y
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        g, u, d = (self._w(p, e, x.dtype) for p in PROJ)
-        return F.silu(x @ g.t()) * (x @ u.t()) @ d.t()
+        return self._mm("down_proj", e, F.silu(self._mm("gate_proj", e, x)) * self._mm("up_proj", e, x))
 
     def grouped(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x (M, D) sorted by expert, counts (E,) → (M, D)."""
