@@ -278,14 +278,37 @@ def _check_index_scores(B, T, J, E, S, dtype, monkeypatch, cpp):
     assert ((att.index_scores(q, w, keys).double() - ref).abs() <= bound).all() and len(calls) == n
 
 
-def test_top_k_breaks_ties_towards_earlier_tokens():
+@pytest.mark.parametrize("which", ["top_k", "top_k_torch"])
+def test_top_k_breaks_ties_towards_earlier_tokens(which):
     """Exact ties (the ReLU's zeros) go to the earlier token, whatever the row's length: a decode step
-    over S keys and a full forward's row of the same S scores plus masked ones pick the same tokens."""
-    from minke.model.dsa import top_k
+    over S keys and a full forward's row of the same S scores plus masked ones pick the same tokens.
+    Both paths: decode.cpp's (where built) and torch's."""
+    top_k = getattr(att, which)
     s = torch.tensor([[0.0, 0.5, 0.0, 0.0, 0.7, 0.0]])
     assert top_k(s, 3).tolist() == [[0, 1, 4]]
     assert top_k(torch.cat([s, torch.full((1, 5), float("-inf"))], -1), 3).tolist() == [[0, 1, 4]]
     assert top_k(torch.tensor([[float("-inf"), 2.0, float("-inf")]]), 2).tolist() == [[0, 1]]
+
+
+def test_top_k_kernel_equals_torch_path(monkeypatch):
+    """decode.cpp's top_k (nth_element, then one ordered pass) against the torch path on rows full of
+    ties (scores on a coarse grid) and masked -inf, for K from 1 to S, over (B, T, S) rows; autograd and
+    other dtypes stay on torch's path."""
+    from minke.kernels import cpp as kcpp
+    built = kcpp.cpp_kernels()
+    calls = []
+    if built is not None:
+        monkeypatch.setattr(kcpp, "_built", type("Spy", (), {"__getattr__": lambda _, n: calls.append(n) or
+                                                             getattr(built, n)})())
+    g = torch.Generator().manual_seed(0)
+    for S in (1, 7, 300):
+        s = torch.randint(-3, 4, (2, 3, S), generator=g).float() / 2
+        s[torch.rand(s.shape, generator=g) < 0.3] = float("-inf")
+        for K in sorted({1, min(2, S), S // 2 + 1, S}):
+            assert torch.equal(att.top_k(s, K), att.top_k_torch(s, K)), (S, K)
+    assert calls.count("top_k") == (0 if built is None else 9)
+    calls.clear()
+    assert torch.equal(att.top_k(s.double(), 5), att.top_k_torch(s.double(), 5)) and "top_k" not in calls
 
 
 def test_selection_is_causal():

@@ -326,3 +326,24 @@ def index_scores_reference(q, w, keys):
     """``index_scores`` written with einsum, in fp64."""
     dots = torch.einsum("btje,bse->btjs", q.double(), keys.double())
     return torch.einsum("btj,btjs->bts", w.double(), dots.relu())
+
+
+def top_k(s: torch.Tensor, K: int) -> torch.Tensor:
+    """The indices (..., K) of the K largest scores of s (..., S) in increasing order, ties broken
+    towards the earlier token (DSA's selection: model/dsa.py). torch.topk breaks ties as its kernel
+    happens to (the ReLU gives exact zeros, so ties are common in small models), which would let a
+    decode step over S keys pick differently from a full forward whose row holds the same S scores and
+    masked ones after them. fp32 on the CPU outside autograd: decode.cpp's top_k; else ``top_k_torch``."""
+    S = s.shape[-1]
+    if s.dtype == torch.float32 and inference_on_cpu(s) and 0 < K <= S and (cpp := cpp_kernels()) is not None:
+        return cpp.top_k(s.reshape(-1, S).contiguous(), K).view(*s.shape[:-1], K)
+    return top_k_torch(s, K)
+
+
+def top_k_torch(s: torch.Tensor, K: int) -> torch.Tensor:
+    """``top_k`` in torch ops (any device)."""
+    kth = s.topk(K, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # (..., 1) the K-th largest (unsorted: 2.3x faster)
+    above, tie = s > kth, s == kth
+    room = K - above.sum(-1, keepdim=True)  # how many of the tied scores are kept: the earliest
+    keep = above | (tie & (tie.cumsum(-1) <= room))
+    return keep.nonzero()[:, -1].view(*s.shape[:-1], K)  # row-major: exactly K per row, in order

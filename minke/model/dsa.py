@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels.attention import index_scores
+from ..kernels.attention import index_scores, top_k
 
 # Index scores are (B, T, J, S) before the head sum: the selection takes queries in blocks holding at
 # most this many (kernels/attention.py index_scores then makes them a tile of keys at a time).
@@ -101,18 +101,6 @@ class Indexer(nn.Module):
             idx.append(i_top)
             valid.append(s.gather(-1, i_top) > float("-inf"))
         return torch.cat(idx, dim=1), torch.cat(valid, dim=1)
-
-
-def top_k(s: torch.Tensor, K: int) -> torch.Tensor:
-    """The indices (..., K) of the K largest scores of s (..., S) in increasing order, ties broken
-    towards the earlier token. torch.topk breaks ties as its kernel happens to (the ReLU gives exact
-    zeros, so ties are common in small models), which would let a decode step over S keys pick
-    differently from a full forward whose row holds the same S scores and masked ones after them."""
-    kth = s.topk(K, dim=-1, sorted=False).values.amin(-1, keepdim=True)  # (..., 1) the K-th largest (unsorted: 2.3x faster)
-    above, tie = s > kth, s == kth
-    room = K - above.sum(-1, keepdim=True)  # how many of the tied scores are kept: the earliest
-    keep = above | (tie & (tie.cumsum(-1) <= room))
-    return keep.nonzero()[:, -1].view(*s.shape[:-1], K)  # row-major: exactly K per row, in order
 
 
 def selection_mask(idx: torch.Tensor, valid: torch.Tensor, S: int) -> torch.Tensor:
