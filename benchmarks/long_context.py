@@ -10,7 +10,8 @@ Figures per context S (``--contexts``) and batch B (``--batches``), JSON to stdo
   same at any context) with S tokens cached in minke's paged cache (DSAPagedCache, the
   engine's); bytes read per step from the cache: dense reads every cached latent (C + R per token and
   layer), sparse every indexer key (E) plus K selected latents; ``weight_bytes`` is what every step also
-  reads once. Steps run as the engine runs them, through its laid-out decode weights (kernels/linear.py;
+  reads once (``--fp8``: the attention's linears held as E4M3 with 128×128 block scales, as V3.2 ships
+  them, and decode's few rows multiply them as stored). Steps run as the engine runs them, through its laid-out decode weights (kernels/linear.py;
   ``--plain``: the modules' own forward). The cache is filled with the model's own layer-0 latents and indexer keys of random tokens
   (exactly what a prefill writes into layer 0; deeper layers get the same values, which costs the same);
 - prefill: tokens/s of one forward over S tokens (B = 1), dense in MHA mode (fused SDPA, causal),
@@ -32,6 +33,7 @@ import contextlib
 import json
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -161,6 +163,9 @@ def main(argv=None) -> dict:
     p.add_argument("--topk", type=int, default=2048, help="index_topk (V3.2: 2048)")
     p.add_argument("--block-size", type=int, default=64, help="paged cache block size")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and cache")
+    p.add_argument("--fp8", action="store_true",
+                   help="attention's linear layers (and the indexer's wq_b, wk) in DeepSeek's FP8 block format "
+                        "in memory, as V3.2 ships them (minke.load(fp8=True)); activations and cache in --dtype")
     p.add_argument("--plain", action="store_true",
                    help="decode through the modules' own forward (Engine(packed_decode=False)), not the laid-out "
                         "weights the engine decodes with by default")
@@ -171,6 +176,10 @@ def main(argv=None) -> dict:
     dtype = getattr(torch, args.dtype)
     cfg = config(args)
     model = minke.build(cfg, seed=0, dtype=dtype).eval()
+    if args.fp8:  # quantized as minke.load quantizes a BF16 checkpoint
+        with tempfile.TemporaryDirectory() as d:
+            minke.save(model, d)
+            model = minke.load(d, dtype=dtype, fp8=True)
     clock = clocks(model)
     weights = contextlib.nullcontext() if args.plain else decode_weights(model)
     elt = torch.empty((), dtype=dtype).element_size()
@@ -178,7 +187,7 @@ def main(argv=None) -> dict:
     report = {"config": {k: getattr(cfg, k) for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                                                       "kv_lora_rank", "qk_rope_head_dim", "index_n_heads",
                                                       "index_head_dim", "index_topk")},
-              "dtype": args.dtype, "threads": torch.get_num_threads(), "weight_bytes": weight_bytes,
+              "dtype": args.dtype, "fp8_weights": args.fp8, "threads": torch.get_num_threads(), "weight_bytes": weight_bytes,
               "decode_weights": "plain" if args.plain else "laid out (the engine's)",
               "decode": [], "prefill": []}
     for S in args.contexts:
