@@ -8,9 +8,9 @@ lock left by a process killed mid-build, which would make torch wait forever, is
 It is built with OpenMP (at::parallel_for on torch's threads); a compiler without it gets a one-thread
 build, remembered in the build directory so later starts do not retry. Where it cannot be built (no C++
 compiler) it logs why once and returns None, and every caller runs its torch path instead;
-``MINKE_CPP_KERNELS=0`` turns it off. Callers: kernels/linear.py (decode GEMVs), kernels/attention.py
-(absorbed attention and its bf16 weight folds, the lightning indexer's bf16 and fp32 scores, the
-caches' row gathers).
+``MINKE_CPP_KERNELS=0`` turns it off. Callers: kernels/linear.py (decode GEMVs, FP8 weights as
+stored), kernels/attention.py (absorbed attention and its bf16 weight folds, the lightning indexer's
+bf16 and fp32 scores and its top-k, the caches' row gathers).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ _lock = threading.Lock()
 
 def cpp_kernels():
     """The built extension (linear_t, absorb_query, absorb_value, latent_attention, moe_tokens,
-    sigmoid_gate, rms_norm, index_scores, has_bf16_dot and select_rows), or None."""
+    sigmoid_gate, rms_norm, index_scores, top_k, has_bf16_dot, fp8_linear, has_fp8_dot and
+    select_rows), or None."""
     global _built
     if _built is not None:  # every decode GEMV asks: no lock once settled
         return _built or None

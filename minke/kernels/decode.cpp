@@ -1,6 +1,7 @@
 // Decode's kernels on CPU, fp32: its matrix-vector products and MLA's absorbed attention for one query
-// token; in bf16, MLA's weight folds for one token; DSA's lightning-indexer scores in bf16 and fp32
-// (index_scores, for decode and prefill); and DSA's gather of selected cache rows (any dtype). Each has its
+// token; in bf16, MLA's weight folds for one token and products with FP8 (E4M3) weights as stored;
+// DSA's lightning-indexer scores in bf16 and fp32 and its top-k (index_scores, top_k, for decode and
+// prefill); and DSA's gather of selected cache rows (any dtype). Each has its
 // plain torch reference in the tests (tests/test_fast_paths.py, tests/test_kernels.py, tests/test_dsa.py).
 //
 // Every decode kernel reads its big operand (a weight, the cached latents) once, front to back, in the
