@@ -117,3 +117,15 @@ def hf_v2_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("hf_v2")
     model.save_pretrained(d)
     return d, model
+
+
+class KernelSpy:
+    """Stands in for the built C++ extension (monkeypatch it over minke.kernels.cpp._built), recording
+    the kernels asked for in ``calls``."""
+
+    def __init__(self, built):
+        self.built, self.calls = built, []
+
+    def __getattr__(self, name):
+        self.calls.append(name)
+        return getattr(self.built, name)

@@ -15,6 +15,7 @@ from minke.config import ConfigError
 from minke.inference.dsa_cache import DSALatentCache, DSAPagedCache
 from minke.inference.engine import Engine
 from minke.inference.sampling import SamplingParams
+from conftest import KernelSpy
 
 TOL = 1e-4
 TOPK = 5
@@ -296,10 +297,10 @@ def test_top_k_kernel_equals_torch_path(monkeypatch):
     other dtypes stay on torch's path."""
     from minke.kernels import cpp as kcpp
     built = kcpp.cpp_kernels()
-    calls = []
+    spy = KernelSpy(built)
+    calls = spy.calls
     if built is not None:
-        monkeypatch.setattr(kcpp, "_built", type("Spy", (), {"__getattr__": lambda _, n: calls.append(n) or
-                                                             getattr(built, n)})())
+        monkeypatch.setattr(kcpp, "_built", spy)
     g = torch.Generator().manual_seed(0)
     for S in (1, 7, 300):
         s = torch.randint(-3, 4, (2, 3, S), generator=g).float() / 2

@@ -21,6 +21,7 @@ from minke.model.weights import CheckpointError
 from minke.quant.fp8 import (ACT, BLOCK, E4M3_MAX, FP8, WEIGHT, Quantized, dequantize, expand, fp8_linear, quantize,
                              scales_from_amax)
 from minke.quant.modules import FP8Experts, FP8Linear, FP8TrainExperts, FP8TrainLinear, to_fp8_training
+from conftest import KernelSpy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -419,15 +420,6 @@ needs_fp8_kernel = pytest.mark.skipif(_fp8_kernel() is None,
                                       reason="decode.cpp's fp8_linear needs AVX512-BF16 and AVX512-VBMI")
 
 
-class _Spy:
-    def __init__(self, built):
-        self.built, self.calls = built, []
-
-    def __getattr__(self, name):
-        self.calls.append(name)
-        return getattr(self.built, name)
-
-
 @needs_fp8_kernel
 def test_fp8_kernel_widens_every_e4m3_code_exactly():
     """Output o reads code o of E4M3 at column 0 (scale 1, x one-hot there): y[o] is that code's value,
@@ -467,7 +459,7 @@ def test_fp8_modules_take_the_kernel_for_a_few_bf16_rows(monkeypatch):
     more rows, fp32 rows, or a K that is not a multiple of 64 dequantize."""
     from minke.kernels import cpp as kcpp
     from minke.kernels.linear import FP8_MAX_ROWS
-    spy = _Spy(kcpp.cpp_kernels())
+    spy = KernelSpy(kcpp.cpp_kernels())
     monkeypatch.setattr(kcpp, "_built", spy)
     lin = FP8Linear(256, 200, bias=True)
     qw = quantize(spread(200, 256), WEIGHT)

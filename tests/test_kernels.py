@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import minke.kernels.attention as att
+from conftest import KernelSpy
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -177,17 +178,6 @@ def test_absorbed_attention_takes_the_kernel_only_where_it_applies(monkeypatch):
     assert calls[2:] == ["absorb_query", "absorb_value"]
 
 
-class _KernelSpy:
-    """Stands in for the built extension, recording the kernels asked for."""
-
-    def __init__(self, built):
-        self.built, self.calls = built, []
-
-    def __getattr__(self, name):
-        self.calls.append(name)
-        return getattr(self.built, name)
-
-
 @pytest.mark.parametrize("B, T", [(1, 1), (2, 1), (1, 3)])
 def test_bf16_weight_folds_match_float64(monkeypatch, B, T):
     """kv_b_proj's two folds in bf16 as mla.py runs them (the key half kept as the transpose of an
@@ -197,7 +187,7 @@ def test_bf16_weight_folds_match_float64(monkeypatch, B, T):
     bmm's own bf16 result within that. Reduced widths of one 32-wide chunk (N) and of three (C). Under
     autograd neither fold asks for the kernel."""
     built = kcpp.cpp_kernels()
-    spy = _KernelSpy(built) if built is not None else None
+    spy = KernelSpy(built) if built is not None else None
     if spy is not None:
         monkeypatch.setattr(kcpp, "_built", spy)
     kernel = built is not None and built.has_bf16_dot()
