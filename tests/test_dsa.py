@@ -402,8 +402,8 @@ def test_contiguous_cache_decode_matches_full_forward(model):
 
 
 @pytest.mark.parametrize("dsa, B, fp8", [(False, 1, False), (False, 2, False), (True, 1, False), (True, 2, False),
-                                         (False, 1, True), (False, 2, True)])
-def test_bf16_paged_decode_matches_full_forward(dsa, B, fp8, tmp_path):
+                                         (False, 1, True), (False, 2, True), (False, 1, "heads"), (False, 2, "heads")])
+def test_bf16_paged_decode_matches_full_forward(dsa, B, fp8, tmp_path, monkeypatch):
     """bf16 as the engine serves it (paged cache, laid-out decode weights; decode.cpp's bf16 folds,
     indexer and row gathers where the CPU has AVX512-BF16; ``fp8``: the linears held in E4M3, which
     decode multiplies as stored with decode.cpp's fp8_linear and the full forward dequantizes, each
@@ -414,10 +414,15 @@ def test_bf16_paged_decode_matches_full_forward(dsa, B, fp8, tmp_path):
     gathered histories, attention row by row). Widths where both folds take the kernel (32-wide
     chunks). The two modes round differently in bf16: 0.4-1% of the largest logit a step, measured, and
     up to 3.3% with DSA where the rounding tips a near-tie of the selection (kernels on or off alike);
-    a wrong fold, mask or gather is off by far more."""
+    a wrong fold, mask or gather is off by far more. ``fp8 == "heads"``: kv_b_proj's 128×128 blocks lie
+    within heads (nope, v and kv_lora_rank of 128), so one row's folds read its E4M3 weight as stored
+    (decode.cpp's fp8_fold) where the CPU has the FP8 kernels."""
     from minke.inference.engine import decode_weights
     from minke.inference.paged import PagedLatentCache
+    from minke.kernels import cpp as kcpp
     over = dict(qk_nope_head_dim=32, kv_lora_rank=64)
+    if fp8 == "heads":
+        over = dict(qk_nope_head_dim=128, v_head_dim=128, kv_lora_rank=128)
     cfg = dsa_preset(**over) if dsa else minke.preset("tiny", **over)
     model = minke.build(cfg, seed=0, dtype=torch.bfloat16).eval()
     if fp8:
@@ -427,6 +432,10 @@ def test_bf16_paged_decode_matches_full_forward(dsa, B, fp8, tmp_path):
     x = ids(cfg.vocab_size, B=B, T=14, seed=3)
     rows = list(range(B))
     errors = []
+    built = kcpp.cpp_kernels()
+    spy = KernelSpy(built)
+    if built is not None:
+        monkeypatch.setattr(kcpp, "_built", spy)
     with torch.no_grad(), decode_weights(model):
         full = model(x).logits.float()
         for r in rows:
@@ -440,6 +449,9 @@ def test_bf16_paged_decode_matches_full_forward(dsa, B, fp8, tmp_path):
             cache.advance()
             errors.append(((out - full[:, t]).abs().max() / full[:, t].abs().max()).item())
     assert max(errors) <= 0.06 and sorted(errors)[len(errors) // 2] <= 0.015, errors
+    folds = spy.calls.count("fp8_fold")  # two a layer and decode step for one row, none for two
+    kernel = built is not None and built.has_fp8_dot()
+    assert folds == (2 * cfg.num_hidden_layers * 11 if fp8 == "heads" and B == 1 and kernel else 0)
 
 
 @pytest.mark.parametrize("max_batch,block_size", [(1, 4), (3, 4), (8, 16)])

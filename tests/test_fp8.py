@@ -436,12 +436,15 @@ def test_fp8_kernel_widens_every_e4m3_code_exactly():
 
 
 @needs_fp8_kernel
-@pytest.mark.parametrize("M, O, K", [(1, 302, 640), (2, 131, 1024), (3, 7, 64), (8, 257, 384)])
+@pytest.mark.parametrize("M, O, K", [(1, 302, 640), (1, 130, 192), (1, 3, 9216), (2, 131, 1024), (3, 7, 64),
+                                     (8, 257, 384)])
 def test_fp8_kernel_within_bf16_rounding_of_the_exact_product(M, O, K):
     """y = x @ (q·s)ᵀ against float64: the widened weights are exact, bf16 products are exact in fp32,
     so the error is fp32's accumulation (≤ K·2⁻²⁴ Σ|x||W|) and y's one rounding to bf16 (≤ 2⁻⁹ |y|):
     bound 2⁻⁸ Σ|x||W|. Partial 128-blocks on both axes (O and K not multiples of 128), output counts that
-    are not multiples of the kernel's 4 (or 2) outputs per pass, blocks of very different scales."""
+    are not multiples of the kernel's 4 (or 2) outputs per pass, blocks of very different scales; one row
+    of x takes the row-at-a-time kernel (a last block of one 64-chunk at K = 192), past FP8_ROW_MAX_K
+    (9216) the outputs-per-pass one."""
     w = spread(O, K, seed=M)
     qw = quantize(w, WEIGHT)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).bfloat16()
@@ -495,6 +498,48 @@ def test_fp8_modules_take_the_kernel_for_a_few_bf16_rows(monkeypatch):
     want = (torch.nn.functional.silu(x @ dequantize(g, s[0], WEIGHT, x.dtype).t())
             * (x @ dequantize(u, s[1], WEIGHT, x.dtype).t())) @ dequantize(d, s[2], WEIGHT, x.dtype).t()
     assert (got.float() - want.float()).abs().max() <= 0.02 * want.float().abs().max()
+
+
+@needs_fp8_kernel
+def test_mla_folds_read_kv_b_in_e4m3(monkeypatch):
+    """MLA's one-token folds with kv_b_proj an FP8Linear whose blocks lie within heads (nope 256, v 128,
+    kv_lora_rank 384: three blocks along the latent, each of its own scale): decode.cpp's fp8_fold from the
+    E4M3 weight (the key half through its transposed copy, the blocks' scales transposed with it) against
+    float64 with the dequantized weight, within 2⁻⁸ Σ|x||W| (fp8_linear's bound); under autograd, or with
+    blocks that straddle heads (nope 64), the folds take the dequantized bf16 weight instead."""
+    from minke.kernels import attention as att
+    from minke.kernels import cpp as kcpp
+    from minke.model.mla import MLA
+    spy = KernelSpy(kcpp.cpp_kernels())
+    monkeypatch.setattr(kcpp, "_built", spy)
+    for nope, kernel in ((256, True), (64, False)):
+        cfg = minke.preset("tiny", qk_nope_head_dim=nope, v_head_dim=128, kv_lora_rank=384, num_attention_heads=3)
+        mla = MLA(cfg).to(torch.bfloat16)
+        H, P, C = 3, nope + 128, 384
+        qw = quantize(spread(H * P, C, seed=nope), WEIGHT)
+        lin = FP8Linear(C, H * P)
+        lin._buffers["weight"].copy_(qw.q)
+        lin._buffers["weight_scale_inv"].copy_(qw.scale_inv)
+        mla.kv_b_proj = lin
+        W = qw.dequantize(torch.float64).view(H, P, C)
+        x = torch.randn(1, 1, H, nope).bfloat16()
+        o = torch.randn(1, H, 1, C).bfloat16()
+        spy.calls.clear()
+        with torch.no_grad():
+            fp8 = mla._kv_b_fp8()
+            assert (fp8 is not None) == kernel
+            w_uk, w_uv_t = mla._absorbed_weights()
+            q_lat = att.absorb_query(x, w_uk, mla._kv_b(), fp8)
+            out = att.absorb_value(o, w_uv_t, mla._kv_b(), fp8)
+        assert spy.calls.count("fp8_fold") == (2 if kernel else 0)
+        xd, od = x.double().view(H, nope), o.double().view(H, C)
+        Wk, Wv = W[:, :nope], W[:, nope:]
+        ref_q, bound_q = torch.einsum("hn,hnc->hc", xd, Wk), torch.einsum("hn,hnc->hc", xd.abs(), Wk.abs())
+        ref_v, bound_v = torch.einsum("hc,hvc->hv", od, Wv), torch.einsum("hc,hvc->hv", od.abs(), Wv.abs())
+        tol = 2 ** -8 if kernel else 2 ** -7  # dequantized: each weight rounded to bf16 once more
+        assert ((q_lat.view(H, C).double() - ref_q).abs() <= tol * bound_q).all()
+        assert ((out.view(H, 128).double() - ref_v).abs() <= tol * bound_v).all()
+    assert mla._kv_b_fp8() is None  # grad mode: the folds keep to torch
 
 
 # ---- the FP8 latent cache -------------------------------------------------------------------------

@@ -8,7 +8,8 @@
   ``absorbed_attention_reference`` is the same formula written with einsum, in fp32. ``absorb_query``
   and ``absorb_value`` fold kv_b_proj's halves into the query and out of the output. One fp32 query
   token on the CPU runs all three in kernels/decode.cpp (one pass over the cache, flash-decoding's
-  online softmax), where it is built; one bf16 token its two folds (with AVX512-BF16).
+  online softmax), where it is built; one bf16 token its two folds (with AVX512-BF16), from kv_b_proj's
+  E4M3 weights where it is held so (``FP8Folds``).
 - DeepSeek Sparse Attention (V3.2) in the MQA mode: ``sparse_rows_attention`` attends each query over
   its own selected tokens' [c_kv ‖ k_pe] rows (decode gathers them from the paged pools, prefill with
   ``gather_tokens`` into one reused buffer; ``select_rows`` copies rows), against
@@ -24,6 +25,8 @@ C kv_lora_rank, R rope dims.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -127,14 +130,35 @@ def _bf16_fold(x, w) -> bool:
         and inference_on_cpu(x, w) and (cpp := cpp_kernels()) is not None and cpp.has_bf16_dot()
 
 
-def absorb_query(q_nope, w_uk, w_kv_b):
+class FP8Folds(NamedTuple):
+    """kv_b_proj held in E4M3 with 128×128 block scales (quant/modules.py FP8Linear), for the one-token
+    folds: q (H, N+V, C) its weight by head and s (H, (N+V)/128, C/128) its scales; qT (H, C, N) the key
+    half transposed, sT (H, C/128, N/128) its blocks' scales transposed (the same numbers: exact). N,
+    N+V and C multiples of 128, so that every block lies within one head's key or value half."""
+    q: torch.Tensor
+    s: torch.Tensor
+    qT: torch.Tensor
+    sT: torch.Tensor
+
+
+def _fp8_fold(x, fp8: FP8Folds | None) -> bool:
+    """Whether decode.cpp's fp8_fold takes one token's bf16 fold x with kv_b_proj's E4M3 weights: a CPU
+    with AVX512-BF16 and VBMI, outside autograd. At V3's widths each fold reads 8.4 MB, half of bf16's."""
+    return fp8 is not None and x.dtype == torch.bfloat16 and inference_on_cpu(x, fp8.q) \
+        and (cpp := cpp_kernels()) is not None and cpp.has_fp8_dot()
+
+
+def absorb_query(q_nope, w_uk, w_kv_b, fp8: FP8Folds | None = None):
     """q_nope (B, T, H, N) → q_lat (B, H, T, C), each head's query through kv_b_proj's key half w_uk
     (H, N, C): a view of w_kv_b (H, N+V, C), kv_b_proj's whole weight by head, or the transpose of a
     contiguous (H, C, N) copy (mla.py keeps one for bf16 on CPU). Plain bmm over the head axis (einsum's
-    planning costs more than decode's tiny arithmetic). One token: decode.cpp, reading w_kv_b in fp32
-    and the (H, C, N) copy in bf16."""
+    planning costs more than decode's tiny arithmetic). One token: decode.cpp, reading w_kv_b in fp32,
+    the (H, C, N) copy in bf16, or its E4M3 counterpart ``fp8.qT`` where given."""
     B, T, H, N = q_nope.shape
     w_ukT = w_uk.mT  # (H, C, N)
+    if B * T == 1 and _fp8_fold(q_nope, fp8):
+        C = fp8.qT.shape[1]
+        return cpp_kernels().fp8_fold(q_nope.reshape(H, N).contiguous(), fp8.qT, fp8.sT, 0, C).view(1, H, 1, -1)
     if B * T == 1 and _one_token_cpu(q_nope, w_kv_b) and w_kv_b.is_contiguous() and (cpp := cpp_kernels()):
         return cpp.absorb_query(q_nope.reshape(H, N), w_kv_b).view(1, H, 1, -1)
     if B * T == 1 and _bf16_fold(q_nope, w_ukT):
@@ -144,11 +168,15 @@ def absorb_query(q_nope, w_uk, w_kv_b):
     return q_lat.reshape(H, B, T, -1).transpose(0, 1)
 
 
-def absorb_value(o_lat, w_uv_t, w_kv_b):
+def absorb_value(o_lat, w_uv_t, w_kv_b, fp8: FP8Folds | None = None):
     """o_lat (B, H, T, C) → o (B, T, H, V), each head's output through kv_b_proj's value half, w_uv_t
     (H, C, V) transposed for the bmm; one token (fp32, or bf16 with ``_bf16_fold``): decode.cpp reads
-    w_kv_b (H, N+V, C) instead."""
+    w_kv_b (H, N+V, C) instead, or ``fp8.q`` where given."""
     B, H, T, C = o_lat.shape
+    if B * T == 1 and _fp8_fold(o_lat, fp8):
+        V = w_uv_t.shape[-1]
+        n_nope = fp8.q.shape[1] - V
+        return cpp_kernels().fp8_fold(o_lat.reshape(H, C).contiguous(), fp8.q, fp8.s, n_nope, V).view(1, 1, H, -1)
     if B * T == 1 and (_one_token_cpu(o_lat, w_kv_b) and w_kv_b.is_contiguous() or _bf16_fold(o_lat, w_kv_b)) \
             and (cpp := cpp_kernels()):
         n_nope = w_kv_b.shape[1] - w_uv_t.shape[-1]

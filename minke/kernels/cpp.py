@@ -9,7 +9,8 @@ It is built with OpenMP (at::parallel_for on torch's threads); a compiler withou
 build, remembered in the build directory so later starts do not retry. Where it cannot be built (no C++
 compiler) it logs why once and returns None, and every caller runs its torch path instead;
 ``MINKE_CPP_KERNELS=0`` turns it off. Callers: kernels/linear.py (decode GEMVs, FP8 weights as
-stored), kernels/attention.py (absorbed attention and its bf16 weight folds, the lightning indexer's
+stored), kernels/attention.py (absorbed attention and its bf16 weight folds, from kv_b_proj's E4M3
+weight where it is held so, the lightning indexer's
 bf16 and fp32 scores and its top-k, the caches' row gathers).
 """
 
@@ -32,7 +33,7 @@ _lock = threading.Lock()
 
 def cpp_kernels():
     """The built extension (linear_t, absorb_query, absorb_value, latent_attention, moe_tokens,
-    sigmoid_gate, rms_norm, index_scores, top_k, has_bf16_dot, fp8_linear, has_fp8_dot and
+    sigmoid_gate, rms_norm, index_scores, top_k, has_bf16_dot, fp8_linear, fp8_fold, has_fp8_dot and
     select_rows), or None."""
     global _built
     if _built is not None:  # every decode GEMV asks: no lock once settled

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels.attention import (absorb_query, absorb_value, absorbed_attention, attention, gather_tokens,
-                                 masked_softmax, sparse_rows_attention)
+from ..kernels.attention import (FP8Folds, absorb_query, absorb_value, absorbed_attention, attention,
+                                 gather_tokens, masked_softmax, sparse_rows_attention)
 from .dsa import Indexer, indexer_kl, selection_mask
 from .layers import RMSNorm, apply_rope, softmax_scale
 
@@ -92,14 +92,15 @@ class MLA(nn.Module):
         kernels.attention.absorbed_attention."""
         w_uk, w_uv_t = self._absorbed_weights()  # (H, N, C), (H, C, V)
         w = self._kv_b()  # (H, N+V, C): both halves, as a one-token kernel reads them
-        q_lat = absorb_query(q_nope, w_uk, w)  # (B, H, T, C)
+        fp8 = self._kv_b_fp8()
+        q_lat = absorb_query(q_nope, w_uk, w, fp8)  # (B, H, T, C)
         o_lat = absorbed_attention(q_lat, q_pe.transpose(1, 2), c_kv, k_pe, mask, self.scale)  # (B, H, T, C)
-        return absorb_value(o_lat, w_uv_t, w)  # (B, T, H, V)
+        return absorb_value(o_lat, w_uv_t, w, fp8)  # (B, T, H, V)
 
-    def sparse_queries(self, q_nope, q_pe, w_uk, w):
+    def sparse_queries(self, q_nope, q_pe, w_uk, w, fp8=None):
         """DSA's queries for the MQA mode: q_nope (B, T, H, N), q_pe (B, T, H, R) → [q_nope·W_uk ‖ q_pe]
         scaled, (B, T, H, C+R) contiguous (kernels.attention.sparse_rows_attention's queries)."""
-        q = torch.cat([absorb_query(q_nope, w_uk, w), q_pe.transpose(1, 2)], dim=-1)  # (B, H, T, C+R)
+        q = torch.cat([absorb_query(q_nope, w_uk, w, fp8), q_pe.transpose(1, 2)], dim=-1)  # (B, H, T, C+R)
         return q.mul_(self.scale).transpose(1, 2).contiguous()
 
     def attend_selected(self, q_nope, q_pe, rows, valid):
@@ -108,9 +109,26 @@ class MLA(nn.Module):
         B, T, H = q_nope.shape[:3]
         w_uk, w_uv_t = self._absorbed_weights()
         w = self._kv_b()
-        q = self.sparse_queries(q_nope, q_pe, w_uk, w).flatten(0, 1)  # (B·T, H, C+R)
+        fp8 = self._kv_b_fp8()
+        q = self.sparse_queries(q_nope, q_pe, w_uk, w, fp8).flatten(0, 1)  # (B·T, H, C+R)
         o_lat = sparse_rows_attention(q, rows.flatten(0, 1), valid.flatten(0, 1), self.kv_rank)  # (B·T, H, C)
-        return absorb_value(o_lat.view(B, T, H, -1).transpose(1, 2), w_uv_t, w)
+        return absorb_value(o_lat.view(B, T, H, -1).transpose(1, 2), w_uv_t, w, fp8)
+
+    def _kv_b_fp8(self) -> FP8Folds | None:
+        """kv_b_proj's E4M3 weight and scales by head, with the key half's transposed copy (FP8Folds), when
+        it is held in FP8 (its module's ``fp8_weight()``: quant/modules.py FP8Linear) in 128×128 blocks
+        that lie within heads, outside autograd; made again when the buffers change. Else None."""
+        get = getattr(self.kv_b_proj, "fp8_weight", None)
+        N, P, C, H = self.nope, self.nope + self.v_dim, self.kv_rank, self.n_heads
+        if get is None or N % 128 or P % 128 or C % 128 or torch.is_grad_enabled():
+            return None
+        q, s = get()
+        stamp = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in (q, s))
+        if getattr(self, "_fp8_folds", (None,))[0] != stamp:
+            q, s = q.view(H, P, C), s.view(H, P // 128, C // 128)
+            folds = FP8Folds(q, s, q[:, :N].transpose(1, 2).contiguous(), s[:, : N // 128].transpose(1, 2).contiguous())
+            self._fp8_folds = (stamp, folds)
+        return self._fp8_folds[1]
 
     def _absorbed_weights(self):
         """kv_b_proj's key half (H, N, C) and value half transposed (H, C, V). In half precision on CPU,
@@ -217,6 +235,7 @@ class MLA(nn.Module):
         buf = None  # made at the first selecting block; not under autograd (backward reads the rows)
         w_uk, w_uv_t = self._absorbed_weights()
         w = self._kv_b()
+        fp8 = self._kv_b_fp8()
         out = []
         for i in range(0, T, SPARSE_QUERY_BLOCK):
             j = min(T, i + SPARSE_QUERY_BLOCK)
@@ -227,7 +246,7 @@ class MLA(nn.Module):
                 continue
             idx, valid = self.indexer(x[:, i:j], q_lat[:, i:j], cos[:, i:j], sin[:, i:j], keys[:, :n], m)
             # attend_selected's folds, here once per block around the sub-blocks' attention
-            q = self.sparse_queries(q_nope[:, i:j], q_pe[:, i:j], w_uk, w)  # (B, Tb, H, C+R)
+            q = self.sparse_queries(q_nope[:, i:j], q_pe[:, i:j], w_uk, w, fp8)  # (B, Tb, H, C+R)
             if buf is None and not torch.is_grad_enabled():
                 buf = ck.new_empty(B * sub * K * ck.shape[-1])
             o_lat = []
@@ -236,7 +255,7 @@ class MLA(nn.Module):
                 o = sparse_rows_attention(q[:, a:a + sub].flatten(0, 1), rows.flatten(0, 1),
                                           valid[:, a:a + sub].flatten(0, 1), self.kv_rank)  # (B·s, H, C)
                 o_lat.append(o.view(B, -1, *o.shape[1:]))
-            out.append(absorb_value(torch.cat(o_lat, dim=1).transpose(1, 2), w_uv_t, w))
+            out.append(absorb_value(torch.cat(o_lat, dim=1).transpose(1, 2), w_uv_t, w, fp8))
         return torch.cat(out, dim=1)
 
     def train_indexer(self, x, q_lat, q_nope, q_pe, c_kv, k_pe, keys, cos, sin, mask):

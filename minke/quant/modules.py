@@ -10,8 +10,9 @@ eh_proj and the attention core stay in high precision.
 - Inference (``to_fp8_inference``): ``FP8Linear`` / ``FP8Experts`` hold the E4M3 weights and their
   ``weight_scale_inv`` in memory under the checkpoint's own names. A decode step's few bf16 rows on
   the CPU multiply the E4M3 weights as stored (kernels/linear.py fp8_linear); more rows dequantize per
-  block when used; a linear's ``weight`` reads as the dequantized matrix (MLA's absorbed decode reads
-  kv_b_proj's), an expert is dequantized only when tokens reach it.
+  block when used; a linear's ``weight`` reads as the dequantized matrix (MLA's absorbed mode reads
+  kv_b_proj's for more than one token; one token's folds read its E4M3 ``fp8_weight()``), an expert is
+  dequantized only when tokens reach it.
 
 Routed experts are recognised by shape (three stacked 3-D Parameters named gate_proj, up_proj,
 down_proj), so this module imports nothing from minke.model. Parallelism comes after FP8
@@ -134,7 +135,7 @@ class FP8Linear(nn.Module):
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized (O, I) in ``dtype``, kept until the FP8 buffers change: what reads it (MLA's
-        absorbed decode reads kv_b_proj's, 0.15% of V3's weights) gets one stable tensor, whose storage
+        absorbed mode reads kv_b_proj's, 0.15% of V3's weights) gets one stable tensor, whose storage
         and version counter stand for the weights as a plain Linear's would."""
         q, s = self._buffers["weight"], self._buffers["weight_scale_inv"]
         stamp = tuple((t.data_ptr(), t.device, None if t.is_inference() else t._version) for t in (q, s))
@@ -144,8 +145,12 @@ class FP8Linear(nn.Module):
                 cached = self.__dict__["_dequantized"] = ((stamp, self.dtype), dequantize(q, s, WEIGHT, self.dtype))
         return cached[1]
 
+    def fp8_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The E4M3 weight (O, I) and its ``weight_scale_inv`` as held (MLA's one-token FP8 folds read kv_b_proj's)."""
+        return self._buffers["weight"], self._buffers["weight_scale_inv"]
+
     def forward(self, x):
-        q, s = self._buffers["weight"], self._buffers["weight_scale_inv"]
+        q, s = self.fp8_weight()
         if native_fp8(x.device):
             y = matmul(quantize(x.reshape(-1, x.shape[-1]), ACT), Quantized(q, s, WEIGHT), x.dtype)
             y = y.view(*x.shape[:-1], self.out_features)
