@@ -68,21 +68,27 @@ class Indexer(nn.Module):
         """x (B, T, D) → the indexer keys (B, T, E) the cache holds beside the latents."""
         return apply_rope_half(self.k_norm(self.wk(x)), cos, sin)
 
-    def scores(self, x, q_lat, cos, sin, keys):
-        """x (B, T, D), q_lat (B, T, Q), keys (B, S, E) → I (B, T, S) in fp32 (fp64 for an fp64 model)."""
+    def queries(self, x, q_lat, cos, sin):
+        """x (B, T, D), q_lat (B, T, Q) → the roped queries q (B, T, J, E) and head weights w (B, T, J)
+        (both scales in, fp32; fp64 for an fp64 model)."""
         J, E = self.n_heads, self.head_dim
         dt = torch.promote_types(x.dtype, torch.float32)
         q = apply_rope_half(self.wq_b(q_lat).unflatten(-1, (J, E)), cos, sin)  # (B, T, J, E)
-        w = self.weights_proj(x).to(dt) * (J ** -0.5 * E ** -0.5)  # (B, T, J)
-        return index_scores(q, w, keys)  # (B, T, S)
+        return q, self.weights_proj(x).to(dt) * (J ** -0.5 * E ** -0.5)
+
+    def scores(self, x, q_lat, cos, sin, keys):
+        """x (B, T, D), q_lat (B, T, Q), keys (B, S, E) → I (B, T, S) in fp32 (fp64 for an fp64 model)."""
+        return index_scores(*self.queries(x, q_lat, cos, sin), keys)  # (B, T, S)
 
     @torch.no_grad()
-    def forward(self, x, q_lat, cos, sin, keys, mask):
+    def forward(self, x, q_lat, cos, sin, keys, mask, queries=None):
         """The top-k keys of each query: → idx (B, T, K') long and valid (B, T, K') bool, K' = min(K, S).
 
         ``mask``: None (causal, the T queries being the last T of the S keys) or bool (B, 1, T, S).
         A query that may see fewer than K keys gets all of them, the rest of its K' slots marked invalid.
-        Queries go in blocks so their (B, T, J, S) dot products stay under SCORE_BLOCK_ELEMENTS."""
+        Queries go in blocks so their (B, T, J, S) dot products stay under SCORE_BLOCK_ELEMENTS.
+        ``queries``: the T queries' ``queries(x, q_lat, cos, sin)`` when already made (a prefill made in
+        blocks makes them once: with wq_b held in FP8, each call dequantizes it)."""
         B, T, _ = x.shape
         S = keys.shape[1]
         K = min(self.topk, S)
@@ -90,7 +96,10 @@ class Indexer(nn.Module):
         idx, valid = [], []
         for i in range(0, T, block):
             j = min(T, i + block)
-            s = self.scores(x[:, i:j], q_lat[:, i:j], cos[:, i:j], sin[:, i:j], keys)  # (B, Tb, S)
+            if queries is None:
+                s = self.scores(x[:, i:j], q_lat[:, i:j], cos[:, i:j], sin[:, i:j], keys)  # (B, Tb, S)
+            else:
+                s = index_scores(queries[0][:, i:j], queries[1][:, i:j], keys)
             if mask is None:
                 seen = torch.arange(S, device=s.device)[None, :] <= torch.arange(S - T + i, S - T + j,
                                                                                   device=s.device)[:, None]

@@ -236,6 +236,7 @@ class MLA(nn.Module):
         w_uk, w_uv_t = self._absorbed_weights()
         w = self._kv_b()
         fp8 = self._kv_b_fp8()
+        queries = None  # the indexer's queries, made once for all T (at the first selecting block)
         out = []
         for i in range(0, T, SPARSE_QUERY_BLOCK):
             j = min(T, i + SPARSE_QUERY_BLOCK)
@@ -244,7 +245,11 @@ class MLA(nn.Module):
             if n <= topk:
                 out.append(self.attend_absorbed(q_nope[:, i:j], q_pe[:, i:j], c_kv[:, :n], k_pe[:, :n], m))
                 continue
-            idx, valid = self.indexer(x[:, i:j], q_lat[:, i:j], cos[:, i:j], sin[:, i:j], keys[:, :n], m)
+            if queries is None:
+                with torch.no_grad():
+                    queries = self.indexer.queries(x, q_lat, cos, sin)
+            idx, valid = self.indexer(x[:, i:j], q_lat[:, i:j], cos[:, i:j], sin[:, i:j], keys[:, :n], m,
+                                      (queries[0][:, i:j], queries[1][:, i:j]))
             # attend_selected's folds, here once per block around the sub-blocks' attention
             q = self.sparse_queries(q_nope[:, i:j], q_pe[:, i:j], w_uk, w, fp8)  # (B, Tb, H, C+R)
             if buf is None and not torch.is_grad_enabled():
