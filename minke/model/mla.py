@@ -126,8 +126,8 @@ class MLA(nn.Module):
         stamp = tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in (q, s))
         if getattr(self, "_fp8_folds", (None,))[0] != stamp:
             q, s = q.view(H, P, C), s.view(H, P // 128, C // 128)
-            folds = FP8Folds(q, s, q[:, :N].transpose(1, 2).contiguous(), s[:, : N // 128].transpose(1, 2).contiguous())
-            self._fp8_folds = (stamp, folds)
+            qT, sT = q[:, :N].transpose(1, 2).contiguous(), s[:, : N // 128].transpose(1, 2).contiguous()
+            self._fp8_folds = (stamp, FP8Folds(q, s, qT, sT))
         return self._fp8_folds[1]
 
     def _absorbed_weights(self):
