@@ -664,6 +664,24 @@ inline void widen_e4m3(const uint8_t* p, const E4M3Tables& t, __m512bh& a, __m51
   b = (__m512bh)_mm512_unpackhi_epi8(lo, hi);
 }
 
+const E4M3Tables& e4m3_tables() {
+  static const E4M3Tables t;
+  return t;
+}
+
+// x (rows, K) contiguous bf16, K a multiple of 64 → its rows laid out as widen_e4m3 orders the weights:
+// per 64 k, words 16j + i first, then 16j + 8 + i.
+torch::Tensor fp8_layout(const torch::Tensor& x) {
+  auto xl = torch::empty_like(x);
+  const at::BFloat16* xs = x.data_ptr<at::BFloat16>();
+  at::BFloat16* xd = xl.data_ptr<at::BFloat16>();
+  for (int64_t i = 0; i < x.numel(); i += 64)
+    for (int j = 0; j < 4; ++j)
+      for (int h = 0; h < 2; ++h)
+        for (int c = 0; c < 8; ++c) xd[i + 32 * h + 8 * j + c] = xs[i + 16 * j + 8 * h + c];
+  return xl;
+}
+
 // y[m, o0 + r] for R outputs (one 128-row scale block) and M rows of laid-out x (xp: (M, K) in
 // widen_e4m3's order); ldy: y's row stride.
 template <int M, int R>
@@ -725,7 +743,7 @@ inline float fp8_row(const uint8_t* q, int64_t K, const float* s, const at::BFlo
 template <int M>
 void fp8_rows(const uint8_t* q, const float* s, const at::BFloat16* xp, float* y, int64_t O, int64_t K) {
   constexpr int R = M == 1 ? 4 : M == 2 ? 2 : 1;  // outputs per pass: enough independent sums in flight
-  static const E4M3Tables tables;
+  const E4M3Tables& tables = e4m3_tables();
   const int64_t KB = (K + 127) / 128;
   if (M == 1 && K <= FP8_ROW_MAX_K) {
     at::parallel_for(0, O, 64, [&](int64_t b, int64_t e) {
@@ -759,14 +777,8 @@ torch::Tensor fp8_linear(const torch::Tensor& x, const torch::Tensor& q, const t
               "fp8_linear: s (ceil(O/128), ceil(K/128)) contiguous, got ", s.sizes());
   auto y = torch::empty({M, O}, x.options().dtype(at::kFloat));
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-  // x's rows laid out as widen_e4m3 orders the weights: per 64 k, words 16j + i first, then 16j + 8 + i.
-  auto xl = torch::empty_like(x);
-  const at::BFloat16* xs = x.data_ptr<at::BFloat16>();
-  at::BFloat16* xd = xl.data_ptr<at::BFloat16>();
-  for (int64_t i = 0; i < M * K; i += 64)
-    for (int j = 0; j < 4; ++j)
-      for (int h = 0; h < 2; ++h)
-        for (int c = 0; c < 8; ++c) xd[i + 32 * h + 8 * j + c] = xs[i + 16 * j + 8 * h + c];
+  const auto xl = fp8_layout(x);
+  const at::BFloat16* xd = xl.data_ptr<at::BFloat16>();
   const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
   const float* sp = s.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -806,17 +818,12 @@ torch::Tensor fp8_fold(const torch::Tensor& x, const torch::Tensor& q, const tor
               "fp8_fold: s (G, P/128, ceil(K/128)) contiguous, got ", s.sizes());
   auto y = torch::empty({G, O}, x.options().dtype(at::kFloat));
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
-  auto xl = torch::empty_like(x);  // each head's row laid out as widen_e4m3 orders the weights
-  const at::BFloat16* xs = x.data_ptr<at::BFloat16>();
-  at::BFloat16* xd = xl.data_ptr<at::BFloat16>();
-  for (int64_t i = 0; i < G * K; i += 64)
-    for (int j = 0; j < 4; ++j)
-      for (int h = 0; h < 2; ++h)
-        for (int c = 0; c < 8; ++c) xd[i + 32 * h + 8 * j + c] = xs[i + 16 * j + 8 * h + c];
+  const auto xl = fp8_layout(x);  // each head's row in widen_e4m3's order
+  const at::BFloat16* xd = xl.data_ptr<at::BFloat16>();
   const uint8_t* qp = static_cast<const uint8_t*>(q.data_ptr());
   const float* sp = s.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  static const E4M3Tables tables;
+  const E4M3Tables& tables = e4m3_tables();
   const int64_t KB = (K + 127) / 128, PB = P / 128;
   at::parallel_for(0, G * O, 64, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
