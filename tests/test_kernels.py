@@ -1,5 +1,8 @@
 """Attention kernels (minke/kernels/attention.py) against their plain references."""
 
+import os
+import shutil
+
 import pytest
 import torch
 
@@ -285,3 +288,21 @@ def test_build_lock_left_behind_is_removed(tmp_path, monkeypatch):
     monkeypatch.setattr(kcpp, "_built", None)
     monkeypatch.setattr(cpp_extension, "load", failing_load)
     assert kcpp.cpp_kernels() is None
+
+    # a source that fails both ways (a compile error, not OpenMP) marks nothing: once fixed, OpenMP again
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "fresh"))
+    monkeypatch.setattr(kcpp, "_built", None)
+    assert kcpp.cpp_kernels() is None
+    tried.clear()
+    monkeypatch.setattr(kcpp, "_built", None)
+    monkeypatch.setattr(cpp_extension, "load", lambda extra_cflags, **kw: tried.append("-fopenmp" in extra_cflags)
+                        or "with OpenMP")
+    assert kcpp.cpp_kernels() == "with OpenMP" and tried == [True]
+
+
+@pytest.mark.skipif(shutil.which("c++") is None or os.environ.get("MINKE_CPP_KERNELS") == "0",
+                    reason="no C++ compiler, or the kernels turned off")
+def test_kernels_build_where_there_is_a_compiler():
+    """Every instruction set gets a build (AVX2 without AVX-512 once failed on an inline-asm constraint
+    that asks for one 16-float register, and every kernel silently fell back to torch)."""
+    assert kcpp.cpp_kernels() is not None

@@ -72,19 +72,23 @@ def _build():
         remove_stale_lock(build_dir)
         log.info("minke: loading the C++ decode kernels (the first build on a machine takes about 30 s)")
         flags = ["-O3", "-march=native", "-fno-math-errno"]
-        no_omp = os.path.join(build_dir, "no-openmp")  # written once an OpenMP build has failed here
+        no_omp = os.path.join(build_dir, "no-openmp")  # written once only the build without OpenMP worked
+        omp_error = None
         if not os.path.exists(no_omp):
             try:
                 return cpp_extension.load(name=name, sources=[src], build_directory=build_dir, verbose=False,
                                           extra_cflags=flags + ["-fopenmp"], extra_ldflags=["-fopenmp"])
             except Exception as e:  # e.g. Apple clang: no OpenMP
-                log.warning("minke: the C++ kernels build without OpenMP, on one thread (%s)", str(e)[:200])
-                with open(no_omp, "w") as f:
-                    f.write(str(e)[:4000])
+                omp_error = str(e)
+                log.warning("minke: the C++ kernels build without OpenMP, on one thread (%s)", omp_error[:200])
         one = cpp_extension._get_build_directory(name + "_1t", False)  # its own directory: no rebuild ping-pong
         remove_stale_lock(one)
-        return cpp_extension.load(name=name + "_1t", sources=[src], build_directory=one, verbose=False,
-                                  extra_cflags=flags + ["-fopenmp-simd"])
+        built = cpp_extension.load(name=name + "_1t", sources=[src], build_directory=one, verbose=False,
+                                   extra_cflags=flags + ["-fopenmp-simd"])
+        if omp_error is not None:  # OpenMP was the trouble (a source that fails both ways is retried both ways)
+            with open(no_omp, "w") as f:
+                f.write(omp_error[:4000])
+        return built
 
 
 @contextlib.contextmanager

@@ -519,7 +519,9 @@ inline void keys_pass(const float* qT, int64_t ldq, const float* w, const float*
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) {
       qv[v] = load(qT + e * ldq + v * 16);
+#ifdef __AVX512F__  // one 16-float vector is one zmm register; on AVX2 it is two, and "+v" cannot hold it
       asm("" : "+v"(qv[v]));  // keep it in a register: folded into each FMA, it was loaded once per key
+#endif
     }
 #pragma GCC unroll 4
     for (int kb = 0; kb < KB; ++kb) {
