@@ -11,6 +11,7 @@ import torch
 
 import minke
 import minke.kernels.attention as att
+import minke.model.dsa as dsa_mod
 from minke.config import ConfigError
 from minke.inference.dsa_cache import DSALatentCache, DSAPagedCache
 from minke.inference.engine import Engine
@@ -401,6 +402,26 @@ def test_contiguous_cache_decode_matches_full_forward(model):
             assert (out - full[:, t]).abs().max().item() <= 1e-6, t  # norms and RoPE round through fp32
 
 
+def tipped_near_tie(dec, full, t) -> bool:
+    """Whether a decode step's indexers (``dec``: (scores (B, 1, S), selection) per layer) selected other
+    keys than the full forward's at query t (``full``: (scores (B, T, S), selection) per layer); asserts
+    that each such difference is a near-tie: in the full forward's scores, the keys only it selected beat
+    the keys only the decode selected by at most twice the two modes' largest score difference there."""
+    tipped = False
+    for (sd, idd), (sf, idf) in zip(dec, full):
+        for b in range(sd.shape[0]):
+            a, f = sd[b, -1], sf[b, t]
+            mine, theirs = set(idd[b, -1].tolist()), set(idf[b, t].tolist())
+            if mine == theirs:
+                continue
+            tipped = True
+            seen = torch.isfinite(f)
+            noise = (a[seen] - f[seen]).abs().max().item()
+            gap = min(f[i].item() for i in theirs - mine) - max(f[i].item() for i in mine - theirs)
+            assert gap <= 2 * noise, (t, b, sorted(mine), sorted(theirs), gap, noise)
+    return tipped
+
+
 @pytest.mark.parametrize("dsa, B, fp8", [(False, 1, False), (False, 2, False), (True, 1, False), (True, 2, False),
                                          (False, 1, True), (False, 2, True), (False, 1, "heads"), (False, 2, "heads")])
 def test_bf16_paged_decode_matches_full_forward(dsa, B, fp8, tmp_path, monkeypatch):
@@ -413,8 +434,10 @@ def test_bf16_paged_decode_matches_full_forward(dsa, B, fp8, tmp_path, monkeypat
     full forward of the same model in MHA mode. One row (a zero-copy slice of the pool) and two (the
     gathered histories, attention row by row). Widths where both folds take the kernel (32-wide
     chunks). The two modes round differently in bf16: 0.4-1% of the largest logit a step, measured, and
-    up to 3.3% with DSA where the rounding tips a near-tie of the selection (kernels on or off alike);
-    a wrong fold, mask or gather is off by far more. ``fp8 == "heads"``: kv_b_proj's 128×128 blocks lie
+    up to 16% with DSA at a step where the rounding tips a near-tie of the selection (kernels on or off
+    alike; which step, if any, depends on the CPU's bf16 GEMMs): such a step is checked instead to be a
+    near-tie, the keys swapped in or out scoring within the two modes' rounding difference of each other
+    in the full forward; a wrong fold, mask or gather is off by far more. ``fp8 == "heads"``: kv_b_proj's 128×128 blocks lie
     within heads (nope, v and kv_lora_rank of 128), so one row's folds read its E4M3 weight as stored
     (decode.cpp's fp8_fold) where the CPU has the FP8 kernels."""
     from minke.inference.engine import decode_weights
@@ -436,18 +459,25 @@ def test_bf16_paged_decode_matches_full_forward(dsa, B, fp8, tmp_path, monkeypat
     spy = KernelSpy(built)
     if built is not None:
         monkeypatch.setattr(kcpp, "_built", spy)
+    picks = []  # each indexer's (scores, selection) in call order: one per layer and forward
+    top_k = att.top_k
+    monkeypatch.setattr(dsa_mod, "top_k", lambda sc, k: picks.append((sc, top_k(sc, k))) or picks[-1][1])
     with torch.no_grad(), decode_weights(model):
         full = model(x).logits.float()
+        full_picks, picks[:] = picks[:], []
         for r in rows:
             assert cache.reserve(r, 14)
         cache.begin(rows, 3)
         model(x[:, :3], positions=cache.positions(3), cache=cache)
         cache.advance()
         for t in range(3, 14):
+            picks.clear()
             cache.begin(rows, 1)
             out = model(x[:, t:t + 1], positions=cache.positions(1), cache=cache).logits[:, 0].float()
             cache.advance()
-            errors.append(((out - full[:, t]).abs().max() / full[:, t].abs().max()).item())
+            if not (dsa and tipped_near_tie(picks, full_picks, t)):
+                errors.append(((out - full[:, t]).abs().max() / full[:, t].abs().max()).item())
+    assert len(errors) >= 9  # at most two steps tipped
     assert max(errors) <= 0.06 and sorted(errors)[len(errors) // 2] <= 0.015, errors
     folds = spy.calls.count("fp8_fold")  # two a layer and decode step for one row, none for two
     kernel = built is not None and built.has_fp8_dot()

@@ -120,8 +120,10 @@ def test_grad_accum_equals_one_big_batch(tmp_path, tok_dir):
             if k in ra:
                 assert rb[k] == pytest.approx(ra[k], rel=1e-4), (ra["kind"], ra["step"], k, ra[k], rb[k])
         assert rb.get("load") == ra.get("load"), ra["step"]
-    for k in wa:
-        torch.testing.assert_close(wb[k], wa[k], rtol=1e-3, atol=1e-5, msg=k)
+    for k in wa:  # AdamW divides by √v: an element whose gradient is near 0 moves by summation-order noise
+        off = (wb[k] - wa[k]).abs() > 1e-5 + 1e-3 * wa[k].abs()  # (seen: 1 of 2048, 2.9e-5 off, on an AVX2 CPU)
+        assert int(off.sum()) <= max(1, wa[k].numel() // 1000), (k, int(off.sum()))
+        torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-3, msg=k)  # a tenth of one step's lr
 
 
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, tok_dir, uninterrupted, monkeypatch):
