@@ -136,6 +136,35 @@ def test_scale_shape_mismatch_names_both_shapes():
         dequantize(qx.q, qx.scale_inv[:2], WEIGHT)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("block", [ACT, WEIGHT, (BLOCK, 1)])
+def test_cpu_kernels_equal_the_torch_path_bit_for_bit(block, pow2, dtype, monkeypatch):
+    """decode.cpp's fp8_quantize / fp8_dequantize (taken on the CPU) against fp8.py's torch path, their
+    reference: equal bits, on edge blocks, a batch dim, a transposed view (as the weight gradient
+    quantizes), all-zero rows, scales near fp32's ends, and every E4M3 code and rounding tie."""
+    import minke.quant.fp8 as fp8
+    if fp8.cpp_kernels() is None:
+        pytest.skip("the C++ kernels are not built here")
+    ties = (torch.arange(256, dtype=torch.uint8).view(FP8).float().nan_to_num(0).sort().values)
+    ties = torch.cat([ties, (ties[1:] + ties[:-1]) / 2]).reshape(1, -1)  # every code and every midpoint
+    cases = [spread(3, 130, 200).reshape(3, 130, 200), spread(257, 129, seed=1), spread(128, 7, seed=2).T,
+             spread(200, 300, seed=3) * 1e-30, spread(200, 130, seed=4) * 1e30, ties, ties.T.contiguous()]
+    cases[1][5:9] = 0
+    for x in cases:
+        x = x.to(dtype)
+        got = quantize(x, block, pow2)
+        with monkeypatch.context() as m:
+            m.setattr(fp8, "cpp_kernels", lambda: None)
+            ref = quantize(x, block, pow2)
+            ref_dq = [dequantize(ref.q, ref.scale_inv, block, d) for d in (torch.float32, torch.bfloat16)]
+        assert got.block == ref.block and torch.equal(bits(got.q), bits(ref.q))
+        assert torch.equal(got.scale_inv, ref.scale_inv)
+        for d, r in zip((torch.float32, torch.bfloat16), ref_dq):
+            out = dequantize(got.q, got.scale_inv, block, d)
+            assert out.dtype == d and torch.equal(out, r)
+
+
 # ---- the FP8 linear -------------------------------------------------------------------------------
 def test_fp8_linear_three_products_within_derived_bound():
     """Forward x·Wᵀ (x in 1×128 tiles, W in 128×128 blocks), input gradient dy·W (dy in 1×128 tiles

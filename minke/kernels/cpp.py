@@ -11,7 +11,8 @@ compiler) it logs why once and returns None, and every caller runs its torch pat
 ``MINKE_CPP_KERNELS=0`` turns it off. Callers: kernels/linear.py (decode GEMVs, FP8 weights as
 stored), kernels/attention.py (absorbed attention and its bf16 weight folds, from kv_b_proj's E4M3
 weight where it is held so, the lightning indexer's
-bf16 and fp32 scores and its top-k, the caches' row gathers).
+bf16 and fp32 scores and its top-k, the caches' row gathers), quant/fp8.py (block-wise E4M3 quantize
+and dequantize, portable C++ for any CPU, equal bit for bit to its torch path).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ _lock = threading.Lock()
 
 def cpp_kernels():
     """The built extension (linear_t, absorb_query, absorb_value, latent_attention, moe_tokens,
-    sigmoid_gate, rms_norm, index_scores, top_k, has_bf16_dot, fp8_linear, fp8_fold, has_fp8_dot and
-    select_rows), or None."""
+    sigmoid_gate, rms_norm, index_scores, top_k, has_bf16_dot, fp8_linear, fp8_fold, has_fp8_dot,
+    select_rows, fp8_quantize and fp8_dequantize), or None."""
     global _built
     if _built is not None:  # every decode GEMV asks: no lock once settled
         return _built or None

@@ -927,6 +927,149 @@ torch::Tensor select_rows(const torch::Tensor& x, const torch::Tensor& idx, torc
   return out;
 }
 
+// ---- block-wise FP8 quantization: quant/fp8.py's quantize and dequantize on the CPU, equal bit for bit to
+// their torch path (tests/test_fp8.py). x (B, R, C) → E4M3 bytes and one fp32 scale per (br, bc) block,
+// edge blocks partial; the scale is amax / 448 (pow2: rounded up to a power of two). One block row (br
+// rows) is read twice, for its columns' maxima and then to quantize, so 128 rows stay in L2 between the
+// passes; torch's path takes a dozen passes over the tensor. A non-finite value makes its block row's
+// scales NaN, which the caller turns into an error naming where it is.
+namespace {
+
+inline float e4m3_round(float v) {  // |v| ≤ 448 → the nearest E4M3 value, ties to even
+  const float a = std::fabs(v);
+  uint32_t u;
+  std::memcpy(&u, &a, 4);
+  u = (u + 0x7FFFFu + ((u >> 20) & 1u)) & 0xFFF00000u;  // 3 mantissa bits kept, to nearest even
+  float normal;
+  std::memcpy(&normal, &u, 4);
+  const float sub = (a + 16384.0f) - 16384.0f;  // below 2^-6: to multiples of 2^-9 (fp32's ulp at 2^14)
+  return std::copysign(a < 0x1p-6f ? sub : normal, v);
+}
+
+inline uint8_t e4m3_code(float r) {  // an E4M3 value → its byte
+  const float a = std::fabs(r);
+  uint32_t u;
+  std::memcpy(&u, &a, 4);
+  const uint32_t normal = (((u >> 23) - 120u) << 3) | ((u >> 20) & 7u);
+  return uint8_t((a < 0x1p-6f ? uint32_t(a * 512.0f) : normal) | (std::signbit(r) ? 0x80u : 0u));
+}
+
+inline uint32_t abs_bits(float x) {  // |x|'s bits: ordered as the values, NaN and inf from 0x7F800000 up
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return u & 0x7FFFFFFFu;
+}
+
+inline float to_float(float x) { return x; }
+inline float to_float(at::BFloat16 x) {  // exact, and plain shifts the compiler vectorizes
+  uint16_t h;
+  std::memcpy(&h, &x, 2);
+  const uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// One block row: x (rows, C) → q (rows, C) and s (⌈C/bc⌉,). The maxima are taken on |x|'s bits, which
+// order as the values do (integer max vectorizes; a float max, NaN-aware, would not).
+template <typename T>
+void quantize_block_row(const T* x, int64_t rows, int64_t C, int64_t bc, bool pow2, float* s, uint8_t* q,
+                        std::vector<uint32_t>& amax, std::vector<float>& scale) {
+  std::fill(amax.begin(), amax.end(), 0u);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) amax[c] = std::max(amax[c], abs_bits(to_float(x[r * C + c])));
+  bool bad = false;
+  for (int64_t j = 0; j * bc < C; ++j) {
+    const int64_t c1 = std::min(C, (j + 1) * bc);
+    uint32_t m = 0;
+    for (int64_t c = j * bc; c < c1; ++c) m = std::max(m, amax[c]);
+    bad |= m >= 0x7F800000u;
+    float sc;
+    std::memcpy(&sc, &m, 4);
+    sc = std::max(sc, 1e-12f) / 448.0f;
+    if (pow2) {
+      int e;
+      const float f = std::frexp(sc, &e);
+      sc = std::ldexp(1.0f, f == 0.5f ? e - 1 : e);
+    }
+    s[j] = sc;
+    for (int64_t c = j * bc; c < c1; ++c) scale[c] = sc;
+  }
+  if (bad) {  // the caller finds where
+    for (int64_t j = 0; j * bc < C; ++j) s[j] = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = std::min(std::max(to_float(x[r * C + c]) / scale[c], -448.0f), 448.0f);
+      q[r * C + c] = e4m3_code(e4m3_round(v));
+    }
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> fp8_quantize(const torch::Tensor& x, int64_t br, int64_t bc, bool pow2) {
+  TORCH_CHECK(x.device().is_cpu() && x.is_contiguous() && x.dim() >= 2 && br > 0 && bc > 0 &&
+              (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "fp8_quantize: x (..., R, C) contiguous fp32 or bf16 on the CPU, blocks br, bc > 0");
+  const int64_t C = x.size(-1), R = x.size(-2), B = R * C ? x.numel() / (R * C) : 0;
+  const int64_t nr = (R + br - 1) / br, nc = (C + bc - 1) / bc;
+  auto q = torch::empty(x.sizes(), x.options().dtype(at::kByte));
+  auto sizes = x.sizes().vec();
+  sizes[sizes.size() - 2] = nr, sizes[sizes.size() - 1] = nc;
+  auto s = torch::empty(sizes, x.options().dtype(at::kFloat));
+  uint8_t* qp = q.data_ptr<uint8_t>();
+  float* sp = s.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fp8_quantize", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, B * nr, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, br * C)), [&](int64_t i0, int64_t i1) {
+      std::vector<uint32_t> amax(C);
+      std::vector<float> scale(C);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / nr, r0 = (i % nr) * br, off = (b * R + r0) * C;
+        quantize_block_row(xp + off, std::min(br, R - r0), C, bc, pow2, sp + i * nc, qp + off, amax, scale);
+      }
+    });
+  });
+  return {q, s};
+}
+
+// q (B, R, C) E4M3 bytes times s (B, ⌈R/br⌉, ⌈C/bc⌉) → fp32 or bf16: each value from a table of E4M3's
+// 256 exact values times its block's scale, one fp32 rounding as in the torch path.
+torch::Tensor fp8_dequantize(const torch::Tensor& q, const torch::Tensor& s, int64_t br, int64_t bc, bool bf16) {
+  TORCH_CHECK(q.device().is_cpu() && q.is_contiguous() && q.scalar_type() == at::kByte && q.dim() >= 2 &&
+              s.is_contiguous() && s.scalar_type() == at::kFloat && br > 0 && bc > 0,
+              "fp8_dequantize: q uint8 (..., R, C) and s fp32, contiguous, on the CPU");
+  const int64_t C = q.size(-1), R = q.size(-2), B = R * C ? q.numel() / (R * C) : 0;
+  const int64_t nr = (R + br - 1) / br, nc = (C + bc - 1) / bc;
+  TORCH_CHECK(s.numel() == B * nr * nc, "fp8_dequantize: s holds ", s.numel(), " scales, expected ", B * nr * nc);
+  static const std::vector<float> lut = [] {
+    std::vector<float> t(256);
+    for (int v = 0; v < 256; ++v) {
+      const int e = (v >> 3) & 15, m = v & 7;
+      const float f = (v & 127) == 127 ? std::numeric_limits<float>::quiet_NaN()
+                                       : (e ? std::ldexp(1.0f + m / 8.0f, e - 7) : std::ldexp(m / 8.0f, -6));
+      t[v] = v & 128 ? -f : f;
+    }
+    return t;
+  }();
+  auto out = torch::empty(q.sizes(), q.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const uint8_t* qp = q.data_ptr<uint8_t>();
+  const float* sp = s.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "fp8_dequantize", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B * R, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t i0, int64_t i1) {
+      std::vector<float> sc(C);
+      for (int64_t i = i0; i < i1; ++i) {
+        const float* srow = sp + ((i / R) * nr + (i % R) / br) * nc;
+        for (int64_t j = 0; j < nc; ++j) std::fill(sc.begin() + j * bc, sc.begin() + std::min(C, (j + 1) * bc), srow[j]);
+        for (int64_t c = 0; c < C; ++c) op[i * C + c] = scalar_t(lut[qp[i * C + c]] * sc[c]);
+      }
+    });
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sigmoid_gate", &sigmoid_gate, "DeepSeek-V3's noaux_tc sigmoid router for a few fp32 tokens");
   m.def("rms_norm", &rms_norm, "RMSNorm of a few fp32 rows");
@@ -939,6 +1082,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("has_fp8_dot", &has_fp8_dot, "whether fp8_linear was built (AVX512-BF16 and AVX512-VBMI)");
   m.def("fp8_linear", &fp8_linear, "y = x @ (q * s).T for a few bf16 rows, q (O, K) E4M3 with 128x128 block scales s");
   m.def("fp8_fold", &fp8_fold, "y[g] = rows [r0, r0+O) of (q[g] * s[g]) @ x[g] for each head g: MLA's folds with kv_b in E4M3");
+  m.def("fp8_quantize", &fp8_quantize, "x (..., R, C) -> E4M3 bytes and one fp32 scale per (br, bc) block (NaN: non-finite)");
+  m.def("fp8_dequantize", &fp8_dequantize, "E4M3 bytes (..., R, C) times their (br, bc) block scales -> fp32 or bf16");
   m.def("top_k", &top_k, "the indices of each row's K largest fp32 scores, in order, ties to the earliest");
   m.def("select_rows", &select_rows, "out[i] = x[idx[i]]: rows gathered with the next ones prefetched");
   m.def("latent_attention", &latent_attention, "absorbed MLA attention of Q queries over S cached latents");

@@ -14,6 +14,9 @@
   matmul in fp32, so the numerics are the same FP8 rounding, testable on a CPU. The CPU build of torch
   has ``_scaled_mm`` only with tensor- or row-wise scales (block-wise would take one call per 128 of K),
   and it is no faster than the emulation, so it is not used (measured for issue 14).
+- On the CPU, quantize and dequantize run kernels/decode.cpp's fp8_quantize / fp8_dequantize (one
+  pass over the data instead of torch's dozen elementwise ones); the torch code below is their
+  reference, equal bit for bit (tests/test_fp8.py), and runs wherever the kernels are not built.
 
 Error bound of one quantized element (derived in tests/test_fp8.py): with s the block's scale,
 |x − q·s| ≤ 2⁻⁴·|x| + 2⁻¹⁰·s (3 mantissa bits: half an ulp is 2⁻⁴ relative; below E4M3's smallest
@@ -29,6 +32,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from ..kernels.cpp import cpp_kernels
 
 E4M3_MAX = 448.0
 BLOCK = 128
@@ -104,6 +109,9 @@ def quantize(x: torch.Tensor, block: tuple[int, int] = ACT, pow2: bool = False,
     partial). A non-finite value is an error naming ``name`` and its index."""
     if x.dim() < 2:
         raise ValueError(f"{name}: FP8 block quantization needs at least 2 dims, got shape {tuple(x.shape)}")
+    k = _cpu_kernels(x)
+    if k is not None:
+        return _quantize_cpp(k, x, tuple(block), pow2, name)
     blocks = _blocked(x.float(), block)  # (..., nr, br, nc, bc)
     amax = blocks.abs().amax(dim=(-3, -1))  # (..., nr, nc)
     if not bool(torch.isfinite(amax).all()):  # NaN and inf survive amax: one small check, then find where
@@ -122,8 +130,40 @@ def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, block=WEIGHT, dtype: to
     if tuple(scale_inv.shape) != want:
         raise ValueError(f"{name}: weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {want} for a "
                          f"{tuple(q.shape)} weight in {block[0]}×{block[1]} blocks")
+    k = _cpu_kernels(q)
+    if k is not None and dtype in (torch.float32, torch.bfloat16):
+        return _dequantize_cpp(k, q, scale_inv, tuple(block), dtype)
     x = _blocked(e4m3_as_fp16(q).float(), block) * (scale_inv.float() * 256.0)[..., :, None, :, None]
     return _unblocked(x, q.shape).to(dtype)
+
+
+def _cpu_kernels(x: torch.Tensor):
+    """kernels/decode.cpp's fp8_quantize / fp8_dequantize for a CPU tensor, else None (the torch path
+    beside them is their reference, equal bit for bit: tests/test_fp8.py)."""
+    return cpp_kernels() if x.device.type == "cpu" else None
+
+
+def _transposed(x: torch.Tensor) -> bool:
+    """Whether x is a transposed view of a contiguous tensor (quantize(xᵀ) in the FP8 backward)."""
+    return not x.is_contiguous() and x.transpose(-1, -2).is_contiguous()
+
+
+def _quantize_cpp(k, x: torch.Tensor, block, pow2: bool, name: str) -> Quantized:
+    if _transposed(x):  # the same blocks, transposed: no copy of x
+        return _quantize_cpp(k, x.transpose(-1, -2), block[::-1], pow2, name).t()
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        x = x.float()
+    q, s = k.fp8_quantize(x.contiguous(), block[0], block[1], pow2)
+    if not bool(torch.isfinite(s).all()):
+        check_finite(x, name)
+    return Quantized(q.view(FP8), s, block)
+
+
+def _dequantize_cpp(k, q: torch.Tensor, s: torch.Tensor, block, dtype: torch.dtype) -> torch.Tensor:
+    if _transposed(q) and _transposed(s):
+        return _dequantize_cpp(k, q.transpose(-1, -2), s.transpose(-1, -2), block[::-1], dtype).transpose(-1, -2)
+    return k.fp8_dequantize(q.contiguous().view(torch.uint8), s.float().contiguous(), block[0], block[1],
+                            dtype == torch.bfloat16)
 
 
 def e4m3_as_fp16(q: torch.Tensor) -> torch.Tensor:
