@@ -411,7 +411,8 @@ def tipped_near_tie(dec, full, t) -> bool:
     for (sd, idd), (sf, idf) in zip(dec, full):
         for b in range(sd.shape[0]):
             a, f = sd[b, -1], sf[b, t]
-            mine, theirs = set(idd[b, -1].tolist()), set(idf[b, t].tolist())
+            mine = {i for i in idd[b, -1].tolist() if a[i] > -float("inf")}  # the valid picks: keys it may see
+            theirs = {i for i in idf[b, t].tolist() if f[i] > -float("inf")}
             if mine == theirs:
                 continue
             tipped = True
@@ -459,7 +460,7 @@ def test_bf16_paged_decode_matches_full_forward(dsa, B, fp8, tmp_path, monkeypat
     spy = KernelSpy(built)
     if built is not None:
         monkeypatch.setattr(kcpp, "_built", spy)
-    picks = []  # each indexer's (scores, selection) in call order: one per layer and forward
+    tipped, picks = [], []  # each indexer's (scores, selection) in call order: one per layer and forward
     top_k = att.top_k
     monkeypatch.setattr(dsa_mod, "top_k", lambda sc, k: picks.append((sc, top_k(sc, k))) or picks[-1][1])
     with torch.no_grad(), decode_weights(model):
@@ -475,9 +476,11 @@ def test_bf16_paged_decode_matches_full_forward(dsa, B, fp8, tmp_path, monkeypat
             cache.begin(rows, 1)
             out = model(x[:, t:t + 1], positions=cache.positions(1), cache=cache).logits[:, 0].float()
             cache.advance()
-            if not (dsa and tipped_near_tie(picks, full_picks, t)):
+            if dsa and tipped_near_tie(picks, full_picks, t):
+                tipped.append(t)
+            else:
                 errors.append(((out - full[:, t]).abs().max() / full[:, t].abs().max()).item())
-    assert len(errors) >= 9  # at most two steps tipped
+    assert len(tipped) <= 1, tipped  # measured: step 13 on an AVX2 CPU (AMD EPYC)
     assert max(errors) <= 0.06 and sorted(errors)[len(errors) // 2] <= 0.015, errors
     folds = spy.calls.count("fp8_fold")  # two a layer and decode step for one row, none for two
     kernel = built is not None and built.has_fp8_dot()
