@@ -23,6 +23,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -636,6 +637,14 @@ bool has_fp8_dot() {
 #endif
 }
 
+// E4M3's value of byte v (sign bit 7, 4 exponent bits with bias 7, 3 mantissa bits; 0x7F and 0xFF NaN).
+inline float e4m3_value(int v) {
+  const int e = (v >> 3) & 15, m = v & 7;
+  const float f = (v & 127) == 127 ? std::numeric_limits<float>::quiet_NaN()
+                                   : (e ? std::ldexp(1.0f + m / 8.0f, e - 7) : std::ldexp(m / 8.0f, -6));
+  return v & 128 ? -f : f;
+}
+
 #if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
 // The bf16 bits of E4M3's 128 magnitudes (bits 6..0: 4 exponent bits, bias 7, and 3 mantissa bits), split
 // into high and low bytes, 64 bytes a register.
@@ -644,9 +653,7 @@ struct E4M3Tables {
   E4M3Tables() {
     alignas(64) uint8_t hi[128], lo[128];
     for (int v = 0; v < 128; ++v) {
-      const int e = v >> 3, m = v & 7;
-      const float f = v == 127 ? std::numeric_limits<float>::quiet_NaN()
-                               : (e ? std::ldexp(1.0f + m / 8.0f, e - 7) : std::ldexp(m / 8.0f, -6));
+      const float f = e4m3_value(v);
       uint32_t bits;
       std::memcpy(&bits, &f, 4);
       hi[v] = uint8_t(bits >> 24), lo[v] = uint8_t(bits >> 16);  // exact: at most 4 significant bits
@@ -946,28 +953,18 @@ inline float e4m3_round(float v) {  // |v| ≤ 448 → the nearest E4M3 value, t
   return std::copysign(a < 0x1p-6f ? sub : normal, v);
 }
 
-inline uint8_t e4m3_code(float r) {  // an E4M3 value → its byte
+inline uint8_t e4m3_code(float r) {  // an E4M3 value → its byte (float → int32 vectorizes on AVX2, → uint32 not)
   const float a = std::fabs(r);
   uint32_t u;
   std::memcpy(&u, &a, 4);
   const uint32_t normal = (((u >> 23) - 120u) << 3) | ((u >> 20) & 7u);
-  return uint8_t((a < 0x1p-6f ? uint32_t(a * 512.0f) : normal) | (std::signbit(r) ? 0x80u : 0u));
+  return uint8_t((a < 0x1p-6f ? uint32_t(int32_t(a * 512.0f)) : normal) | (std::signbit(r) ? 0x80u : 0u));
 }
 
 inline uint32_t abs_bits(float x) {  // |x|'s bits: ordered as the values, NaN and inf from 0x7F800000 up
   uint32_t u;
   std::memcpy(&u, &x, 4);
   return u & 0x7FFFFFFFu;
-}
-
-inline float to_float(float x) { return x; }
-inline float to_float(at::BFloat16 x) {  // exact, and plain shifts the compiler vectorizes
-  uint16_t h;
-  std::memcpy(&h, &x, 2);
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
 }
 
 // One block row: x (rows, C) → q (rows, C) and s (⌈C/bc⌉,). The maxima are taken on |x|'s bits, which
@@ -977,7 +974,7 @@ void quantize_block_row(const T* x, int64_t rows, int64_t C, int64_t bc, bool po
                         std::vector<uint32_t>& amax, std::vector<float>& scale) {
   std::fill(amax.begin(), amax.end(), 0u);
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < C; ++c) amax[c] = std::max(amax[c], abs_bits(to_float(x[r * C + c])));
+    for (int64_t c = 0; c < C; ++c) amax[c] = std::max(amax[c], abs_bits(float(x[r * C + c])));
   bool bad = false;
   for (int64_t j = 0; j * bc < C; ++j) {
     const int64_t c1 = std::min(C, (j + 1) * bc);
@@ -1001,7 +998,7 @@ void quantize_block_row(const T* x, int64_t rows, int64_t C, int64_t bc, bool po
   }
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < C; ++c) {
-      const float v = std::min(std::max(to_float(x[r * C + c]) / scale[c], -448.0f), 448.0f);
+      const float v = std::min(std::max(float(x[r * C + c]) / scale[c], -448.0f), 448.0f);
       q[r * C + c] = e4m3_code(e4m3_round(v));
     }
 }
@@ -1020,8 +1017,7 @@ std::vector<torch::Tensor> fp8_quantize(const torch::Tensor& x, int64_t br, int6
   auto s = torch::empty(sizes, x.options().dtype(at::kFloat));
   uint8_t* qp = q.data_ptr<uint8_t>();
   float* sp = s.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "fp8_quantize", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
+  auto run = [&](auto* xp) {
     at::parallel_for(0, B * nr, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, br * C)), [&](int64_t i0, int64_t i1) {
       std::vector<uint32_t> amax(C);
       std::vector<float> scale(C);
@@ -1030,7 +1026,9 @@ std::vector<torch::Tensor> fp8_quantize(const torch::Tensor& x, int64_t br, int6
         quantize_block_row(xp + off, std::min(br, R - r0), C, bc, pow2, sp + i * nc, qp + off, amax, scale);
       }
     });
-  });
+  };
+  if (x.scalar_type() == at::kFloat) run(x.data_ptr<float>());
+  else run(x.data_ptr<at::BFloat16>());
   return {q, s};
 }
 
@@ -1045,28 +1043,25 @@ torch::Tensor fp8_dequantize(const torch::Tensor& q, const torch::Tensor& s, int
   TORCH_CHECK(s.numel() == B * nr * nc, "fp8_dequantize: s holds ", s.numel(), " scales, expected ", B * nr * nc);
   static const std::vector<float> lut = [] {
     std::vector<float> t(256);
-    for (int v = 0; v < 256; ++v) {
-      const int e = (v >> 3) & 15, m = v & 7;
-      const float f = (v & 127) == 127 ? std::numeric_limits<float>::quiet_NaN()
-                                       : (e ? std::ldexp(1.0f + m / 8.0f, e - 7) : std::ldexp(m / 8.0f, -6));
-      t[v] = v & 128 ? -f : f;
-    }
+    for (int v = 0; v < 256; ++v) t[v] = e4m3_value(v);
     return t;
   }();
   auto out = torch::empty(q.sizes(), q.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = s.data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "fp8_dequantize", [&] {
-    scalar_t* op = out.data_ptr<scalar_t>();
+  auto run = [&](auto* op) {
+    using out_t = std::remove_pointer_t<decltype(op)>;
     at::parallel_for(0, B * R, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t i0, int64_t i1) {
       std::vector<float> sc(C);
       for (int64_t i = i0; i < i1; ++i) {
         const float* srow = sp + ((i / R) * nr + (i % R) / br) * nc;
         for (int64_t j = 0; j < nc; ++j) std::fill(sc.begin() + j * bc, sc.begin() + std::min(C, (j + 1) * bc), srow[j]);
-        for (int64_t c = 0; c < C; ++c) op[i * C + c] = scalar_t(lut[qp[i * C + c]] * sc[c]);
+        for (int64_t c = 0; c < C; ++c) op[i * C + c] = out_t(lut[qp[i * C + c]] * sc[c]);
       }
     });
-  });
+  };
+  if (bf16) run(out.data_ptr<at::BFloat16>());
+  else run(out.data_ptr<float>());
   return out;
 }
 
