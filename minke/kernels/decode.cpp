@@ -942,23 +942,21 @@ torch::Tensor select_rows(const torch::Tensor& x, const torch::Tensor& idx, torc
 // scales NaN, which the caller turns into an error naming where it is.
 namespace {
 
-inline float e4m3_round(float v) {  // |v| ≤ 448 → the nearest E4M3 value, ties to even
-  const float a = std::fabs(v);
+// v (finite) → the byte of its nearest E4M3 value, ties to even, |v| first clamped to 448. All on the bits,
+// with a mask rather than a branch for the subnormals: a branch (or a float clamp, which gcc turns into
+// branches) leaves the float add below in a branch that "could trap", and the loop would not vectorize.
+inline uint8_t e4m3_quantize(float v) {
   uint32_t u;
-  std::memcpy(&u, &a, 4);
-  u = (u + 0x7FFFFu + ((u >> 20) & 1u)) & 0xFFF00000u;  // 3 mantissa bits kept, to nearest even
-  float normal;
-  std::memcpy(&normal, &u, 4);
-  const float sub = (a + 16384.0f) - 16384.0f;  // below 2^-6: to multiples of 2^-9 (fp32's ulp at 2^14)
-  return std::copysign(a < 0x1p-6f ? sub : normal, v);
-}
-
-inline uint8_t e4m3_code(float r) {  // an E4M3 value → its byte (float → int32 vectorizes on AVX2, → uint32 not)
-  const float a = std::fabs(r);
-  uint32_t u;
-  std::memcpy(&u, &a, 4);
-  const uint32_t normal = (((u >> 23) - 120u) << 3) | ((u >> 20) & 7u);
-  return uint8_t((a < 0x1p-6f ? uint32_t(int32_t(a * 512.0f)) : normal) | (std::signbit(r) ? 0x80u : 0u));
+  std::memcpy(&u, &v, 4);
+  const uint32_t sign = (u >> 24) & 0x80u, b = std::min(u & 0x7FFFFFFFu, 0x43E00000u);  // |v| ≤ 448
+  float a;
+  std::memcpy(&a, &b, 4);
+  const uint32_t r = (b + 0x7FFFFu + ((b >> 20) & 1u)) & 0xFFF00000u;  // 3 mantissa bits kept, to nearest even
+  const uint32_t normal = (((r >> 23) - 120u) << 3) | ((r >> 20) & 7u);
+  // below 2^-6: multiples of 2^-9 (fp32's ulp at 2^14); float → int32 vectorizes on AVX2, → uint32 not
+  const uint32_t sub = uint32_t(int32_t(((a + 16384.0f) - 16384.0f) * 512.0f));
+  const uint32_t m = 0u - uint32_t(b < 0x3C800000u);  // |v| < 2^-6
+  return uint8_t((sub & m) | (normal & ~m) | sign);
 }
 
 inline uint32_t abs_bits(float x) {  // |x|'s bits: ordered as the values, NaN and inf from 0x7F800000 up
@@ -997,10 +995,7 @@ void quantize_block_row(const T* x, int64_t rows, int64_t C, int64_t bc, bool po
     return;
   }
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < C; ++c) {
-      const float v = std::min(std::max(float(x[r * C + c]) / scale[c], -448.0f), 448.0f);
-      q[r * C + c] = e4m3_code(e4m3_round(v));
-    }
+    for (int64_t c = 0; c < C; ++c) q[r * C + c] = e4m3_quantize(float(x[r * C + c]) / scale[c]);
 }
 
 }  // namespace
