@@ -1,0 +1,100 @@
+"""Held-out loss of FP8 training (``minke pretrain --fp8``) against a higher-precision baseline, over seeds.
+
+Issue 14's bar is DeepSeek-V3's (§3.3): FP8 training within 0.25% relative loss of BF16. At a small
+model and a few hundred steps one pair of runs cannot show that: any perturbation of the high-LR phase
+(FP8's rounding, or a 1e-4 nudge of the learning rate) moves the final held-out loss by up to ~1%, of
+either sign. So this runs the same ``minke pretrain`` for each seed twice — baseline and ``--fp8``,
+same data, init and steps — and reports each seed's relative gap (FP8 / baseline − 1 of the final
+held-out cross-entropy) and their mean and standard error.
+
+Runs go to ``--out``/{base,fp8}-s{seed}; one whose final evaluation is already in its metrics.jsonl
+is read, not rerun, so an interrupted sweep continues where it stopped. ``--jobs`` runs that many at
+once, the cores split between them (``OMP_NUM_THREADS``).
+
+    .venv/bin/python benchmarks/fp8_loss.py --seeds 0 1 2 --jobs 2          # CPU, fp32 baseline, ~40 min a pair
+    .venv/bin/python benchmarks/fp8_loss.py --device cuda --dtype bfloat16 --seeds 0 1 2 3 --steps 2000
+
+Prints one JSON object: the settings, per seed the two final losses and the gap, the held-out curves,
+and ``mean_gap`` / ``stderr_gap`` (relative, not %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+
+def curve(out: Path) -> dict[int, float]:
+    """Held-out cross-entropy by step from a run's metrics.jsonl (empty if it has none yet)."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
+    return {r["step"]: r["eval_ce"] for r in rows if r.get("kind") == "eval"}
+
+
+def pretrain_args(a, seed: int, fp8: bool, out: Path) -> list[str]:
+    return [sys.executable, "-m", "minke.cli", "pretrain", "--preset", a.preset,
+            "--set", f"num_hidden_layers={a.layers}", "--steps", str(a.steps), "--batch-size", str(a.batch_size),
+            "--seq-len", str(a.seq_len), "--lr", str(a.lr), "--dtype", a.dtype, "--device", a.device,
+            "--eval-every", str(a.eval_every), "--eval-batches", str(a.eval_batches), "--eval-problems", "0",
+            "--seed", str(seed), "--log-every", str(a.eval_every), "--out", str(out)] + (["--fp8"] if fp8 else [])
+
+
+def run(a, seed: int, fp8: bool) -> dict[int, float]:
+    out = Path(a.out) / f"{'fp8' if fp8 else 'base'}-s{seed}"
+    if a.steps in curve(out):
+        return curve(out)
+    cmd = pretrain_args(a, seed, fp8, out)
+    if any(out.glob("step-*")):  # an interrupted run: continue from its last checkpoint
+        cmd += ["--resume", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // a.jobs)))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".log"), "a") as log:
+        done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0 or a.steps not in curve(out):
+        raise SystemExit(f"fp8_loss: {' '.join(cmd)} failed (exit {done.returncode}); see {out.with_suffix('.log')}")
+    return curve(out)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--layers", type=int, default=3, help="num_hidden_layers (small has 12; 3 fits a CPU)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="the baseline's compute dtype, and what the FP8 run keeps outside its GEMMs (float32: "
+                        "CPUs without AVX-512 run bf16 GEMMs ~100x slower than fp32)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--out", default="out/fp8_loss")
+    a = p.parse_args(argv)
+    jobs = [(s, f) for s in a.seeds for f in (False, True)]
+    with ThreadPoolExecutor(a.jobs) as pool:
+        curves = dict(zip(jobs, pool.map(lambda j: run(a, *j), jobs)))
+    seeds = []
+    for s in a.seeds:
+        base, fp8 = curves[(s, False)], curves[(s, True)]
+        seeds.append({"seed": s, "base": base[a.steps], "fp8": fp8[a.steps], "gap": fp8[a.steps] / base[a.steps] - 1,
+                      "curve": {k: [base[k], fp8[k]] for k in sorted(base) if k in fp8}})
+    gaps = [r["gap"] for r in seeds]
+    print(json.dumps({"settings": {k: v for k, v in vars(a).items() if k not in ("out", "jobs")}, "seeds": seeds,
+                      "mean_gap": statistics.mean(gaps),
+                      "stderr_gap": statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else None,
+                      "bar": 0.0025}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
