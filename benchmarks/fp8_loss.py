@@ -63,7 +63,7 @@ def run(a, seed: int, fp8: bool) -> dict[int, float]:
     return curve(out)
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--preset", default="small")
@@ -90,10 +90,11 @@ def main(argv=None) -> None:
         seeds.append({"seed": s, "base": base[a.steps], "fp8": fp8[a.steps], "gap": fp8[a.steps] / base[a.steps] - 1,
                       "curve": {k: [base[k], fp8[k]] for k in sorted(base) if k in fp8}})
     gaps = [r["gap"] for r in seeds]
-    print(json.dumps({"settings": {k: v for k, v in vars(a).items() if k not in ("out", "jobs")}, "seeds": seeds,
-                      "mean_gap": statistics.mean(gaps),
-                      "stderr_gap": statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else None,
-                      "bar": 0.0025}, indent=1))
+    report = {"settings": {k: v for k, v in vars(a).items() if k not in ("out", "jobs")}, "seeds": seeds,
+              "mean_gap": statistics.mean(gaps),
+              "stderr_gap": statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else None, "bar": 0.0025}
+    print(json.dumps(report, indent=1))
+    return report
 
 
 if __name__ == "__main__":
