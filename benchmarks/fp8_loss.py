@@ -49,13 +49,17 @@ def pretrain_args(a, seed: int, fp8: bool, out: Path) -> list[str]:
 
 def run(a, seed: int, fp8: bool) -> dict[int, float]:
     out = Path(a.out) / f"{'fp8' if fp8 else 'base'}-s{seed}"
+    cmd = pretrain_args(a, seed, fp8, out)
+    args, stamp = cmd[3:], out / "fp8_loss_args.json"  # what the run in ``out`` was started with
+    if stamp.exists() and json.loads(stamp.read_text()) != args:
+        raise SystemExit(f"fp8_loss: {out} holds a run with other settings ({stamp}); choose another --out")
     if a.steps in curve(out):
         return curve(out)
-    cmd = pretrain_args(a, seed, fp8, out)
     if any(out.glob("step-*")):  # an interrupted run: continue from its last checkpoint
         cmd += ["--resume", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // a.jobs)))
     out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(args))
     with open(out.with_suffix(".log"), "a") as log:
         done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0 or a.steps not in curve(out):

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -42,3 +44,5 @@ def test_fp8_loss_benchmark_runs_and_reads_finished_runs(tmp_path, monkeypatch):
         raise AssertionError("a finished run was run again")
     monkeypatch.setattr(bench.subprocess, "run", no_run)
     assert bench.main(args) == report
+    with pytest.raises(SystemExit, match="other settings"):  # the same --out with another lr: not reused
+        bench.main(args + ["--lr", "2e-3"])
