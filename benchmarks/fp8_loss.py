@@ -8,7 +8,8 @@ same data, init and steps — and reports each seed's relative gap (FP8 / baseli
 held-out cross-entropy) and their mean and standard error.
 
 Runs go to ``--out``/{base,fp8}-s{seed}; one whose final evaluation is already in its metrics.jsonl
-is read, not rerun, so an interrupted sweep continues where it stopped. ``--jobs`` runs that many at
+is read, not rerun, so an interrupted sweep continues where it stopped (a run directory keeps the
+settings it was started with: a sweep with other settings into the same ``--out`` is refused). ``--jobs`` runs that many at
 once, the cores split between them (``OMP_NUM_THREADS``).
 
     .venv/bin/python benchmarks/fp8_loss.py --seeds 0 1 2 --jobs 2          # CPU, fp32 baseline, ~40 min a pair
