@@ -30,14 +30,12 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from minke.train.report import read_metrics
+
 
 def curve(out: Path) -> dict[int, float]:
     """Held-out cross-entropy by step from a run's metrics.jsonl (empty if it has none yet)."""
-    path = out / "metrics.jsonl"
-    if not path.exists():
-        return {}
-    rows = (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    return {r["step"]: r["eval_ce"] for r in rows if r.get("kind") == "eval"}
+    return {r["step"]: r["eval_ce"] for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "eval"}
 
 
 def pretrain_args(a, seed: int, fp8: bool, out: Path) -> list[str]:
@@ -54,18 +52,20 @@ def run(a, seed: int, fp8: bool) -> dict[int, float]:
     args, stamp = cmd[3:], out / "fp8_loss_args.json"  # what the run in ``out`` was started with
     if stamp.exists() and json.loads(stamp.read_text()) != args:
         raise SystemExit(f"fp8_loss: {out} holds a run with other settings ({stamp}); choose another --out")
-    if a.steps in curve(out):
-        return curve(out)
+    done = curve(out)
+    if a.steps in done:
+        return done
     if any(out.glob("step-*")):  # an interrupted run: continue from its last checkpoint
         cmd += ["--resume", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // a.jobs)))
     out.mkdir(parents=True, exist_ok=True)
     stamp.write_text(json.dumps(args))
     with open(out.with_suffix(".log"), "a") as log:
-        done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    if done.returncode != 0 or a.steps not in curve(out):
-        raise SystemExit(f"fp8_loss: {' '.join(cmd)} failed (exit {done.returncode}); see {out.with_suffix('.log')}")
-    return curve(out)
+        rc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+    done = curve(out)
+    if rc != 0 or a.steps not in done:
+        raise SystemExit(f"fp8_loss: {' '.join(cmd)} failed (exit {rc}); see {out.with_suffix('.log')}")
+    return done
 
 
 def main(argv=None) -> dict:
