@@ -46,3 +46,19 @@ def test_fp8_loss_benchmark_runs_and_reads_finished_runs(tmp_path, monkeypatch):
     assert bench.main(args) == report
     with pytest.raises(SystemExit, match="other settings"):  # the same --out with another lr: not reused
         bench.main(args + ["--lr", "2e-3"])
+
+
+def test_fp8_gemm_benchmark_runs_fp8_against_the_baseline():
+    """Both arms of each pair run and are timed; the FP8 arm's output carries E4M3's error (so it really
+    is FP8: random operands give ~4% relative to fp32, the fp32 baseline 0), edge blocks included."""
+    bench = load("fp8_gemm")
+    report = bench.main(["--tokens", "64", "--shapes", "256x128", "130x200", "--warmup", "0", "--repeats", "1"])
+    assert report["native"] is False and report["dtype"] == "float32"
+    assert list(report["shapes"]) == ["256x128", "130x200"]
+    for shape in report["shapes"].values():
+        for pair in ("gemm", "linear", "train"):
+            r = shape[pair]
+            assert r["base_ms"] > 0 and r["fp8_ms"] > 0 and r["speedup"] == r["base_ms"] / r["fp8_ms"]
+            assert 0.01 < r["fp8_rel_err"] < 0.08 and r["base_rel_err"] == 0.0
+    with pytest.raises(SystemExit):
+        bench.main(["--shapes", "256by128"])
