@@ -619,6 +619,53 @@ def test_emulation_is_announced_once(monkeypatch):
         fp8_linear(x, w)
 
 
+def cuda_scaled_mm(a, b, scale_a, scale_b, out_dtype):
+    """torch._scaled_mm as its CUDA kernel takes DeepSeek's block-wise scales (checks read from
+    aten/src/ATen/native/cuda/ScaledBlas.cpp, the path torch._scaled_mm takes), computed on the CPU:
+    a (M, K) row-major, b (K, N) column-major, K and N multiples of 16; scale_a (M, ⌈K/128⌉) with
+    strides (1, M); scale_b (⌈K/128⌉, N) with strides (N, 1) for 1×128 tiles of bᵀ, or (⌈K/128⌉, ⌈N/128⌉)
+    with strides (1, ⌈K/128⌉) for its 128×128 blocks (a stride along a dim of size 1 is not checked)."""
+    (M, K), N = a.shape, b.shape[1]
+    kb = -(-K // 128)
+
+    def layout(s, shape, strides):
+        return tuple(s.shape) == shape and all(n <= 1 or st == want for n, st, want in zip(s.shape, s.stride(), strides))
+    assert a.dtype == b.dtype == FP8 and b.shape[0] == K
+    assert a.stride(1) == 1 and b.stride(0) == 1, "a row-major, b column-major"
+    assert K % 16 == 0 and N % 16 == 0, f"K={K} and N={N} must be multiples of 16"
+    assert layout(scale_a, (M, kb), (1, M)), f"scale_a {tuple(scale_a.shape)} strides {scale_a.stride()}"
+    if layout(scale_b, (kb, N), (N, 1)):
+        sb = scale_b.repeat_interleave(128, 0)[:K]
+    else:
+        assert layout(scale_b, (kb, -(-N // 128)), (1, kb)), f"scale_b {tuple(scale_b.shape)} strides {scale_b.stride()}"
+        sb = scale_b.repeat_interleave(128, 0)[:K].repeat_interleave(128, 1)[:, :N]
+    x = a.float() * scale_a.repeat_interleave(128, 1)[:, :K]
+    return (x @ (b.float() * sb)).to(out_dtype)
+
+
+@pytest.mark.parametrize("M, K, N", [(150, 200, 72), (64, 256, 384), (37, 130, 16)])
+def test_scaled_mm_call_takes_the_cuda_kernels_layouts(M, K, N, monkeypatch):
+    """The FP8 linear's three products through torch._scaled_mm's calling convention (a stand-in with
+    the CUDA kernel's checks, above): every operand in the layout it demands — including the input
+    gradient's transposed W blocks and the weight gradient's contraction over M tokens, which need not
+    be a multiple of 16 (an expert's share of a batch) — and the same results as the emulation."""
+    from minke.quant import fp8
+    x = spread(M, K, seed=5).requires_grad_()
+    w = (spread(N, K, seed=6) * 0.1).requires_grad_()
+    gy = spread(M, N, seed=7)
+    runs = []
+    for native in (True, False):
+        monkeypatch.setattr(fp8, "native_fp8", lambda d, n=native: n)
+        monkeypatch.setattr(torch, "_scaled_mm", cuda_scaled_mm if native else None, raising=False)
+        x.grad = w.grad = None
+        y = fp8_linear(x, w)
+        y.backward(gy)
+        runs.append((y.detach(), x.grad.clone(), w.grad.clone()))
+    for name, a, b in zip(["forward", "input grad", "weight grad"], *runs):
+        assert a.shape == b.shape and a.is_contiguous(), name
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()), msg=name)
+
+
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
                     reason="torch._scaled_mm with block-wise scales needs CUDA compute capability >= 8.9")
 def test_scaled_mm_path_matches_the_emulation_on_cuda(monkeypatch):

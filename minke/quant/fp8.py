@@ -192,12 +192,25 @@ _native: dict[str, bool] = {}  # per CUDA device: did torch._scaled_mm pass its 
 
 
 def _scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype) -> torch.Tensor:
-    """a (M, K) in 1×128 tiles @ b (N, K)ᵀ in 1×128 tiles or 128×128 blocks on torch._scaled_mm: the
-    scales go in as (M, K/b) outer dim fastest, and (K/b, N) or (K/b, N/b)."""
+    """a (M, K) in 1×128 tiles @ b (N, K)ᵀ in 1×128 tiles or 128×128 blocks on torch._scaled_mm, in the
+    layouts its CUDA kernel accepts (aten/src/ATen/native/cuda/ScaledBlas.cpp): a row-major and b
+    column-major; a's scales (M, ⌈K/128⌉) with M fastest; b's (⌈K/128⌉, N) with N fastest, or 128×128
+    blocks (⌈K/128⌉, ⌈N/128⌉) with K fastest, whatever views a and b are (the input gradient's W is a
+    transposed one). K and N must be multiples of 16, which a layer's width or an expert's token count
+    (K of the weight gradient) need not be: both are zero-padded to the next multiple (exact: zeros add
+    nothing, and the padding stays inside the last 128-block, so the scales keep their shapes)."""
+    (M, K), N = a.q.shape, b.q.shape[0]
+    pk, pn = -K % 16, -N % 16
+    qa, qb, sb = a.q, b.q, b.scale_inv
+    if pk or pn:
+        qa = F.pad(qa.view(torch.uint8), (0, pk)).view(FP8)  # E4M3's byte 0 is +0
+        qb = F.pad(qb.view(torch.uint8), (0, pk, 0, pn)).view(FP8)
+        if b.block == ACT:
+            sb = F.pad(sb, (0, 0, 0, pn), value=1.0)  # the padded rows' tiles
     scale_a = a.scale_inv.t().contiguous().t()
-    scale_b = b.scale_inv.t().contiguous() if b.block == ACT else b.scale_inv.t()
-    return torch._scaled_mm(a.q.contiguous(), b.q.contiguous().t(), scale_a=scale_a, scale_b=scale_b,
-                            out_dtype=out_dtype)
+    scale_b = sb.t().contiguous() if b.block == ACT else sb.contiguous().t()
+    y = torch._scaled_mm(qa.contiguous(), qb.contiguous().t(), scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    return y[:, :N].contiguous() if pn else y
 
 
 def native_fp8(device: torch.device) -> bool:
