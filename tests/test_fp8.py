@@ -643,12 +643,12 @@ def cuda_scaled_mm(a, b, scale_a, scale_b, out_dtype):
     return (x @ (b.float() * sb)).to(out_dtype)
 
 
-@pytest.mark.parametrize("M, K, N", [(150, 200, 72), (64, 256, 384), (37, 130, 16)])
+@pytest.mark.parametrize("M, K, N", [(150, 200, 72), (64, 256, 384), (37, 130, 16), (0, 200, 72)])
 def test_scaled_mm_call_takes_the_cuda_kernels_layouts(M, K, N, monkeypatch):
     """The FP8 linear's three products through torch._scaled_mm's calling convention (a stand-in with
     the CUDA kernel's checks, above): every operand in the layout it demands — including the input
     gradient's transposed W blocks and the weight gradient's contraction over M tokens, which need not
-    be a multiple of 16 (an expert's share of a batch) — and the same results as the emulation."""
+    be a multiple of 16 (an expert's share of a batch), or zero — and the same results as the emulation."""
     from minke.quant import fp8
     x = spread(M, K, seed=5).requires_grad_()
     w = (spread(N, K, seed=6) * 0.1).requires_grad_()
@@ -663,21 +663,23 @@ def test_scaled_mm_call_takes_the_cuda_kernels_layouts(M, K, N, monkeypatch):
         runs.append((y.detach(), x.grad.clone(), w.grad.clone()))
     for name, a, b in zip(["forward", "input grad", "weight grad"], *runs):
         assert a.shape == b.shape and a.is_contiguous(), name
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()), msg=name)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 * float(b.abs().max()) if b.numel() else 0, msg=name)
 
 
 @pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
                     reason="torch._scaled_mm with block-wise scales needs CUDA compute capability >= 8.9")
-def test_scaled_mm_path_matches_the_emulation_on_cuda(monkeypatch):
+@pytest.mark.parametrize("M, K, N", [(256, 512, 384), (150, 200, 72), (37, 130, 16)])
+def test_scaled_mm_path_matches_the_emulation_on_cuda(M, K, N, monkeypatch):
     """The FP8 kernel takes over only after its self-check; then the three products agree with the
-    emulation up to accumulation order (FP32 accumulation both ways: ≤ 1e-3 of the largest output)."""
+    emulation up to accumulation order (FP32 accumulation both ways: ≤ 1e-3 of the largest output),
+    also where M, K, N are not multiples of 16 (padded) and ⌈K/128⌉ not of 4."""
     from minke.quant import fp8
     dev = torch.device("cuda")
     assert fp8.native_fp8(dev), "the block-wise _scaled_mm self-check failed on this GPU (see the warning)"
     g = torch.Generator(dev).manual_seed(0)
-    x = torch.randn(256, 512, device=dev, generator=g, requires_grad=True)
-    w = torch.randn(384, 512, device=dev, generator=g, requires_grad=True)
-    gy = torch.randn(256, 384, device=dev, generator=g)
+    x = torch.randn(M, K, device=dev, generator=g, requires_grad=True)
+    w = torch.randn(N, K, device=dev, generator=g, requires_grad=True)
+    gy = torch.randn(M, N, device=dev, generator=g)
     runs = []
     for native in (True, False):
         monkeypatch.setattr(fp8, "native_fp8", lambda d, n=native: n)

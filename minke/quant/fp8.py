@@ -200,12 +200,15 @@ def _scaled_mm(a: Quantized, b: Quantized, out_dtype: torch.dtype) -> torch.Tens
     (K of the weight gradient) need not be: both are zero-padded to the next multiple (exact: zeros add
     nothing, and the padding stays inside the last 128-block, so the scales keep their shapes)."""
     (M, K), N = a.q.shape, b.q.shape[0]
+    if M == 0:  # no rows: the kernel's scale-stride check cannot hold for an empty scale_a
+        return a.q.new_zeros(0, N, dtype=out_dtype)
     pk, pn = -K % 16, -N % 16
     qa, qb, sb = a.q, b.q, b.scale_inv
-    if pk or pn:
+    if pk:
         qa = F.pad(qa.view(torch.uint8), (0, pk)).view(FP8)  # E4M3's byte 0 is +0
+    if pk or pn:
         qb = F.pad(qb.view(torch.uint8), (0, pk, 0, pn)).view(FP8)
-        if b.block == ACT:
+        if b.block == ACT and pn:
             sb = F.pad(sb, (0, 0, 0, pn), value=1.0)  # the padded rows' tiles
     scale_a = a.scale_inv.t().contiguous().t()
     scale_b = sb.t().contiguous() if b.block == ACT else sb.contiguous().t()
@@ -219,18 +222,20 @@ def native_fp8(device: torch.device) -> bool:
     tiling (a kernel that refuses, or disagrees, is dropped with a one-line notice: emulation instead)."""
     if device.type != "cuda" or not hasattr(torch, "_scaled_mm"):
         return False
-    key = str(device)
+    key = f"cuda:{torch.cuda.current_device() if device.index is None else device.index}"  # "cuda" is "cuda:0"
     if key not in _native:
         _native[key] = False
         if torch.cuda.get_device_capability(device) < (8, 9):
             return False
         try:
             g = torch.Generator(device).manual_seed(0)
-            x, w = (torch.randn(n, 384, device=device, generator=g) for n in (256, 512))
-            for b in (quantize(w, WEIGHT), quantize(w, ACT)):
-                got, want = _scaled_mm(quantize(x, ACT), b, torch.float32), _emulated(quantize(x, ACT), b)
-                if not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())):
-                    raise RuntimeError(f"result off by {float((got - want).abs().max()):.3g} from the emulation")
+            # aligned shapes, and ones that take the padding (an expert's 37 tokens, a width of 200)
+            for m, n, k in ((256, 512, 384), (37, 72, 200)):
+                x, w = torch.randn(m, k, device=device, generator=g), torch.randn(n, k, device=device, generator=g)
+                for b in (quantize(w, WEIGHT), quantize(w, ACT)):
+                    got, want = _scaled_mm(quantize(x, ACT), b, torch.float32), _emulated(quantize(x, ACT), b)
+                    if not torch.allclose(got, want, rtol=1e-3, atol=1e-3 * float(want.abs().max())):
+                        raise RuntimeError(f"result off by {float((got - want).abs().max()):.3g} from the emulation")
             _native[key] = True
         except (RuntimeError, ValueError, NotImplementedError, TypeError) as e:
             warnings.warn(f"FP8 on {device}: torch._scaled_mm with block-wise scales unusable "
