@@ -9,12 +9,16 @@ GPU), timed in the same run, arms interleaved:
 - ``train``: ``fp8_linear`` forward + backward (three FP8 GEMMs, W, x and dy quantized on the fly)
   against ``F.linear``'s.
 
-Per pair: median milliseconds over ``--repeats``, TFLOP/s (2·M·N·K per GEMM), ``speedup`` =
-baseline ms / FP8 ms (> 1: FP8 faster), and the FP8 output's relative error against an fp32 product of
-the unquantized operands (‖y − y₃₂‖ / ‖y₃₂‖: bf16's 8 significant bits give ~0.3% on random operands,
-E4M3's 4 give ~4%, since independent rounding errors grow with the sum as √K, as the sum does). ``native`` says whether torch._scaled_mm ran (CUDA, compute capability ≥ 8.9,
-after its self-check) or the exact emulation did (dequantize, then an fp32 GEMM: slower than the
-baseline by construction; it exists to test the numerics, not for speed).
+Per pair: milliseconds per call (``--calls`` back to back between two synchronizations, median over
+``--repeats`` such rounds), TFLOP/s (2·M·N·K per GEMM), ``speedup`` = baseline ms / FP8 ms (> 1: FP8
+faster), and each output's relative error against an fp32 product of the unquantized operands
+(‖y − y₃₂‖ / ‖y₃₂‖; the training pair also its two gradients'): bf16's 8 significant bits give ~0.3% on
+random operands, E4M3's 4 give ~4% (independent rounding errors grow with a sum as √K, as the sum
+does). ``native`` says whether torch._scaled_mm ran (CUDA, compute capability ≥ 8.9, after its
+self-check) or the exact emulation did (dequantize, then an fp32 GEMM: slower than the baseline by
+construction; it exists to test the numerics, not for speed). The FP8 ``linear`` and ``train`` arms
+include minke's quantization as it runs on that device (on CUDA, torch ops and one host sync per
+quantize for the non-finite check).
 
 Default shapes: V3's routed expert (moe_intermediate 2048 × hidden 7168: gate/up and down) and dense
 FFN (intermediate 18432: gate/up and down), at 4096 tokens.
@@ -52,16 +56,19 @@ def parse_shape(s: str) -> tuple[int, int]:
     return n, k
 
 
-def timer(device: torch.device):
-    """A function that runs f and returns its milliseconds (the device synchronized around it)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+def timer(device: torch.device, calls: int):
+    """A function that runs f ``calls`` times back to back and returns the milliseconds per call, the
+    device synchronized only around the batch (so the host's work per call overlaps the GPU's, as in a
+    model's forward, instead of counting as idle GPU time)."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
 
     def run(f) -> float:
         sync()
         t0 = time.perf_counter()
-        f()
+        for _ in range(calls):
+            f()
         sync()
-        return (time.perf_counter() - t0) * 1e3
+        return (time.perf_counter() - t0) * 1e3 / calls
     return run
 
 
@@ -70,27 +77,29 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_shape(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, warmup: int,
-                repeats: int) -> dict:
+                repeats: int, calls: int) -> dict:
     g = torch.Generator(device).manual_seed(0)
     x = torch.randn(M, K, device=device, generator=g)
     w = torch.randn(N, K, device=device, generator=g) * K ** -0.5
     gy = torch.randn(M, N, device=device, generator=g)
-    with torch.autocast(device.type, enabled=False):
-        ref = x @ w.t()  # fp32 (TF32 off by torch's default for matmul)
+    with torch.autocast(device.type, enabled=False):  # fp32 (TF32 off by torch's default for matmul)
+        ref, ref_dx, ref_dw = x @ w.t(), gy @ w, gy.t() @ x
     xb, wb, gyb = x.to(dtype), w.to(dtype), gy.to(dtype)
     xq, wq = quantize(xb, ACT), quantize(wb, WEIGHT)
+    grads = {}
 
     def train(fp8: bool):
         xg = xb.detach().requires_grad_()
         wg = wb.detach().requires_grad_()
         y = fp8_linear(xg, wg) if fp8 else F.linear(xg, wg)
         y.backward(gyb)
+        grads[fp8] = xg.grad, wg.grad
         return y
 
     arms = {"gemm": (lambda: xb @ wb.t(), lambda: matmul(xq, wq, dtype)),
             "linear": (lambda: xb @ wb.t(), lambda: matmul(quantize(xb, ACT), wq, dtype)),
             "train": (lambda: train(False), lambda: train(True))}
-    clock = timer(device)
+    clock = timer(device, calls)
     out = {"M": M, "N": N, "K": K}
     for name, (base, fp8) in arms.items():
         for _ in range(warmup):
@@ -104,6 +113,10 @@ def bench_shape(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device
         out[name] = {"base_ms": ms["base"], "fp8_ms": ms["fp8"], "speedup": ms["base"] / ms["fp8"],
                      "base_tflops": flop / ms["base"] / 1e9, "fp8_tflops": flop / ms["fp8"] / 1e9,
                      "fp8_rel_err": rel_err(fp8(), ref), "base_rel_err": rel_err(base(), ref)}
+        if name == "train":  # the two gradients' errors too (grads holds the last call's)
+            for arm, is_fp8 in (("fp8", True), ("base", False)):
+                dx, dw = grads[is_fp8]
+                out[name][f"{arm}_rel_err_dx"], out[name][f"{arm}_rel_err_dw"] = rel_err(dx, ref_dx), rel_err(dw, ref_dw)
     return out
 
 
@@ -117,15 +130,18 @@ def main(argv=None) -> dict:
     p.add_argument("--shapes", type=parse_shape, nargs="+", default=None,
                    help="weight shapes NxK (default: V3's expert and dense FFN matrices)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=10, help="timed rounds (the median is reported)")
+    p.add_argument("--calls", type=int, default=20, help="calls per timed round, back to back")
     a = p.parse_args(argv)
     device = torch.device(a.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype = getattr(torch, a.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     shapes = {f"{n}x{k}": (n, k) for n, k in a.shapes} if a.shapes else V3_SHAPES
     native = native_fp8(device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="FP8 GEMMs on")  # the emulation's notice: ``native`` says it
-        results = {name: bench_shape(a.tokens, n, k, dtype, device, a.warmup, a.repeats)
+        results = {name: bench_shape(a.tokens, n, k, dtype, device, a.warmup, a.repeats, a.calls)
                    for name, (n, k) in shapes.items()}
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "native": native,

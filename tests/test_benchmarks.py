@@ -52,7 +52,8 @@ def test_fp8_gemm_benchmark_runs_fp8_against_the_baseline():
     """Both arms of each pair run and are timed; the FP8 arm's output carries E4M3's error (so it really
     is FP8: random operands give ~4% relative to fp32, the fp32 baseline 0), edge blocks included."""
     bench = load("fp8_gemm")
-    report = bench.main(["--tokens", "64", "--shapes", "256x128", "130x200", "--warmup", "0", "--repeats", "1"])
+    report = bench.main(["--tokens", "64", "--shapes", "256x128", "130x200", "--warmup", "0", "--repeats", "1",
+                         "--calls", "1"])
     assert report["native"] is False and report["dtype"] == "float32"
     assert list(report["shapes"]) == ["256x128", "130x200"]
     for shape in report["shapes"].values():
@@ -60,5 +61,8 @@ def test_fp8_gemm_benchmark_runs_fp8_against_the_baseline():
             r = shape[pair]
             assert r["base_ms"] > 0 and r["fp8_ms"] > 0 and r["speedup"] == r["base_ms"] / r["fp8_ms"]
             assert 0.01 < r["fp8_rel_err"] < 0.08 and r["base_rel_err"] == 0.0
+        train = shape["train"]
+        assert 0.01 < train["fp8_rel_err_dx"] < 0.08 and 0.01 < train["fp8_rel_err_dw"] < 0.08
+        assert train["base_rel_err_dx"] < 1e-6 and train["base_rel_err_dw"] < 1e-6
     with pytest.raises(SystemExit):
         bench.main(["--shapes", "256by128"])
