@@ -1051,9 +1051,13 @@ torch::Tensor fp8_dequantize(const torch::Tensor& q, const torch::Tensor& s, int
     using out_t = std::remove_pointer_t<decltype(op)>;
     at::parallel_for(0, B * R, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t i0, int64_t i1) {
       std::vector<float> sc(C);
+      const float* filled = nullptr;  // the block row whose scales sc holds: br rows share one
       for (int64_t i = i0; i < i1; ++i) {
         const float* srow = sp + ((i / R) * nr + (i % R) / br) * nc;
-        for (int64_t j = 0; j < nc; ++j) std::fill(sc.begin() + j * bc, sc.begin() + std::min(C, (j + 1) * bc), srow[j]);
+        if (srow != filled) {
+          for (int64_t j = 0; j < nc; ++j) std::fill(sc.begin() + j * bc, sc.begin() + std::min(C, (j + 1) * bc), srow[j]);
+          filled = srow;
+        }
         for (int64_t c = 0; c < C; ++c) op[i * C + c] = out_t(e4m3_value(qp[i * C + c]) * sc[c]);
       }
     });
