@@ -9,8 +9,9 @@
   operands with FP32 accumulation. Forward: x in 1×128 tiles, W in 128×128 blocks; input gradient:
   dy in 1×128 tiles, the same W blocks; weight gradient: dyᵀ and xᵀ in 1×128 tiles along the tokens
   (the 128×1 tiles of V3 Fig. 7).
-- The GEMM: ``torch._scaled_mm`` with block-wise scales on CUDA with compute capability ≥ 8.9 (Hopper
-  kernels); everywhere else exact emulation — dequantize the FP8 operands (q · scale, fp32) and
+- The GEMM: ``torch._scaled_mm`` with block-wise scales on CUDA with compute capability ≥ 8.9 once its
+  self-check passes (torch has this kernel for Hopper, SM90, with cuBLASLt ≥ 12.9; on Ada and Blackwell
+  the check fails and says so); everywhere else exact emulation — dequantize the FP8 operands (q · scale, fp32) and
   matmul in fp32, so the numerics are the same FP8 rounding, testable on a CPU. The CPU build of torch
   has ``_scaled_mm`` only with tensor- or row-wise scales (block-wise would take one call per 128 of K),
   and it is no faster than the emulation, so it is not used (measured for issue 14).
