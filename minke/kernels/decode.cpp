@@ -638,9 +638,9 @@ bool has_fp8_dot() {
 }
 
 // E4M3's value of byte v (sign bit 7, 4 exponent bits with bias 7, 3 mantissa bits; 0x7F and 0xFF NaN),
-// made on the bits without branches or a table, so that a loop of it vectorizes (a table lookup per byte
-// took 3x longer, and gcc's gathers would be slower still on AMD's cores): a normal value moves its
-// exponent and mantissa into fp32's fields (bias 7 → 127), a subnormal one is m · 2⁻⁹.
+// made on the bits without branches or a table, so that a loop of it vectorizes (a loop of table lookups
+// took 3x longer, measured): a normal value moves its exponent and mantissa into fp32's fields (bias
+// 7 → 127), a subnormal one is m · 2⁻⁹.
 inline float e4m3_value(uint32_t v) {
   const uint32_t a = v & 0x7Fu, normal = (a << 20) + (120u << 23);
   const float sub = float(int32_t(a)) * 0.001953125f;  // a < 8: exponent 0, a = m
