@@ -635,12 +635,12 @@ def cuda_scaled_mm(a, b, scale_a, scale_b, out_dtype):
     assert K % 16 == 0 and N % 16 == 0, f"K={K} and N={N} must be multiples of 16"
     assert layout(scale_a, (M, kb), (1, M)), f"scale_a {tuple(scale_a.shape)} strides {scale_a.stride()}"
     if layout(scale_b, (kb, N), (N, 1)):
-        sb = scale_b.repeat_interleave(128, 0)[:K]
+        b_block = ACT
     else:
         assert layout(scale_b, (kb, -(-N // 128)), (1, kb)), f"scale_b {tuple(scale_b.shape)} strides {scale_b.stride()}"
-        sb = scale_b.repeat_interleave(128, 0)[:K].repeat_interleave(128, 1)[:, :N]
-    x = a.float() * scale_a.repeat_interleave(128, 1)[:, :K]
-    return (x @ (b.float() * sb)).to(out_dtype)
+        b_block = WEIGHT
+    x = a.float() * expand(scale_a, (M, K), ACT)
+    return (x @ (b.float() * expand(scale_b.t(), (N, K), b_block).t())).to(out_dtype)
 
 
 @pytest.mark.parametrize("M, K, N", [(150, 200, 72), (64, 256, 384), (37, 130, 16), (0, 200, 72)])
