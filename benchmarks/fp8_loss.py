@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
+import sysconfig
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -38,8 +40,32 @@ def curve(out: Path) -> dict[int, float]:
     return {r["step"]: r["eval_ce"] for r in read_metrics(out / "metrics.jsonl") if r.get("kind") == "eval"}
 
 
+def stdlib_corpus(path: Path, megabytes: float) -> Path:
+    """A .jsonl corpus of the running Python's standard-library sources (one file a document, tests left
+    out, shuffled with a fixed seed, the first ``megabytes`` of them): text that is never repeated within a
+    few hundred steps and has no phase transitions to learn, unlike the task corpus, so that FP8's rounding
+    cannot shift the step at which a skill appears."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py")
+                   if not {"site-packages", "test", "tests", "idle_test"} & set(p.relative_to(root).parts))
+    random.Random(0).shuffle(files)
+    docs, size = [], 0
+    for f in files:
+        if size >= megabytes * 1e6:
+            break
+        text = f.read_text(encoding="utf-8", errors="replace")
+        docs.append(json.dumps({"text": text}))
+        size += len(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(docs) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def pretrain_args(a, seed: int, fp8: bool, out: Path) -> list[str]:
-    return [sys.executable, "-m", "minke.cli", "pretrain", "--preset", a.preset,
+    data = ["--data", str(Path(a.out) / "stdlib.jsonl")] if a.corpus == "stdlib" else []
+    return [sys.executable, "-m", "minke.cli", "pretrain", "--preset", a.preset, *data,
             "--set", f"num_hidden_layers={a.layers}", "--steps", str(a.steps), "--batch-size", str(a.batch_size),
             "--seq-len", str(a.seq_len), "--lr", str(a.lr), "--dtype", a.dtype, "--device", a.device,
             "--eval-every", str(a.eval_every), "--eval-batches", str(a.eval_batches), "--eval-problems", "0",
@@ -84,8 +110,14 @@ def main(argv=None) -> dict:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
+    p.add_argument("--corpus", default="task", choices=["task", "stdlib"],
+                   help="task: minke's task corpus (the default of minke pretrain); stdlib: this Python's "
+                        "standard-library sources, never repeated and without the task corpus's phase transitions")
+    p.add_argument("--corpus-mb", type=float, default=4.0, help="--corpus stdlib: megabytes of source text")
     p.add_argument("--out", default="out/fp8_loss")
     a = p.parse_args(argv)
+    if a.corpus == "stdlib":
+        stdlib_corpus(Path(a.out) / "stdlib.jsonl", a.corpus_mb)
     jobs = [(s, f) for s in a.seeds for f in (False, True)]
     with ThreadPoolExecutor(a.jobs) as pool:
         curves = dict(zip(jobs, pool.map(lambda j: run(a, *j), jobs)))

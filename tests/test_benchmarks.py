@@ -1,5 +1,6 @@
 """The benchmarks run end to end at toy size (their figures are checked by people, not here)."""
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -48,6 +49,23 @@ def test_fp8_loss_benchmark_runs_and_reads_finished_runs(tmp_path, monkeypatch):
         bench.main(args + ["--lr", "2e-3"])
 
 
+def test_fp8_loss_stdlib_corpus_is_fixed_source_text_the_runs_train_on(tmp_path):
+    """--corpus stdlib: the same documents in the same order every time (both arms and every seed read one
+    file), whole standard-library sources, about the size asked, and the runs get it as --data."""
+    from minke.data.loader import read_documents
+
+    bench = load("fp8_loss")
+    first = bench.stdlib_corpus(tmp_path / "a.jsonl", 0.2)
+    docs = read_documents([str(first)])
+    assert docs == read_documents([str(bench.stdlib_corpus(tmp_path / "b.jsonl", 0.2))])
+    assert len(docs) > 3 and 0.2e6 <= sum(map(len, docs)) < 0.2e6 + max(map(len, docs))
+    a = argparse.Namespace(
+        corpus="stdlib", out=str(tmp_path), preset="tiny", layers=2, steps=2, batch_size=2, seq_len=32, lr=1e-3,
+        dtype="float32", device="cpu", eval_every=2, eval_batches=1)
+    cmd = bench.pretrain_args(a, 0, True, tmp_path / "fp8-s0")
+    assert cmd[cmd.index("--data") + 1] == str(tmp_path / "stdlib.jsonl") and cmd[-1] == "--fp8"
+
+
 def test_fp8_gemm_benchmark_runs_fp8_against_the_baseline():
     """Both arms of each pair run and are timed; the FP8 arm's output carries E4M3's error (so it really
     is FP8: random operands give ~4% relative to fp32, the fp32 baseline 0), edge blocks included."""
@@ -66,3 +84,23 @@ def test_fp8_gemm_benchmark_runs_fp8_against_the_baseline():
         assert train["base_rel_err_dx"] < 1e-6 and train["base_rel_err_dw"] < 1e-6
     with pytest.raises(SystemExit):
         bench.main(["--shapes", "256by128"])
+
+
+def test_fp8_grad_benchmark_compares_one_steps_gradients(tmp_path):
+    """Same weights, same batch: the FP8 gradient differs from the baseline's (it really went through
+    E4M3) but points the same way, far closer than the baseline's own gradient on another batch; the
+    two forwards' held-out losses agree to well under 1%."""
+    from minke.train.pretrain import main as pretrain
+
+    assert pretrain(["--preset", "tiny", "--steps", "1", "--batch-size", "2", "--seq-len", "32", "--docs", "200",
+                     "--eval-every", "1", "--eval-batches", "1", "--eval-problems", "0", "--out", str(tmp_path / "run")]) == 0
+    report = load("fp8_grad").main(["--model", str(tmp_path / "run" / "final"), "--batch-size", "2",
+                                    "--seq-len", "32", "--eval-batches", "2", "--dtype", "float32"])
+    groups = report["groups"]
+    assert set(groups) == {"routed experts", "MoE gate", "shared experts and dense MLPs", "attention projections",
+                           "embedding, head, norms"}
+    for name, g in groups.items():
+        assert 0.9 < g["fp8_vs_base"] < 1 - 1e-6, name
+        assert g["base_batch_vs_batch"] < g["fp8_vs_base"], name
+    rel = report["held_out_ce"]["relative"]
+    assert rel != 0 and abs(rel) < 0.01
