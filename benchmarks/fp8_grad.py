@@ -9,6 +9,8 @@ two fixed batches, and per parameter group the mean cosine of
 
 - ``fp8_vs_base``: the FP8 gradient against the baseline's on batch 1 (FP8's error per step);
 - ``base_batch_vs_batch``: the baseline's on batch 1 against batch 2 (minibatch noise);
+- ``error_batch_vs_batch``: FP8's error (its gradient minus the baseline's) on batch 1 against that
+  on batch 2: how persistent the error is, i.e. whether it would add up over steps as a bias does;
 
 with the groups' least-agreeing parameter, and the held-out cross-entropy of both forwards on the same
 weights (FP8's forward error). Losses and gradients are pretrain's (``lm_loss``: CE, MTP, no balance term).
@@ -88,12 +90,14 @@ def main(argv=None) -> dict:
         m.eval()
         return sum(float(loss(m, b)[1]["ce"]) for b in held.split(B)) / len(held.split(B))
 
-    base1, base2, f1 = grads(model, batches[0]), grads(model, batches[1]), grads(fp8, batches[0])
+    base1, base2 = grads(model, batches[0]), grads(model, batches[1])
+    f1, f2 = grads(fp8, batches[0]), grads(fp8, batches[1])
     groups: dict[str, dict] = {}
     for n, g in base1.items():
-        r = groups.setdefault(group(n), {"fp8": [], "noise": [], "norm_ratio": []})
+        r = groups.setdefault(group(n), {"fp8": [], "noise": [], "error": [], "norm_ratio": []})
         r["fp8"].append((cos(f1[n], g), n))
         r["noise"].append(cos(base2[n], g))
+        r["error"].append(cos(f1[n] - g, f2[n] - base2[n]))
         r["norm_ratio"].append(float(f1[n].norm() / g.norm().clamp(min=1e-30)))
     ce_base, ce_fp8 = held_ce(model), held_ce(fp8)
     report = {
@@ -103,6 +107,7 @@ def main(argv=None) -> dict:
                        "fp8_vs_base": sum(c for c, _ in r["fp8"]) / len(r["fp8"]),
                        "least": dict(zip(("cos", "param"), min(r["fp8"]))),
                        "base_batch_vs_batch": sum(r["noise"]) / len(r["noise"]),
+                       "error_batch_vs_batch": sum(r["error"]) / len(r["error"]),
                        "fp8_norm_over_base": sum(r["norm_ratio"]) / len(r["norm_ratio"])}
                    for k, r in sorted(groups.items())}}
     print(json.dumps(report, indent=1))

@@ -7,12 +7,17 @@ either sign. So this runs the same ``minke pretrain`` for each seed twice — ba
 same data, init and steps — and reports each seed's relative gap (FP8 / baseline − 1 of the final
 held-out cross-entropy) and their mean and standard error.
 
+``--corpus stdlib`` trains on this Python's standard-library sources (``--data``, written to
+``--out``/stdlib.jsonl) instead of minke's task corpus, whose arithmetic skills appear at steps that any
+perturbation moves.
+
 Runs go to ``--out``/{base,fp8}-s{seed}; one whose final evaluation is already in its metrics.jsonl
 is read, not rerun, so an interrupted sweep continues where it stopped (a run directory keeps the
 settings it was started with: a sweep with other settings into the same ``--out`` is refused). ``--jobs`` runs that many at
 once, the cores split between them (``OMP_NUM_THREADS``).
 
     .venv/bin/python benchmarks/fp8_loss.py --seeds 0 1 2 --jobs 2          # CPU, fp32 baseline, ~40 min a pair
+    .venv/bin/python benchmarks/fp8_loss.py --corpus stdlib --dtype bfloat16 --eval-batches 16 --seeds 0 1 --jobs 2
     .venv/bin/python benchmarks/fp8_loss.py --device cuda --dtype bfloat16 --seeds 0 1 2 3 --steps 2000
 
 Prints one JSON object: the settings, per seed the two final losses and the gap, the held-out curves,

@@ -102,5 +102,6 @@ def test_fp8_grad_benchmark_compares_one_steps_gradients(tmp_path):
     for name, g in groups.items():
         assert 0.9 < g["fp8_vs_base"] < 1 - 1e-6, name
         assert g["base_batch_vs_batch"] < g["fp8_vs_base"], name
+        assert -1 <= g["error_batch_vs_batch"] < 0.9, name  # two batches' FP8 errors: not the same vector
     rel = report["held_out_ce"]["relative"]
     assert rel != 0 and abs(rel) < 0.01
