@@ -15,7 +15,7 @@ two fixed batches, and per parameter group the mean cosine of
 with the groups' least-agreeing parameter, and the held-out cross-entropy of both forwards on the same
 weights (FP8's forward error). Losses and gradients are pretrain's (``lm_loss``: CE, MTP, no balance term).
 
-    .venv/bin/python benchmarks/fp8_grad.py --model out/fp8_stdlib/base-s0/final --data out/fp8_stdlib/stdlib.jsonl --init
+    .venv/bin/python benchmarks/fp8_grad.py --model out/fp8_stdlib/base-s0/final --data out/fp8_stdlib/stdlib-4mb.jsonl --init
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ same data, init and steps — and reports each seed's relative gap (FP8 / baseli
 held-out cross-entropy) and their mean and standard error.
 
 ``--corpus stdlib`` trains on this Python's standard-library sources (``--data``, written to
-``--out``/stdlib.jsonl) instead of minke's task corpus, whose arithmetic skills appear at steps that any
+``--out``/stdlib-4mb.jsonl) instead of minke's task corpus, whose arithmetic skills appear at steps that any
 perturbation moves.
 
 Runs go to ``--out``/{base,fp8}-s{seed}; one whose final evaluation is already in its metrics.jsonl
@@ -47,9 +47,9 @@ def curve(out: Path) -> dict[int, float]:
 
 def stdlib_corpus(path: Path, megabytes: float) -> Path:
     """A .jsonl corpus of the running Python's standard-library sources (one file a document, tests left
-    out, shuffled with a fixed seed, the first ``megabytes`` of them): text that is never repeated within a
-    few hundred steps and has no phase transitions to learn, unlike the task corpus, so that FP8's rounding
-    cannot shift the step at which a skill appears."""
+    out, shuffled with a fixed seed, the first ``megabytes`` of them): text never repeated within a few
+    hundred steps, in place of the task corpus, whose arithmetic skills appear at steps that any
+    perturbation moves."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py")
                    if not {"site-packages", "test", "tests", "idle_test"} & set(p.relative_to(root).parts))
@@ -68,8 +68,13 @@ def stdlib_corpus(path: Path, megabytes: float) -> Path:
     return path
 
 
+def corpus_path(a) -> Path:
+    """--corpus stdlib's file; its size is in the name, so a run trained on another size is not reused."""
+    return Path(a.out) / f"stdlib-{a.corpus_mb:g}mb.jsonl"
+
+
 def pretrain_args(a, seed: int, fp8: bool, out: Path) -> list[str]:
-    data = ["--data", str(Path(a.out) / "stdlib.jsonl")] if a.corpus == "stdlib" else []
+    data = ["--data", str(corpus_path(a))] if a.corpus == "stdlib" else []
     return [sys.executable, "-m", "minke.cli", "pretrain", "--preset", a.preset, *data,
             "--set", f"num_hidden_layers={a.layers}", "--steps", str(a.steps), "--batch-size", str(a.batch_size),
             "--seq-len", str(a.seq_len), "--lr", str(a.lr), "--dtype", a.dtype, "--device", a.device,
@@ -117,12 +122,12 @@ def main(argv=None) -> dict:
     p.add_argument("--jobs", type=int, default=1, help="runs at once")
     p.add_argument("--corpus", default="task", choices=["task", "stdlib"],
                    help="task: minke's task corpus (the default of minke pretrain); stdlib: this Python's "
-                        "standard-library sources, never repeated and without the task corpus's phase transitions")
+                        "standard-library sources (--corpus-mb of them), never repeated in a few hundred steps")
     p.add_argument("--corpus-mb", type=float, default=4.0, help="--corpus stdlib: megabytes of source text")
     p.add_argument("--out", default="out/fp8_loss")
     a = p.parse_args(argv)
     if a.corpus == "stdlib":
-        stdlib_corpus(Path(a.out) / "stdlib.jsonl", a.corpus_mb)
+        stdlib_corpus(corpus_path(a), a.corpus_mb)
     jobs = [(s, f) for s in a.seeds for f in (False, True)]
     with ThreadPoolExecutor(a.jobs) as pool:
         curves = dict(zip(jobs, pool.map(lambda j: run(a, *j), jobs)))

@@ -60,10 +60,10 @@ def test_fp8_loss_stdlib_corpus_is_fixed_source_text_the_runs_train_on(tmp_path)
     assert docs == read_documents([str(bench.stdlib_corpus(tmp_path / "b.jsonl", 0.2))])
     assert len(docs) > 3 and 0.2e6 <= sum(map(len, docs)) < 0.2e6 + max(map(len, docs))
     a = argparse.Namespace(
-        corpus="stdlib", out=str(tmp_path), preset="tiny", layers=2, steps=2, batch_size=2, seq_len=32, lr=1e-3,
+        corpus="stdlib", corpus_mb=0.2, out=str(tmp_path), preset="tiny", layers=2, steps=2, batch_size=2, seq_len=32, lr=1e-3,
         dtype="float32", device="cpu", eval_every=2, eval_batches=1)
     cmd = bench.pretrain_args(a, 0, True, tmp_path / "fp8-s0")
-    assert cmd[cmd.index("--data") + 1] == str(tmp_path / "stdlib.jsonl") and cmd[-1] == "--fp8"
+    assert cmd[cmd.index("--data") + 1] == str(tmp_path / "stdlib-0.2mb.jsonl") and cmd[-1] == "--fp8"
 
 
 def test_fp8_gemm_benchmark_runs_fp8_against_the_baseline():
