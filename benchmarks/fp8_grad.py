@@ -29,19 +29,19 @@ from pathlib import Path
 import torch
 
 import minke
-from minke.quant.modules import to_fp8_training
+from minke.quant.modules import is_fp8_linear, to_fp8_training
 from minke.train.pretrain import lm_loss, load_data
 
 
-def group(name: str) -> str:
+def group(model: torch.nn.Module, name: str) -> str:
+    """The parameter's group; which linears are FP8 is minke.quant's own rule (is_fp8_linear)."""
+    owner = name.rsplit(".", 1)[0]
     if ".mlp.experts." in name:
         return "routed experts"
     if name.endswith("mlp.gate.weight"):
         return "MoE gate"
-    if ".mlp." in name and name.endswith("proj.weight"):
-        return "shared experts and dense MLPs"
-    if ".self_attn." in name and name.endswith(("proj.weight", "mqa.weight")):
-        return "attention projections"
+    if is_fp8_linear(owner, model.get_submodule(owner)):
+        return "attention projections" if ".self_attn." in name else "shared experts and dense MLPs"
     return "embedding, head, norms"
 
 
@@ -88,13 +88,13 @@ def main(argv=None) -> dict:
     @torch.no_grad()
     def held_ce(m):
         m.eval()
-        return sum(float(loss(m, b)[1]["ce"]) for b in held.split(B)) / len(held.split(B))
+        return sum(float(loss(m, b)[1]["ce"]) for b in held.split(B)) / -(-len(held) // B)
 
     base1, base2 = grads(model, batches[0]), grads(model, batches[1])
     f1, f2 = grads(fp8, batches[0]), grads(fp8, batches[1])
     groups: dict[str, dict] = {}
     for n, g in base1.items():
-        r = groups.setdefault(group(n), {"fp8": [], "noise": [], "error": [], "norm_ratio": []})
+        r = groups.setdefault(group(model, n), {"fp8": [], "noise": [], "error": [], "norm_ratio": []})
         r["fp8"].append((cos(f1[n], g), n))
         r["noise"].append(cos(base2[n], g))
         r["error"].append(cos(f1[n] - g, f2[n] - base2[n]))
