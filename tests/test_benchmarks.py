@@ -28,16 +28,25 @@ def test_train_step_benchmark_runs(tmp_path):
 
 def test_fp8_loss_benchmark_runs_and_reads_finished_runs(tmp_path, monkeypatch):
     bench = load("fp8_loss")
-    args = ["--preset", "tiny", "--layers", "2", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
-            "--eval-every", "2", "--eval-batches", "1", "--seeds", "0", "--jobs", "2", "--out", str(tmp_path)]
+    args = ["--preset", "tiny", "--layers", "2", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--lr", "1e-3",
+            "--warmup", "1", "--eval-every", "2", "--eval-batches", "1", "--seeds", "0", "--control", "--jobs", "2",
+            "--out", str(tmp_path)]
     report = bench.main(args)
     finals = {}
-    for kind in ("base", "fp8"):
+    for kind in ("base", "fp8", "control"):
         rows = [json.loads(line) for line in (tmp_path / f"{kind}-s0" / "metrics.jsonl").read_text().splitlines()]
         finals[kind] = [r["eval_ce"] for r in rows if r["kind"] == "eval" and r["step"] == 2][0]
     (seed,) = report["seeds"]
     assert (seed["base"], seed["fp8"]) == (finals["base"], finals["fp8"]) and seed["base"] != seed["fp8"]
     assert seed["gap"] == report["mean_gap"] == finals["fp8"] / finals["base"] - 1
+    # the control is the baseline with only its learning rate nudged by 1e-4, and a different run for it
+    stamps = {k: json.loads((tmp_path / f"{k}-s0" / "fp8_loss_args.json").read_text()) for k in ("base", "control")}
+    assert stamps["control"][stamps["control"].index("--lr") + 1] == "0.0010001"
+    renamed = {"0.0010001": "0.001", str(tmp_path / "control-s0"): str(tmp_path / "base-s0")}
+    assert [renamed.get(x, x) for x in stamps["control"]] == stamps["base"]
+    assert seed["control"] == finals["control"] != finals["base"] and "--fp8" not in stamps["control"]
+    assert seed["control_gap"] == finals["control"] / finals["base"] - 1
+    assert report["control_rms_gap"] == pytest.approx(abs(seed["control_gap"]))
     assert "FP8 GEMMs on cpu" in (tmp_path / "fp8-s0.log").read_text()  # the FP8 run really took --fp8
     assert "FP8 GEMMs" not in (tmp_path / "base-s0.log").read_text()
 
@@ -61,7 +70,7 @@ def test_fp8_loss_stdlib_corpus_is_fixed_source_text_the_runs_train_on(tmp_path)
     assert len(docs) > 3 and 0.2e6 <= sum(map(len, docs)) < 0.2e6 + max(map(len, docs))
     a = argparse.Namespace(
         corpus="stdlib", corpus_mb=0.2, out=str(tmp_path), preset="tiny", layers=2, steps=2, batch_size=2, seq_len=32, lr=1e-3,
-        dtype="float32", device="cpu", eval_every=2, eval_batches=1)
+        warmup=1, dtype="float32", device="cpu", eval_every=2, eval_batches=1)
     cmd = bench.pretrain_args(a, 0, True, tmp_path / "fp8-s0")
     assert cmd[cmd.index("--data") + 1] == str(tmp_path / "stdlib-0.2mb.jsonl") and cmd[-1] == "--fp8"
 
